@@ -1,0 +1,69 @@
+"""Resolve and load a base pipeline: the built-in preset, a local SD-format folder or a hub id.
+
+The hub path is the stock `DiffusionPipeline.from_pretrained`; local folders are checked first so
+that a folder that is not a diffusers pipeline gives one clear error instead of a stack trace."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from diffusers import DiffusionPipeline
+
+from dpdiff.errors import ConfigError
+
+PRESET_NAME = "dpdiff-tiny"
+PRESET_DIR = Path(__file__).resolve().parent.parent / "presets" / "tiny-sd"
+REQUIRED_COMPONENTS = ("unet", "vae", "scheduler")
+
+
+def resolve_model_path(name_or_path: str | os.PathLike) -> str:
+    """`dpdiff-tiny` -> the packaged preset; an existing folder -> itself (validated); else a hub id."""
+    name = str(name_or_path)
+    if name == PRESET_NAME:
+        if not (PRESET_DIR / "model_index.json").is_file():
+            raise ConfigError(
+                f"the built-in preset is missing from {PRESET_DIR}; reinstall dpdiff or build it with "
+                "`python recipes/pretrain_public.py --output_dir dpdiff/presets/tiny-sd`"
+            )
+        return str(PRESET_DIR)
+    path = Path(name).expanduser()
+    if path.exists():
+        validate_pipeline_folder(path)
+        return str(path)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise ConfigError(f"model folder {name!r} does not exist; pass a diffusers pipeline folder or a hub id")
+    return name
+
+
+def validate_pipeline_folder(path: Path) -> None:
+    index = path / "model_index.json"
+    if not path.is_dir() or not index.is_file():
+        raise ConfigError(
+            f"{path} is not a diffusers pipeline folder (no model_index.json); pass a folder written by "
+            "`pipeline.save_pretrained(...)`, a hub id, or 'dpdiff-tiny'"
+        )
+    try:
+        components = json.loads(index.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{index} is not valid JSON ({e}); the pipeline folder is corrupt") from e
+    missing = [c for c in REQUIRED_COMPONENTS if c not in components or not (path / c).is_dir()]
+    if missing:
+        raise ConfigError(f"pipeline folder {path} lacks the component(s) {missing}; a latent-diffusion pipeline needs {list(REQUIRED_COMPONENTS)}")
+    for component in REQUIRED_COMPONENTS:
+        files = os.listdir(path / component)
+        if component != "scheduler" and not any(f.endswith(".safetensors") for f in files):
+            raise ConfigError(
+                f"{path / component} has no .safetensors weights ({files}); dpdiff loads safetensors only. "
+                "Convert with `pipeline.save_pretrained(dir, safe_serialization=True)`"
+            )
+
+
+def load_pipeline(name_or_path: str | os.PathLike = PRESET_NAME, torch_dtype: torch.dtype = torch.float32, **kwargs):
+    """The stock diffusers pipeline class for the folder/hub id, loaded from safetensors only."""
+    path = resolve_model_path(name_or_path)
+    kwargs.setdefault("safety_checker", None)
+    kwargs.setdefault("requires_safety_checker", False)
+    return DiffusionPipeline.from_pretrained(path, torch_dtype=torch_dtype, use_safetensors=True, **kwargs)
