@@ -1,0 +1,1 @@
+"""The DP fine-tuning loop under Accelerate: latent cache, EMA, checkpoints, logging."""
