@@ -1,0 +1,86 @@
+"""Sampling synthetic datasets from a DP fine-tuned run (`dpdiff sample`, recipes/sample.py).
+
+The heavy parts (diffusers, datasets) load on first use, so `dpdiff sample --help` is quick."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from dpdiff.config import add_config_argument, apply_config
+from dpdiff.errors import DPDiffError
+
+_LAZY = {
+    "load_finetuned_pipeline": "dpdiff.sampling.pipeline",
+    "sample_dataset": "dpdiff.sampling.generate",
+    "plan_requests": "dpdiff.sampling.generate",
+    "image_seed": "dpdiff.sampling.generate",
+    "read_run": "dpdiff.sampling.records",
+    "resolve_run": "dpdiff.sampling.records",
+    "RunRecord": "dpdiff.sampling.records",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of `dpdiff sample`; the same names are the keys of recipes/configs/sample.yaml."""
+    parser.add_argument("--model_dir", help="output folder of a fine-tuning (or MEPF) run, or its hub id")
+    parser.add_argument("--base_model", default=None, help="override the base pipeline recorded in the run (hub id, folder, dpdiff-tiny)")
+    parser.add_argument("--output_dir", help="folder for the synthetic dataset (must be empty unless --overwrite)")
+    parser.add_argument("--num_per_class", type=int, default=None, help="images per class of the run's data")
+    parser.add_argument("--prompt", action="append", default=None, help="free prompt (repeatable); label = its position")
+    parser.add_argument("--num_per_prompt", type=int, default=1, help="images per --prompt")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--guidance_scale", type=float, default=None, help="default: the run's generation_config.json")
+    parser.add_argument("--num_inference_steps", type=int, default=None, help="DDIM steps; default: the run's generation_config.json")
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--format", choices=["imagefolder", "datasets"], default="imagefolder")
+    parser.add_argument("--resolution", type=int, default=None, help="resize the samples (e.g. 28 for Fashion-MNIST evaluation)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output_dir")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if available)")
+    add_config_argument(parser)
+
+
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> int:
+    if parser is None:  # the `dpdiff` CLI parsed args; rebuild the flag table to read --config
+        parser = argparse.ArgumentParser()
+        add_arguments(parser)
+    try:
+        args = apply_config(parser, args)
+        if not args.model_dir or not args.output_dir:
+            raise DPDiffError("--model_dir and --output_dir are required (on the command line or in --config)")
+        import torch
+
+        device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+        from dpdiff.sampling.generate import sample_dataset
+
+        out = sample_dataset(
+            args.model_dir,
+            args.output_dir,
+            num_per_class=args.num_per_class,
+            prompts=args.prompt,
+            num_per_prompt=args.num_per_prompt,
+            seed=args.seed,
+            guidance_scale=args.guidance_scale,
+            num_inference_steps=args.num_inference_steps,
+            batch_size=args.batch_size,
+            format=args.format,
+            resolution=args.resolution,
+            overwrite=args.overwrite,
+            base_model=args.base_model,
+            device=device,
+        )
+    except DPDiffError as e:
+        print(f"dpdiff sample: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out} ({args.format}); see {out}/sampling.json for counts and the privacy guarantee")
+    return 0
+
+
+__all__ = ["add_arguments", "run", *_LAZY]

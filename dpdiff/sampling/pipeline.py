@@ -1,0 +1,60 @@
+"""A fine-tuned run as a stock diffusers pipeline: the base model plus the run's trained weights.
+
+LoRA runs go through `load_lora_weights` (exactly what a user of the hub adapter does), attention
+and full runs swap in the saved UNet. Sampling always uses DDIM so `num_inference_steps` means the
+same thing for every base model (an SD-1.5 base ships with PNDM)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from diffusers import DDIMScheduler, UNet2DConditionModel
+
+from dpdiff.errors import ConfigError
+from dpdiff.pipelines.loading import load_pipeline
+from dpdiff.sampling.records import LORA_FILE, UNET_DIR, RunRecord, read_run, resolve_run
+
+# a swapped-in UNet must fit the base's VAE latents and text encoder
+UNET_INTERFACE = ("in_channels", "out_channels", "sample_size", "cross_attention_dim")
+
+
+def load_finetuned_pipeline(
+    run_dir_or_hub_id: str | os.PathLike,
+    base_model: str | None = None,
+    device: str | torch.device = "cpu",
+    torch_dtype: torch.dtype = torch.float32,
+):
+    """Base pipeline (hub id, folder or 'dpdiff-tiny') + the run's adapter or UNet, on `device`.
+
+    `base_model` overrides the one recorded in generation_config.json (e.g. a local copy of it)."""
+    run = read_run(resolve_run(run_dir_or_hub_id))
+    return pipeline_for_run(run, base_model=base_model, device=device, torch_dtype=torch_dtype)
+
+
+def pipeline_for_run(run: RunRecord, base_model: str | None = None, device="cpu", torch_dtype=torch.float32):
+    if run.method == "mepf":
+        raise ConfigError(f"{run.path} is a DP-MEPF run: it has a generator, not a diffusion pipeline; use sample_dataset / `dpdiff sample`")
+    base = base_model or run.generation["base_model"]
+    try:
+        pipe = load_pipeline(base, torch_dtype=torch_dtype)
+    except ConfigError as e:
+        raise ConfigError(f"{e} (base model of the run {run.path}; pass --base_model to point at a copy of it)") from e
+    if run.method == "lora":
+        pipe.load_lora_weights(str(run.path), weight_name=LORA_FILE)
+    else:
+        unet = UNet2DConditionModel.from_pretrained(run.path / UNET_DIR, torch_dtype=torch_dtype, use_safetensors=True)
+        check_unet_fits(pipe.unet, unet, base, run)
+        pipe.register_modules(unet=unet)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)  # sample_dataset shows one bar over all images
+    return pipe.to(device)
+
+
+def check_unet_fits(base_unet, unet, base: str, run: RunRecord) -> None:
+    wrong = {k: (base_unet.config.get(k), unet.config.get(k)) for k in UNET_INTERFACE if base_unet.config.get(k) != unet.config.get(k)}
+    if wrong:
+        raise ConfigError(
+            f"the UNet of {run.path} does not fit the base model {base!r} (base vs run: {wrong}); "
+            "pass the --base_model the run was trained from"
+        )
