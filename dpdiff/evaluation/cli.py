@@ -1,0 +1,160 @@
+"""`dpdiff evaluate`: score a synthetic labelled dataset against the real data it imitates.
+
+    dpdiff evaluate --real fashion_mnist --synthetic samples/ --metrics fd,cnn,logreg,mlp --output results.json
+
+Every image (real and synthetic) is first converted to the real set's format (its resolution and
+channels; bicubic resize), so both metrics compare like with like. A user mistake prints one clear
+line on stderr and exits with code 2 before any model is trained.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from dpdiff.config import add_config_argument, apply_config
+from dpdiff.errors import ConfigError, DPDiffError
+
+EXIT_USAGE = 2
+METRICS = ("fd", "cnn", "logreg", "mlp", "fid_inception")
+DEFAULT_METRICS = "fd,cnn,logreg,mlp"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags use underscores like the other subcommands; the dashed spellings work too."""
+    parser.add_argument("--real", help="real dataset: fashion_mnist, mnist5k, animal_mnist, imagefolder:PATH or a hub id")
+    parser.add_argument("--synthetic", help="synthetic dataset folder written by `dpdiff sample` (imagefolder or save_to_disk)")
+    parser.add_argument("--metrics", default=DEFAULT_METRICS, help=f"comma-separated, from {', '.join(METRICS)} (default {DEFAULT_METRICS})")
+    parser.add_argument("--test_split", "--test-split", dest="test_split", default="test", help="real split the classifiers are tested on and FD compares with")
+    parser.add_argument("--num_fd_samples", "--num-fd-samples", dest="num_fd_samples", type=int, default=10000, help="images per side for FD (default 10000)")
+    parser.add_argument("--fd_input_size", "--fd-input-size", dest="fd_input_size", type=int, default=224, help="side the FD extractor resizes to (default 224)")
+    parser.add_argument("--fd_batch_size", "--fd-batch-size", dest="fd_batch_size", type=int, default=64)
+    parser.add_argument("--epochs", type=int, default=None, help="epochs for every classifier (default: cnn 10, logreg 20, mlp 20)")
+    parser.add_argument("--real_limit", "--real-limit", dest="real_limit", type=int, default=None, help="use a seeded subset of the real split (quick runs)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", help="cpu, cuda, ... (auto: cuda if available)")
+    parser.add_argument("--output", default=None, help="write the results as JSON here")
+    add_config_argument(parser)
+
+
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> int:
+    if parser is None:  # the `dpdiff` CLI parsed args; rebuild the flag table to read --config
+        parser = argparse.ArgumentParser()
+        add_arguments(parser)
+    try:
+        args = apply_config(parser, args)
+        metrics = check_arguments(args)
+        results = evaluate(args, metrics)
+    except DPDiffError as err:
+        print(f"dpdiff evaluate: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    print(format_results(results))
+    if args.output:
+        from dpdiff.io import write_json
+
+        write_json(args.output, results)
+        print(f"wrote {args.output}")
+    return 0
+
+
+def check_arguments(args: argparse.Namespace) -> list[str]:
+    if not args.real or not args.synthetic:
+        raise ConfigError("--real and --synthetic are required, e.g. --real fashion_mnist --synthetic samples/")
+    metrics = [m.strip() for m in str(args.metrics).split(",") if m.strip()]
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown or not metrics:
+        raise ConfigError(f"unknown metric(s) {unknown or args.metrics!r}; choose from {', '.join(METRICS)}")
+    for flag, value, minimum in (("--num_fd_samples", args.num_fd_samples, 2), ("--fd_batch_size", args.fd_batch_size, 1), ("--fd_input_size", args.fd_input_size, 32)):
+        if value < minimum:
+            raise ConfigError(f"{flag} must be at least {minimum}, got {value}")
+    if args.epochs is not None and args.epochs < 1:
+        raise ConfigError(f"--epochs must be at least 1, got {args.epochs}")
+    if args.real_limit is not None and args.real_limit < 1:
+        raise ConfigError(f"--real_limit must be positive, got {args.real_limit}")
+    return list(dict.fromkeys(metrics))
+
+
+def evaluate(args: argparse.Namespace, metrics: list[str]) -> dict:
+    """Load and check both sets (all errors surface here, before any training), then score."""
+    import torch
+
+    from dpdiff.data import load_source
+    from dpdiff.data.transforms import images_to_tensor
+    from dpdiff.evaluation.synthetic import load_synthetic
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    real = load_source(args.real, split=args.test_split, limit=args.real_limit, seed=args.seed)
+    synthetic = load_synthetic(args.synthetic, real.class_names)
+    real_images = real.dataset["image"]
+    first = real_images[0]
+    resolution = max(first.size)
+    channels = 1 if first.mode in ("L", "1", "I", "I;16", "F") else 3
+    x_real = images_to_tensor(real_images, resolution, channels)
+    y_real = torch.tensor(real.dataset["label"], dtype=torch.long)
+    x_syn = images_to_tensor(synthetic.images, resolution, channels)
+    y_syn = torch.as_tensor(synthetic.labels, dtype=torch.long)
+
+    results: dict = {
+        "real": args.real,
+        "real_split": args.test_split,
+        "synthetic": str(args.synthetic),
+        "num_real": len(x_real),
+        "num_synthetic": len(x_syn),
+        "class_names": list(real.class_names),
+        "preprocessing": f"every image -> {resolution}x{resolution} {'grey' if channels == 1 else 'RGB'} (the real set's format), bicubic, pixels in [-1, 1]",
+        "seed": args.seed,
+        "device": str(device),
+    }
+    if "fd" in metrics or "fid_inception" in metrics:
+        n = min(args.num_fd_samples, len(x_real), len(x_syn))
+        if n < args.num_fd_samples:
+            print(f"dpdiff evaluate: note: FD uses {n} images per side (fewer than --num_fd_samples {args.num_fd_samples} available); "
+                  "FD grows as N shrinks, compare only values with equal N", file=sys.stderr)
+        generator = torch.Generator().manual_seed(args.seed)
+        fd_real = x_real[torch.randperm(len(x_real), generator=generator)[:n]]
+        fd_syn = x_syn[torch.randperm(len(x_syn), generator=generator)[:n]]
+        if "fd" in metrics:
+            from dpdiff.evaluation.frechet import compute_fd
+            from dpdiff.features import load_feature_extractor
+
+            start = time.perf_counter()
+            extractor = load_feature_extractor("efficientnet_lite0", input_size=args.fd_input_size, batch_size=args.fd_batch_size, device=device)
+            results["fd"] = compute_fd(fd_real, fd_syn, extractor, args.fd_batch_size, real_split=args.test_split)
+            results["fd"]["wall_seconds"] = time.perf_counter() - start
+        if "fid_inception" in metrics:
+            from dpdiff.evaluation.frechet import inception_fid
+
+            results["fid_inception"] = inception_fid(fd_real, fd_syn, device)
+    classifiers = [m for m in metrics if m in ("cnn", "logreg", "mlp")]
+    if classifiers:
+        from dpdiff.evaluation.classifiers import evaluate_downstream
+
+        results["downstream"] = evaluate_downstream(
+            x_syn, y_syn, x_real, y_real, classifiers=classifiers, epochs=args.epochs, seed=args.seed,
+            class_names=real.class_names, device=device,
+        )
+        results["downstream"]["protocol"] = f"train on the {len(x_syn)} synthetic images, test on {len(x_real)} real {args.test_split} images"
+    return results
+
+
+def format_results(results: dict) -> str:
+    lines = [f"synthetic {results['synthetic']} ({results['num_synthetic']} images) vs real {results['real']} {results['real_split']} ({results['num_real']} images)",
+             f"preprocessing: {results['preprocessing']}", ""]
+    if "fd" in results:
+        lines.append(f"{results['fd']['description']}: {results['fd']['value']:.3f}")
+    if "fid_inception" in results:
+        lines.append(f"{results['fid_inception']['metric']}, {results['fid_inception']['num_real']} vs {results['fid_inception']['num_synthetic']}: {results['fid_inception']['value']:.3f}")
+    downstream = results.get("downstream")
+    if downstream:
+        models = [m for m in ("cnn", "logreg", "mlp") if m in downstream]
+        lines.append(f"downstream accuracy ({downstream['protocol']}):")
+        names = results["class_names"]
+        width = max(len("overall"), *(len(n) for n in names))
+        lines.append(f"  {'class':<{width}}  {'train n':>7}  " + "  ".join(f"{m:>7}" for m in models))
+        lines.append(f"  {'overall':<{width}}  {results['num_synthetic']:>7}  " + "  ".join(f"{downstream[m]['accuracy']:>7.4f}" for m in models))
+        for name in names:
+            cells = [downstream[m]["per_class_accuracy"][name] for m in models]
+            lines.append(f"  {name:<{width}}  {downstream['train_count_per_class'][name]:>7}  "
+                         + "  ".join(f"{c:>7.4f}" if c is not None else f"{'-':>7}" for c in cells))
+    return "\n".join(lines)
