@@ -1,0 +1,322 @@
+"""The DP-SGD step for a diffusers denoiser, built from Opacus' own parts.
+
+One logical step = the sampled Gaussian mechanism the accountant assumes:
+  1. Poisson sampling: every private example joins with probability q = batch_size / n, drawn
+     from a generator the engine owns (on each rank for its own shard of the data);
+  2. per-example denoising loss (K noise/timestep draws averaged inside the example);
+  3. per-example gradients (Opacus GradSampleModule), each clipped to norm C (flat or per layer);
+  4. their sum + ONE draw of N(0, sigma^2 C^2) (rank 0 only when distributed), divided by the
+     expected batch size, then the wrapped optimizer's step.
+Physical micro-batches only split the work of 2-3 (Opacus' skip-step accumulation); they never
+change what is released. An empty Poisson batch still steps (noise only): the accountant counts it.
+
+Secrecy: amplification by subsampling and the Gaussian noise both assume the adversary cannot
+predict the sampling and noise draws. They are therefore seeded from OS entropy unless
+`privacy_seed` is given (tests, reproducible research). `state_dict()` contains their generator
+states, so a checkpoint must be kept as private as the data."""
+
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import dataclass
+
+import torch
+from opacus.grad_sample.utils import prepare_module
+from opacus.optimizers import get_optimizer_class
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+from torch import nn
+from torch.utils.data import Dataset, default_collate
+
+from dpdiff.adapters import check_per_sample_safe, unwrap_model
+from dpdiff.errors import ConfigError, DataError, PrivacyError
+from dpdiff.privacy.diffusion_loss import draw_diffusion_inputs, fold_multiplicity, per_row_loss
+
+GRAD_SAMPLE_MODES = ("hooks", "ew", "functorch")
+CLIPPING_MODES = ("flat", "per_layer")
+REQUIRED_KEYS = ("latents", "encoder_hidden_states")
+
+
+@dataclass
+class StepStats:
+    """What one logical step did on this rank. `loss` is computed on private data WITHOUT noise:
+    fine for a local progress bar, not covered by the DP guarantee, never publish it."""
+
+    loss: float  # mean per-example denoising loss of this rank's examples; nan if it had none
+    num_examples: int  # real examples this rank processed in this logical step
+    num_micro_batches: int
+    step: int  # logical steps taken so far (the accountant's step count)
+
+
+class DPDiffusionEngine:
+    """Owns the DP wrapping of `unet` + `optimizer` and the private `dataset`; `step()` is one DP-SGD step.
+
+    `dataset[i]` must be a dict with `latents` [C, h, w] (already VAE-scaled) and
+    `encoder_hidden_states` [T, D] (frozen text encoder output): a per-example latent cache."""
+
+    def __init__(
+        self,
+        unet: nn.Module,
+        noise_scheduler,
+        optimizer: torch.optim.Optimizer,
+        dataset: Dataset,
+        *,
+        batch_size: int,
+        physical_batch_size: int,
+        noise_multiplier: float,
+        max_grad_norm: float,
+        noise_multiplicity: int = 1,
+        grad_sample_mode: str = "hooks",
+        clipping: str = "flat",
+        secure_mode: bool = False,
+        seed: int = 0,
+        privacy_seed: int | None = None,
+        distributed: bool = False,
+    ):
+        self.model = unwrap_model(unet)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        _validate(self.model, self.params, optimizer, dataset, batch_size, physical_batch_size, noise_multiplier,
+                  max_grad_norm, noise_multiplicity, grad_sample_mode, clipping, secure_mode, privacy_seed, distributed)
+        self.noise_scheduler = noise_scheduler
+        self.dataset = dataset
+        self.batch_size = int(batch_size)
+        self.physical_batch_size = int(physical_batch_size)
+        self.noise_multiplier = float(noise_multiplier)
+        self.max_grad_norm = float(max_grad_norm)
+        self.noise_multiplicity = int(noise_multiplicity)
+        self.grad_sample_mode = grad_sample_mode
+        self.clipping = clipping
+        self.secure_mode = secure_mode
+        self.distributed = distributed
+        self.sample_rate = self.batch_size / len(dataset)
+        self.steps_taken = 0
+        self.rank, self.world_size = (
+            (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed else (0, 1)
+        )
+        self.device = self.params[0].device
+
+        wrapped = self.model
+        if distributed:
+            from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
+
+            wrapped = DPDDP(wrapped)  # broadcasts rank 0's parameters: identical start on every rank
+        self.module = prepare_module(wrapped, grad_sample_mode, batch_first=True, loss_reduction="mean")
+
+        # this rank's shard; each of its examples is then Poisson-sampled independently with rate q
+        self.shard = list(range(self.rank, len(dataset), self.world_size))
+        self.sampling_generator = _generator(privacy_seed, self.rank, "cpu")
+        self.noise_generator = _generator(privacy_seed, self.rank + 7919, self.device)
+        self.diffusion_generator = torch.Generator().manual_seed(seed * 1_000_003 + self.rank)
+        self._sampler = UniformWithReplacementSampler(
+            num_samples=len(self.shard), sample_rate=self.sample_rate, generator=self.sampling_generator, steps=1
+        )
+
+        norm = self.max_grad_norm
+        if clipping == "per_layer":  # equal split: sqrt(sum C_l^2) = C, so the sensitivity stays C
+            norm = [self.max_grad_norm / math.sqrt(len(self.params))] * len(self.params)
+        optimizer_class = get_optimizer_class(clipping=clipping, distributed=distributed, grad_sample_mode=grad_sample_mode)
+        self.optimizer = optimizer_class(
+            optimizer,
+            noise_multiplier=self.noise_multiplier,
+            max_grad_norm=norm,
+            # per rank; DistributedDPOptimizer divides the all-reduced sum by world_size again
+            expected_batch_size=self.batch_size / self.world_size,
+            loss_reduction="mean",
+            generator=self.noise_generator,
+            secure_mode=secure_mode,
+        )
+
+    # ---- the step -------------------------------------------------------------------------------
+
+    def step(self) -> StepStats:
+        """One logical DP-SGD step on a fresh Poisson sample (possibly empty) of this rank's shard."""
+        chosen = next(iter(self._sampler))
+        return self._logical_step([self.shard[i] for i in chosen])
+
+    def _logical_step(self, indices: list[int]) -> StepStats:
+        """Clip, accumulate, noise once and step on exactly these dataset indices.
+
+        Only `step()` gives the Poisson sampling the accountant assumes; calling this directly is
+        for tests and audits."""
+        self.module.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        chunks = [indices[i : i + self.physical_batch_size] for i in range(0, len(indices), self.physical_batch_size)]
+        loss_sum = 0.0
+        for j, chunk in enumerate(chunks or [[]]):
+            if chunk:
+                loss_sum += float(self._accumulate(chunk).sum())
+            else:
+                self._accumulate_nothing()
+            if j < len(chunks) - 1:
+                self.optimizer.signal_skip_step(do_skip=True)  # clip + accumulate only; noise at the end
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self.steps_taken += 1
+        return StepStats(
+            loss=loss_sum / len(indices) if indices else float("nan"),
+            num_examples=len(indices),
+            num_micro_batches=max(len(chunks), 1),
+            step=self.steps_taken,
+        )
+
+    def _accumulate(self, indices: list[int]) -> torch.Tensor:
+        """Forward + backward one micro-batch; leaves one folded per-example gradient per example."""
+        batch = default_collate([self.dataset[i] for i in indices])
+        latents = batch["latents"].to(self.device)
+        hidden = batch["encoder_hidden_states"].to(self.device)
+        return self.per_example_backward(latents, hidden)
+
+    def per_example_backward(
+        self,
+        latents: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        noise: torch.Tensor | None = None,
+        timesteps: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Per-example losses [b] after backward; `p.grad_sample` then holds [b, ...] per parameter.
+
+        `noise`/`timesteps` ([b*K, ...], rows of example i at i*K..i*K+K-1) default to fresh draws."""
+        b, k = latents.shape[0], self.noise_multiplicity
+        rows, drawn_noise, drawn_t = draw_diffusion_inputs(
+            latents, k, self.noise_scheduler.config.num_train_timesteps, self.diffusion_generator
+        )
+        noise = drawn_noise if noise is None else noise
+        timesteps = drawn_t if timesteps is None else timesteps
+        hidden = encoder_hidden_states.repeat_interleave(k, dim=0)
+        losses = per_row_loss(self.module, self.noise_scheduler, rows, hidden, noise, timesteps)
+        # mean over all b*K rows: with loss_reduction="mean" Opacus stores each row's own gradient
+        losses.mean().backward()
+        fold_multiplicity(self.params, b, k)
+        return losses.detach().view(b, k).mean(dim=1)
+
+    def _accumulate_nothing(self) -> None:
+        """An empty batch: Opacus cannot run on zero rows, so run one all-zero dummy example and zero
+        its per-sample gradient exactly. The step then releases noise only (and, distributed, this
+        rank still joins the all-reduce so the others do not hang)."""
+        latents = torch.zeros_like(self.dataset[0]["latents"]).unsqueeze(0).to(self.device)
+        hidden = torch.zeros_like(self.dataset[0]["encoder_hidden_states"]).unsqueeze(0).to(self.device)
+        self.per_example_backward(latents, hidden)
+        for p in self.params:
+            p.grad_sample = torch.zeros_like(p.grad_sample)
+
+    # ---- resume ---------------------------------------------------------------------------------
+
+    def _privacy_config(self) -> dict:
+        return {
+            "sample_rate": self.sample_rate,
+            "noise_multiplier": self.noise_multiplier,
+            "max_grad_norm": self.max_grad_norm,
+            "noise_multiplicity": self.noise_multiplicity,
+            "clipping": self.clipping,
+            "world_size": self.world_size,
+        }
+
+    def _local_state(self) -> dict:
+        return {
+            "sampling_generator": self.sampling_generator.get_state(),
+            "noise_generator": self.noise_generator.get_state(),
+            "diffusion_generator": self.diffusion_generator.get_state(),
+        }
+
+    def state_dict(self) -> dict:
+        """Step count, privacy settings and every rank's generator states (distributed: a collective,
+        call it on all ranks). Contains the secret sampling/noise states: keep it private."""
+        ranks = [self._local_state()]
+        if self.distributed:
+            ranks = [None] * self.world_size
+            torch.distributed.all_gather_object(ranks, self._local_state())
+        return {"steps_taken": self.steps_taken, "config": self._privacy_config(), "ranks": ranks}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue exactly where `state` was taken. Refuses other privacy settings: the accountant
+        composes one (q, sigma) over all steps, a silent change would misstate epsilon."""
+        saved, current = state["config"], self._privacy_config()
+        changed = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}
+        if changed:
+            raise PrivacyError(
+                f"cannot resume with different privacy settings {changed} (saved, now); resume with the saved "
+                "settings or start a new run with its own accounting"
+            )
+        mine = state["ranks"][self.rank]
+        self.sampling_generator.set_state(mine["sampling_generator"].cpu())
+        self.noise_generator.set_state(mine["noise_generator"].cpu())
+        self.diffusion_generator.set_state(mine["diffusion_generator"].cpu())
+        self.steps_taken = int(state["steps_taken"])
+
+
+def _generator(privacy_seed: int | None, offset: int, device) -> torch.Generator:
+    """A generator for a secret draw: OS entropy unless a seed was given for reproducibility."""
+    generator = torch.Generator(device=device)
+    seed = secrets.randbits(63) if privacy_seed is None else privacy_seed * 1_000_003 + offset
+    return generator.manual_seed(seed)
+
+
+def _validate(model, params, optimizer, dataset, batch_size, physical_batch_size, noise_multiplier, max_grad_norm,
+              noise_multiplicity, grad_sample_mode, clipping, secure_mode, privacy_seed, distributed) -> None:
+    """Every refusal happens here, before any work or any private data is touched."""
+    if grad_sample_mode not in GRAD_SAMPLE_MODES:
+        raise ConfigError(
+            f"grad_sample_mode {grad_sample_mode!r} is not supported; choose one of {list(GRAD_SAMPLE_MODES)} "
+            "(ghost clipping is not offered: its cost grows with the square of the latent size)"
+        )
+    if clipping not in CLIPPING_MODES:
+        raise ConfigError(f"clipping {clipping!r} is not supported; choose one of {list(CLIPPING_MODES)}")
+    if grad_sample_mode == "ew" and any(
+        isinstance(m, nn.Conv2d) and any(p.requires_grad for p in m.parameters(recurse=False)) for m in model.modules()
+    ):
+        raise ConfigError(
+            "grad_sample_mode='ew' cannot train convolutions here (torch's expanded-weights conv backward fails on "
+            "the UNet's non-contiguous gradients); use grad_sample_mode='hooks' (the default)"
+        )
+    if clipping == "per_layer" and distributed:
+        raise ConfigError("per_layer clipping is not supported with distributed=True; use clipping='flat'")
+    if not params:
+        raise ConfigError("the model has no trainable parameters; call dpdiff.adapters.prepare_trainable first")
+    if isinstance(optimizer, torch.optim.Optimizer) and type(optimizer).__module__.startswith("opacus"):
+        raise ConfigError("pass a plain torch optimizer; the engine wraps it with Opacus itself")
+    in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    if in_optimizer != {id(p) for p in params}:
+        raise ConfigError(
+            "the optimizer must hold exactly the trainable parameters of the model "
+            "(build it from [p for p in unet.parameters() if p.requires_grad] after prepare_trainable)"
+        )
+    check_per_sample_safe(model)
+    for name, value in (("noise_multiplier", noise_multiplier), ("max_grad_norm", max_grad_norm)):
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise PrivacyError(f"{name} must be a finite number, got {value!r}")
+    if noise_multiplier < 0:
+        raise PrivacyError(f"noise_multiplier must be >= 0, got {noise_multiplier}")
+    if max_grad_norm <= 0:
+        raise PrivacyError(f"max_grad_norm must be > 0, got {max_grad_norm}")
+    for name, value in (("batch_size", batch_size), ("physical_batch_size", physical_batch_size),
+                        ("noise_multiplicity", noise_multiplicity)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    if physical_batch_size > batch_size:
+        raise ConfigError(
+            f"physical_batch_size ({physical_batch_size}) > batch_size ({batch_size}); the physical batch only "
+            "splits the expected logical batch, so set physical_batch_size <= batch_size"
+        )
+    if len(dataset) == 0:
+        raise DataError("the private dataset is empty")
+    if batch_size > len(dataset):
+        raise ConfigError(f"batch_size ({batch_size}) exceeds the private dataset size ({len(dataset)})")
+    if secure_mode and privacy_seed is not None:
+        raise PrivacyError("secure_mode=True forbids privacy_seed: the sampling and noise must be unpredictable")
+    if distributed and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        raise ConfigError(
+            "distributed=True but no process group is initialised; create the Accelerator first "
+            "(`accelerate launch --multi_gpu --num_processes N ...`; `--cpu` alone starts ONE process)"
+        )
+    first = dataset[0]
+    if not isinstance(first, dict) or any(k not in first for k in REQUIRED_KEYS):
+        raise DataError(
+            f"private dataset items must be dicts with keys {list(REQUIRED_KEYS)} (a latent cache); "
+            f"got {type(first).__name__} with keys {sorted(first) if isinstance(first, dict) else None}"
+        )
+    in_channels = getattr(getattr(model, "config", None), "in_channels", None)
+    if in_channels is not None and first["latents"].shape[0] != in_channels:
+        raise DataError(
+            f"cached latents have {first['latents'].shape[0]} channels but the UNet expects {in_channels}; "
+            "the latent cache was built with another VAE"
+        )

@@ -1,0 +1,280 @@
+"""The DP-SGD engine on the real tiny UNet: per-sample gradients, clipping, noise multiplicity,
+noise scale, empty batches, resume and input validation."""
+
+import copy
+import io
+import math
+
+import pytest
+import torch
+from diffusers import DDPMScheduler
+
+from dpdiff.adapters import prepare_trainable
+from dpdiff.errors import ConfigError, DataError, PrivacyError
+from dpdiff.pipelines.preset import SCHEDULER_CONFIG, build_tiny_unet
+from dpdiff.privacy.diffusion_loss import draw_diffusion_inputs, per_row_loss
+from dpdiff.privacy.engine import DPDiffusionEngine
+
+TOKENS = 6  # multi-token context: with one token, attn2.to_q/to_k get exactly zero gradient
+
+
+class LatentCache(torch.utils.data.Dataset):
+    def __init__(self, n, seed=1):
+        g = torch.Generator().manual_seed(seed)
+        self.latents = torch.randn(n, 4, 8, 8, generator=g)
+        self.hidden = torch.randn(n, TOKENS, 64, generator=g)
+
+    def __len__(self):
+        return len(self.latents)
+
+    def __getitem__(self, i):
+        return {"latents": self.latents[i], "encoder_hidden_states": self.hidden[i]}
+
+
+def scheduler():
+    return DDPMScheduler(**SCHEDULER_CONFIG)
+
+
+def make_engine(method="lora", n=16, lr=1.0, optimizer="sgd", **kwargs):
+    unet = build_tiny_unet(seed=0)
+    prepare_trainable(unet, method)
+    params = [p for p in unet.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=lr) if optimizer == "sgd" else torch.optim.Adam(params, lr=lr)
+    settings = dict(batch_size=4, physical_batch_size=2, noise_multiplier=0.0, max_grad_norm=1.0, privacy_seed=0)
+    settings.update(kwargs)
+    reference = copy.deepcopy(unet)  # before Opacus attaches its hooks
+    engine = DPDiffusionEngine(unet, scheduler(), opt, LatentCache(n), **settings)
+    engine.reference = reference
+    return engine
+
+
+def flat_params(engine):
+    return torch.cat([p.detach().flatten() for p in engine.params]).clone()
+
+
+def example_grad(model, engine, latents, hidden, noise, timesteps):
+    """Gradient of one example's K-averaged loss, computed alone on a plain copy of the model."""
+    model.zero_grad(set_to_none=True)
+    k = noise.shape[0]
+    loss = per_row_loss(model, engine.noise_scheduler, latents.expand(k, -1, -1, -1).contiguous(),
+                        hidden.expand(k, -1, -1).contiguous(), noise, timesteps).mean()
+    loss.backward()
+    return torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
+
+
+@pytest.mark.parametrize("method", ["lora", "attention", "full"])
+def test_per_sample_gradients_match_one_example_at_a_time(method):
+    engine = make_engine(method)
+    reference = engine.reference
+    g = torch.Generator().manual_seed(5)
+    latents, hidden = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, TOKENS, 64, generator=g)
+    rows, noise, t = draw_diffusion_inputs(latents, 1, 1000, g)
+    engine.per_example_backward(latents, hidden, noise, t)
+    batched = torch.cat([p.grad_sample.flatten(1) for p in engine.params], dim=1)
+    for i in range(3):
+        alone = example_grad(reference, engine, latents[i : i + 1], hidden[i : i + 1], noise[i : i + 1], t[i : i + 1])
+        assert alone.abs().max() > 0
+        torch.testing.assert_close(batched[i], alone, rtol=1e-4, atol=1e-6)
+    if method != "full":  # the cross-attention query/key adapters do learn from a multi-token context
+        to_k = [p.grad_sample for n, p in engine.model.named_parameters() if p.requires_grad and "attn2.to_k" in n]
+        assert to_k and any(gs.abs().max() > 0 for gs in to_k)  # (LoRA A gets zero grad while B = 0)
+
+
+def clipped_contribution_check(contribution, expected, max_grad_norm):
+    """What DP needs from one example: norm <= C, and equal to the clipped mean of its K draws."""
+    assert contribution.norm() <= max_grad_norm * (1 + 1e-5), f"norm {contribution.norm():.3g} > C={max_grad_norm}"
+    torch.testing.assert_close(contribution, expected, rtol=1e-3, atol=max_grad_norm * 1e-4)
+
+
+def expected_clipped_sum(engine, reference, indices, generator_state, max_grad_norm):
+    """Replay the engine's draws (same generator, same micro-batch order) on a plain model copy."""
+    g = torch.Generator()
+    g.set_state(generator_state)
+    k, total = engine.noise_multiplicity, 0
+    data = engine.dataset
+    for start in range(0, len(indices), engine.physical_batch_size):
+        chunk = indices[start : start + engine.physical_batch_size]
+        latents = torch.stack([data[i]["latents"] for i in chunk])
+        _, noise, t = draw_diffusion_inputs(latents, k, 1000, g)
+        for j, i in enumerate(chunk):
+            grad = example_grad(reference, engine, data[i]["latents"][None], data[i]["encoder_hidden_states"][None],
+                                noise[j * k : (j + 1) * k], t[j * k : (j + 1) * k])
+            total = total + grad * min(1.0, max_grad_norm / (grad.norm().item() + 1e-6))
+    return total
+
+
+def test_noise_multiplicity_clips_the_mean_of_k_draws_and_micro_batches_change_nothing():
+    c, k, b = 1e-3, 3, 4  # tiny C: every example is clipped
+    engine = make_engine("lora", max_grad_norm=c, noise_multiplicity=k, batch_size=b, physical_batch_size=2)
+    reference = engine.reference
+    # one example alone: its whole released contribution
+    state, before = engine.diffusion_generator.get_state(), flat_params(engine)
+    engine._logical_step([3])
+    contribution = (before - flat_params(engine)) * b  # SGD lr=1, sigma=0, grads divided by B
+    clipped_contribution_check(contribution, expected_clipped_sum(engine, reference, [3], state, c), c)
+    # five examples in three micro-batches: the sum of their clipped contributions
+    reference.load_state_dict(engine.model.state_dict())
+    state, before = engine.diffusion_generator.get_state(), flat_params(engine)
+    engine._logical_step([0, 5, 7, 9, 11])
+    summed = (before - flat_params(engine)) * b
+    torch.testing.assert_close(summed, expected_clipped_sum(engine, reference, [0, 5, 7, 9, 11], state, c),
+                               rtol=1e-3, atol=c * 1e-4)
+
+
+def test_repeating_the_batch_k_times_fails_the_sensitivity_check():
+    """The published DP-LoRA bug: K copies in front of Opacus are clipped separately (sensitivity K*C)."""
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+
+    c, k, b = 1e-3, 3, 4
+    engine = make_engine("lora", max_grad_norm=c, noise_multiplicity=k, batch_size=b)
+    reference = engine.reference
+    wrong_model = copy.deepcopy(engine.reference)
+    params = [p for p in wrong_model.parameters() if p.requires_grad]
+    wrong = DPOptimizer(torch.optim.SGD(params, lr=1.0), noise_multiplier=0.0, max_grad_norm=c, expected_batch_size=b)
+    gsm = GradSampleModule(wrong_model)
+    state = engine.diffusion_generator.get_state()
+    g = torch.Generator()
+    g.set_state(state)
+    item = engine.dataset[3]
+    rows, noise, t = draw_diffusion_inputs(item["latents"][None], k, 1000, g)
+    before = torch.cat([p.detach().flatten() for p in params]).clone()
+    per_row_loss(gsm, engine.noise_scheduler, rows, item["encoder_hidden_states"][None].repeat(k, 1, 1), noise, t).mean().backward()
+    wrong.step()
+    contribution = (before - torch.cat([p.detach().flatten() for p in params])) * b
+    assert contribution.norm() > 1.5 * c  # each copy clipped to C on its own
+    with pytest.raises(AssertionError):
+        clipped_contribution_check(contribution, expected_clipped_sum(engine, reference, [3], state, c), c)
+
+
+@pytest.mark.parametrize("secure_mode", [False, True])
+def test_added_noise_has_std_sigma_c_and_an_empty_batch_steps_with_noise_only(secure_mode):
+    sigma, c, b = 2.0, 0.5, 4
+    seed = None if secure_mode else 0
+    engine = make_engine("lora", noise_multiplier=sigma, max_grad_norm=c, batch_size=b, secure_mode=secure_mode,
+                         privacy_seed=seed)
+    before = flat_params(engine)
+    stats = engine._logical_step([])
+    assert stats.num_examples == 0 and math.isnan(stats.loss) and stats.step == 1
+    noise = (before - flat_params(engine)) * b  # zero data contribution: what moved is the noise
+    n = noise.numel()
+    assert n > 40_000
+    assert abs(noise.mean().item()) < 5 * sigma * c / math.sqrt(n)
+    assert noise.std().item() == pytest.approx(sigma * c, rel=0.03)
+    # fourth moment of a Gaussian: kurtosis 3
+    assert ((noise / noise.std()) ** 4).mean().item() == pytest.approx(3.0, rel=0.1)
+
+
+def test_empty_poisson_batches_happen_and_step_without_noise_change_nothing():
+    engine = make_engine("lora", n=20, batch_size=1, physical_batch_size=1)  # q = 0.05: P(empty) ~ 0.36
+    assert engine.sample_rate == pytest.approx(0.05)
+    for _ in range(30):
+        before = flat_params(engine)
+        stats = engine.step()
+        if stats.num_examples == 0:
+            break
+    else:
+        pytest.fail("no empty Poisson batch in 30 steps at q=0.05")
+    torch.testing.assert_close(flat_params(engine), before, rtol=0, atol=0)
+    assert engine.steps_taken == stats.step
+
+
+def test_poisson_batch_sizes_have_the_expected_mean():
+    engine = make_engine("lora", n=1000, batch_size=50, physical_batch_size=50)
+    sizes = []
+    for _ in range(200):
+        sizes.append(len(next(iter(engine._sampler))))
+    mean = sum(sizes) / len(sizes)
+    assert mean == pytest.approx(50, abs=4 * math.sqrt(50 / 200))
+
+
+@pytest.mark.parametrize("method", ["full"])
+def test_full_unet_steps_in_the_default_mode(method):
+    engine = make_engine(method, noise_multiplier=1.0, batch_size=2, physical_batch_size=2, n=8)
+    before = flat_params(engine)
+    stats = engine._logical_step([1, 2])
+    assert stats.num_examples == 2 and math.isfinite(stats.loss)
+    assert not torch.equal(before, flat_params(engine))
+
+
+def test_per_layer_clipping_bounds_each_example_by_c():
+    c, b = 1e-3, 4
+    engine = make_engine("lora", clipping="per_layer", max_grad_norm=c, batch_size=b)
+    before = flat_params(engine)
+    engine._logical_step([2])
+    assert ((before - flat_params(engine)) * b).norm() <= c * (1 + 1e-5)
+
+
+def roundtrip(obj):
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+def test_resume_continues_exactly_like_an_uninterrupted_run():
+    settings = dict(noise_multiplier=1.0, noise_multiplicity=2, optimizer="adam", lr=1e-3, n=12, batch_size=3)
+    straight = make_engine(**settings)
+    for _ in range(4):
+        straight.step()
+
+    first = make_engine(**settings)
+    for _ in range(2):
+        first.step()
+    saved = roundtrip({"engine": first.state_dict(), "model": first.model.state_dict(),
+                       "optimizer": first.optimizer.state_dict()})
+    resumed = make_engine(**{**settings, "privacy_seed": 123})  # the generators come from the checkpoint
+    resumed.model.load_state_dict(saved["model"])
+    resumed.optimizer.load_state_dict(saved["optimizer"])
+    resumed.load_state_dict(saved["engine"])
+    assert resumed.steps_taken == 2
+    for _ in range(2):
+        resumed.step()
+    torch.testing.assert_close(flat_params(resumed), flat_params(straight), rtol=0, atol=0)
+
+    other = make_engine(**{**settings, "noise_multiplier": 0.5})
+    with pytest.raises(PrivacyError, match="noise_multiplier"):
+        other.load_state_dict(saved["engine"])
+
+
+def test_privacy_generators_are_unpredictable_without_a_seed():
+    a, b = make_engine(privacy_seed=None), make_engine(privacy_seed=None)
+    assert not torch.equal(a.noise_generator.get_state(), b.noise_generator.get_state())
+    assert not torch.equal(a.sampling_generator.get_state(), b.sampling_generator.get_state())
+
+
+@pytest.mark.parametrize(
+    "overrides, error, match",
+    [
+        (dict(physical_batch_size=8, batch_size=4), ConfigError, "physical_batch_size"),
+        (dict(batch_size=17, physical_batch_size=2), ConfigError, "exceeds the private dataset"),
+        (dict(noise_multiplier=float("nan")), PrivacyError, "finite"),
+        (dict(noise_multiplier=-1.0), PrivacyError, ">= 0"),
+        (dict(max_grad_norm=0.0), PrivacyError, "> 0"),
+        (dict(max_grad_norm=float("inf")), PrivacyError, "finite"),
+        (dict(noise_multiplicity=0), ConfigError, "noise_multiplicity"),
+        (dict(secure_mode=True, privacy_seed=3), PrivacyError, "secure_mode"),
+        (dict(grad_sample_mode="ghost"), ConfigError, "ghost"),
+        (dict(clipping="adaptive"), ConfigError, "clipping"),
+        (dict(distributed=True), ConfigError, "process group"),
+    ],
+)
+def test_invalid_settings_are_refused_before_any_work(overrides, error, match):
+    with pytest.raises(error, match=match):
+        make_engine(**overrides)
+
+
+def test_refusals_that_depend_on_the_model_or_data():
+    unet = build_tiny_unet()
+    prepare_trainable(unet, "attention")
+    params = [p for p in unet.parameters() if p.requires_grad]
+    common = dict(batch_size=4, physical_batch_size=2, noise_multiplier=1.0, max_grad_norm=1.0)
+    with pytest.raises(ConfigError, match="ew"):
+        DPDiffusionEngine(unet, scheduler(), torch.optim.SGD(params, lr=1), LatentCache(8), grad_sample_mode="ew", **common)
+    with pytest.raises(ConfigError, match="exactly the trainable"):
+        DPDiffusionEngine(unet, scheduler(), torch.optim.SGD(params[:3], lr=1), LatentCache(8), **common)
+    with pytest.raises(DataError, match="latent cache"):
+        DPDiffusionEngine(unet, scheduler(), torch.optim.SGD(params, lr=1), [torch.zeros(4, 8, 8)] * 8, **common)
+    unet.enable_gradient_checkpointing()
+    with pytest.raises(ConfigError, match="gradient checkpointing"):
+        DPDiffusionEngine(unet, scheduler(), torch.optim.SGD(params, lr=1), LatentCache(8), **common)
