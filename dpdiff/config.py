@@ -91,11 +91,17 @@ def parse_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] | Non
 
 
 def apply_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
-    """Merge `args.config` (if any) into `args` under the precedence CLI > YAML > defaults."""
-    explicit = set(getattr(args, EXPLICIT_ATTR, ()))
-    if hasattr(args, EXPLICIT_ATTR):
-        delattr(args, EXPLICIT_ATTR)
+    """Merge `args.config` (if any) into `args` under the precedence CLI > YAML > defaults.
+
+    Idempotent: the record of explicit flags is consumed by the first merge (a namespace parsed
+    with `--config` always has one, since `--config` itself was given), so a second call is a no-op."""
     path = getattr(args, CONFIG_DEST, None)
+    if not hasattr(args, EXPLICIT_ATTR):
+        if path and not _is_tracked(parser):
+            raise ConfigError("internal: call add_config_argument(parser) after adding the flags, before parsing")
+        return args
+    explicit = set(getattr(args, EXPLICIT_ATTR))
+    delattr(args, EXPLICIT_ATTR)
     if not path:
         return args
     values = validate_config(parser, load_config(path), source=str(path))
@@ -103,6 +109,10 @@ def apply_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> a
         if dest not in explicit:
             setattr(args, dest, value)
     return args
+
+
+def _is_tracked(parser: argparse.ArgumentParser) -> bool:
+    return any(a.dest == CONFIG_DEST and getattr(type(a), "_dpdiff_records", False) for a in parser._actions)
 
 
 def load_config(path: str | os.PathLike) -> dict[str, Any]:

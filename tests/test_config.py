@@ -89,3 +89,12 @@ def test_subcommand_parsed_elsewhere_then_applied(tmp_path):
     args = top.parse_args(["sample", "--config", cfg, "--guidance_scale", "1.0"])
     args = apply_config(sp, args)
     assert args.seed == 9 and args.guidance_scale == 1.0
+
+
+def test_applying_twice_keeps_cli_precedence(tmp_path):
+    """recipes call parse_with_config, then the shared run() applies the config again: a no-op."""
+    cfg = write(tmp_path, "seed: 7\nmodel_dir: from_yaml\n")
+    parser = make_parser()
+    args = parse_with_config(parser, ["--config", cfg, "--model_dir", "from_cli"])
+    args = apply_config(parser, args)
+    assert args.model_dir == "from_cli" and args.seed == 7

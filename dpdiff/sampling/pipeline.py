@@ -43,7 +43,7 @@ def pipeline_for_run(run: RunRecord, base_model: str | None = None, device="cpu"
     if run.method == "lora":
         pipe.load_lora_weights(str(run.path), weight_name=LORA_FILE)
     else:
-        unet = UNet2DConditionModel.from_pretrained(run.path / UNET_DIR, torch_dtype=torch_dtype, use_safetensors=True)
+        unet = UNet2DConditionModel.from_pretrained(run.path / UNET_DIR, dtype=torch_dtype, use_safetensors=True)
         check_unet_fits(pipe.unet, unet, base, run)
         pipe.register_modules(unet=unet)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)

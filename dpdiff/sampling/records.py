@@ -155,8 +155,8 @@ def resolve_run(run_dir_or_hub_id: str | os.PathLike) -> Path:
         local = huggingface_hub.snapshot_download(repo_id=name, ignore_patterns=["checkpoints/*", "*.tmp"])
     except Exception as e:  # offline, missing repo, no access: one actionable message
         raise ConfigError(
-            f"could not download the run {name!r} from the hub ({type(e).__name__}: {e}); "
-            "check the id and your access, unset HF_HUB_OFFLINE, or pass a local folder"
+            f"{name!r} is not a local folder, and downloading it as a hub repo id failed ({type(e).__name__}: {e}); "
+            "check the path, or the repo id and your access (and HF_HUB_OFFLINE)"
         ) from e
     return Path(local)
 
