@@ -1,0 +1,118 @@
+"""`dpdiff evaluate` end to end on the formats `dpdiff sample` writes (image folder with
+metadata.jsonl, save_to_disk dataset), with real Fashion-MNIST images standing in for samples."""
+
+import json
+
+import pytest
+from PIL import Image
+
+from dpdiff.cli import main
+from dpdiff.data import load_source
+from dpdiff.errors import DataError
+from dpdiff.evaluation.synthetic import load_synthetic, map_labels
+from dpdiff.io import write_json
+from dpdiff.sampling.generate import encode_png, write_datasets, write_imagefolder
+
+NUM_SYNTHETIC = 600
+QUICK = ["--real", "fashion_mnist", "--real_limit", "400", "--epochs", "5"]
+
+
+@pytest.fixture(scope="module")
+def stand_in():
+    """Fashion-MNIST train images as 32x32 RGB PNGs, like the tiny pipeline's samples."""
+    src = load_source("fashion_mnist", split="train", limit=NUM_SYNTHETIC, seed=1)
+    pngs = [encode_png(im.convert("RGB").resize((32, 32), Image.BICUBIC)) for im in src.dataset["image"]]
+    return pngs, list(src.dataset["label"]), src.class_names
+
+
+def write_folder(root, pngs, labels, names):
+    write_imagefolder(root, iter(pngs), labels, [f"p{l}" for l in labels])
+    write_json(root / "sampling.json", {"class_names": names})  # what `dpdiff sample` writes beside it
+    return root
+
+
+def test_imagefolder_end_to_end_with_fd(tmp_path, stand_in, capsys):
+    pngs, labels, names = stand_in
+    folder = write_folder(tmp_path / "samples", pngs, labels, names)
+    out = tmp_path / "results.json"
+    rc = main(["evaluate", *QUICK, "--synthetic", str(folder), "--metrics", "fd,logreg,mlp",
+               "--num-fd-samples", "100", "--fd_input_size", "64", "--output", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    results = json.loads(out.read_text())
+    assert results["num_synthetic"] == NUM_SYNTHETIC and results["num_real"] == 400
+    assert results["fd"]["description"] == "FD (EfficientNet-Lite0), 100 real (test) vs 100 synthetic, 28x28 grey -> 64 bilinear"
+    assert results["fd"]["value"] > 0
+    for model in ("logreg", "mlp"):
+        # real images as "synthetic": far above the 0.10 of chance
+        assert results["downstream"][model]["accuracy"] > 0.6
+    assert "cnn" not in results["downstream"]
+    printed = capsys.readouterr().out
+    assert "FD (EfficientNet-Lite0), 100 real" in printed and "Ankle boot" in printed and "FID" not in printed
+
+
+def test_saved_dataset_with_classes_in_another_order_is_matched_by_name(tmp_path, stand_in, capsys):
+    pngs, labels, names = stand_in
+    reordered = names[::-1]  # synthetic label k means reordered[k]
+    relabelled = [reordered.index(names[l]) for l in labels]
+    write_datasets(tmp_path / "ds", iter(pngs), relabelled, [""] * len(pngs), reordered)
+    out = tmp_path / "r.json"
+    rc = main(["evaluate", *QUICK, "--synthetic", str(tmp_path / "ds"), "--metrics", "logreg", "--output", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    results = json.loads(out.read_text())
+    # a label mix-up would score near 0; matching by name keeps the real-data accuracy
+    assert results["downstream"]["logreg"]["accuracy"] > 0.6
+    assert results["downstream"]["train_count_per_class"] == {n: labels.count(k) for k, n in enumerate(names)}
+
+
+def test_label_outside_the_real_classes_is_one_clear_error(tmp_path, stand_in, capsys):
+    pngs, labels, names = stand_in
+    folder = write_folder(tmp_path / "s", pngs[:20], [9] * 10 + labels[10:20], names[:9] + ["Hat"])
+    rc = main(["evaluate", *QUICK, "--synthetic", str(folder), "--metrics", "logreg"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "['Hat']" in err and "not classes of the real set" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "case, expected",
+    [("missing", "does not exist"), ("empty", "no lines"), ("metric", "unknown metric"), ("broken_png", "cannot read image")],
+)
+def test_bad_input_exits_2_with_a_message(tmp_path, stand_in, capsys, case, expected):
+    pngs, labels, names = stand_in
+    metrics = "logreg"
+    target = tmp_path / "s"
+    if case == "missing":
+        target = tmp_path / "nowhere"
+    elif case == "empty":
+        (target / "train").mkdir(parents=True)
+        (target / "train" / "metadata.jsonl").write_text("\n")
+    elif case == "metric":
+        write_folder(target, pngs[:5], labels[:5], names)
+        metrics = "logreg,fid"
+    elif case == "broken_png":
+        write_folder(target, pngs[:5], labels[:5], names)
+        (target / "train" / "000002.png").write_bytes(pngs[2][:40])
+    rc = main(["evaluate", *QUICK, "--synthetic", str(target), "--metrics", metrics])
+    err = capsys.readouterr().err
+    assert rc == 2 and expected in err, err
+
+
+def test_integer_labels_without_names_are_real_indices_and_checked():
+    assert map_labels([0, 3, 9], None, [str(k) for k in range(10)], "x").tolist() == [0, 3, 9]
+    with pytest.raises(DataError, match=r"labels \[10\] lie outside"):
+        map_labels([0, 10], None, [str(k) for k in range(10)], "x")
+    assert map_labels(["b", " A "], None, ["a", "b"], "x").tolist() == [1, 0]
+    with pytest.raises(DataError, match="all integers or all class names"):
+        map_labels([0, "a"], None, ["a", "b"], "x")
+
+
+def test_class_subfolders_are_read(tmp_path, stand_in):
+    pngs, _, names = stand_in
+    for i, cls in enumerate(["Trouser", "Bag", "bag"]):  # folder names match case-insensitively
+        (tmp_path / cls).mkdir()
+        (tmp_path / cls / f"{i}.png").write_bytes(pngs[i])
+    loaded = load_synthetic(str(tmp_path), names)
+    assert sorted(loaded.labels.tolist()) == [1, 8, 8] and len(loaded) == 3
+    (tmp_path / "Hat").mkdir()
+    (tmp_path / "Hat" / "x.png").write_bytes(pngs[0])
+    with pytest.raises(DataError, match="not classes of the real set"):
+        load_synthetic(str(tmp_path), names)
