@@ -27,10 +27,10 @@ VAE_CONFIG = dict(
     out_channels=3,
     down_block_types=("DownEncoderBlock2D",) * 3,
     up_block_types=("UpDecoderBlock2D",) * 3,
-    block_out_channels=(32, 64, 64),
+    block_out_channels=(16, 32, 64),
     layers_per_block=1,
     latent_channels=4,
-    norm_num_groups=16,
+    norm_num_groups=8,
     sample_size=IMAGE_SIZE,
 )
 
@@ -40,11 +40,11 @@ UNET_CONFIG = dict(
     out_channels=4,
     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    block_out_channels=(64, 128),
+    block_out_channels=(32, 64),
     layers_per_block=1,
     cross_attention_dim=TEXT_DIM,
     attention_head_dim=8,
-    norm_num_groups=16,
+    norm_num_groups=8,
 )
 
 TEXT_CONFIG = dict(
