@@ -65,7 +65,7 @@ def feature_blocks(output: FeatureOutput, config: EmbeddingConfig) -> list[Tenso
     for act in output.layers:
         flat = act.flatten(2)
         blocks.append(flat.mean(dim=2))
-        if config.channel_stats == "mean_var":
+        if config.channel_stats == "mean_var" and flat.shape[2] > 1:  # a 1x1 map has no variance
             blocks.append(flat.var(dim=2, correction=0))
     if config.include_pooled:
         blocks.append(output.pooled)
