@@ -12,7 +12,7 @@ from diffusers import DDPMScheduler
 from dpdiff.adapters import prepare_trainable
 from dpdiff.errors import ConfigError, DataError, PrivacyError
 from dpdiff.pipelines.preset import SCHEDULER_CONFIG, build_tiny_unet
-from dpdiff.privacy.diffusion_loss import draw_diffusion_inputs, per_row_loss
+from dpdiff.privacy.diffusion_loss import draw_diffusion_inputs, example_generator, per_row_loss
 from dpdiff.privacy.engine import DPDiffusionEngine
 
 TOKENS = 6  # multi-token context: with one token, attn2.to_q/to_k get exactly zero gradient
@@ -68,7 +68,7 @@ def test_per_sample_gradients_match_one_example_at_a_time(method):
     reference = engine.reference
     g = torch.Generator().manual_seed(5)
     latents, hidden = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, TOKENS, 64, generator=g)
-    rows, noise, t = draw_diffusion_inputs(latents, 1, 1000, g)
+    rows, noise, t = draw_diffusion_inputs(latents, 1, 1000, [g, g, g])
     engine.per_example_backward(latents, hidden, noise, t)
     batched = torch.cat([p.grad_sample.flatten(1) for p in engine.params], dim=1)
     for i in range(3):
@@ -86,20 +86,14 @@ def clipped_contribution_check(contribution, expected, max_grad_norm):
     torch.testing.assert_close(contribution, expected, rtol=1e-3, atol=max_grad_norm * 1e-4)
 
 
-def expected_clipped_sum(engine, reference, indices, generator_state, max_grad_norm):
-    """Replay the engine's draws (same generator, same micro-batch order) on a plain model copy."""
-    g = torch.Generator()
-    g.set_state(generator_state)
-    k, total = engine.noise_multiplicity, 0
-    data = engine.dataset
-    for start in range(0, len(indices), engine.physical_batch_size):
-        chunk = indices[start : start + engine.physical_batch_size]
-        latents = torch.stack([data[i]["latents"] for i in chunk])
-        _, noise, t = draw_diffusion_inputs(latents, k, 1000, g)
-        for j, i in enumerate(chunk):
-            grad = example_grad(reference, engine, data[i]["latents"][None], data[i]["encoder_hidden_states"][None],
-                                noise[j * k : (j + 1) * k], t[j * k : (j + 1) * k])
-            total = total + grad * min(1.0, max_grad_norm / (grad.norm().item() + 1e-6))
+def expected_clipped_sum(engine, reference, indices, step, max_grad_norm):
+    """Replay the engine's per-example draws of `step` on a plain model copy; clip each; sum."""
+    k, total, data = engine.noise_multiplicity, 0, engine.dataset
+    for i in indices:
+        latents = data[i]["latents"][None]
+        _, noise, t = draw_diffusion_inputs(latents, k, 1000, [example_generator(engine.seed, step, i)])
+        grad = example_grad(reference, engine, latents, data[i]["encoder_hidden_states"][None], noise, t)
+        total = total + grad * min(1.0, max_grad_norm / (grad.norm().item() + 1e-6))
     return total
 
 
@@ -108,16 +102,16 @@ def test_noise_multiplicity_clips_the_mean_of_k_draws_and_micro_batches_change_n
     engine = make_engine("lora", max_grad_norm=c, noise_multiplicity=k, batch_size=b, physical_batch_size=2)
     reference = engine.reference
     # one example alone: its whole released contribution
-    state, before = engine.diffusion_generator.get_state(), flat_params(engine)
+    before = flat_params(engine)
     engine._logical_step([3])
     contribution = (before - flat_params(engine)) * b  # SGD lr=1, sigma=0, grads divided by B
-    clipped_contribution_check(contribution, expected_clipped_sum(engine, reference, [3], state, c), c)
+    clipped_contribution_check(contribution, expected_clipped_sum(engine, reference, [3], 0, c), c)
     # five examples in three micro-batches: the sum of their clipped contributions
     reference.load_state_dict(engine.model.state_dict())
-    state, before = engine.diffusion_generator.get_state(), flat_params(engine)
+    before = flat_params(engine)
     engine._logical_step([0, 5, 7, 9, 11])
     summed = (before - flat_params(engine)) * b
-    torch.testing.assert_close(summed, expected_clipped_sum(engine, reference, [0, 5, 7, 9, 11], state, c),
+    torch.testing.assert_close(summed, expected_clipped_sum(engine, reference, [0, 5, 7, 9, 11], 1, c),
                                rtol=1e-3, atol=c * 1e-4)
 
 
@@ -133,18 +127,15 @@ def test_repeating_the_batch_k_times_fails_the_sensitivity_check():
     params = [p for p in wrong_model.parameters() if p.requires_grad]
     wrong = DPOptimizer(torch.optim.SGD(params, lr=1.0), noise_multiplier=0.0, max_grad_norm=c, expected_batch_size=b)
     gsm = GradSampleModule(wrong_model)
-    state = engine.diffusion_generator.get_state()
-    g = torch.Generator()
-    g.set_state(state)
     item = engine.dataset[3]
-    rows, noise, t = draw_diffusion_inputs(item["latents"][None], k, 1000, g)
+    rows, noise, t = draw_diffusion_inputs(item["latents"][None], k, 1000, [example_generator(engine.seed, 0, 3)])
     before = torch.cat([p.detach().flatten() for p in params]).clone()
     per_row_loss(gsm, engine.noise_scheduler, rows, item["encoder_hidden_states"][None].repeat(k, 1, 1), noise, t).mean().backward()
     wrong.step()
     contribution = (before - torch.cat([p.detach().flatten() for p in params])) * b
     assert contribution.norm() > 1.5 * c  # each copy clipped to C on its own
     with pytest.raises(AssertionError):
-        clipped_contribution_check(contribution, expected_clipped_sum(engine, reference, [3], state, c), c)
+        clipped_contribution_check(contribution, expected_clipped_sum(engine, reference, [3], 0, c), c)
 
 
 @pytest.mark.parametrize("secure_mode", [False, True])

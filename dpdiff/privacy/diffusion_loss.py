@@ -8,22 +8,31 @@ example's K per-row gradients into one row; only then does the optimizer clip.""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
+def example_generator(seed: int, step: int, index: int) -> torch.Generator:
+    """The generator of one example's draws at one step: keyed by (seed, step, example), so the draws
+    do not depend on micro-batching, on how examples are sharded over ranks, or on their order."""
+    key = np.random.SeedSequence([seed, step, index]).generate_state(2, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(key) & ((1 << 63) - 1))
+
+
 def draw_diffusion_inputs(
-    latents: torch.Tensor, multiplicity: int, num_train_timesteps: int, generator: torch.Generator
+    latents: torch.Tensor, multiplicity: int, num_train_timesteps: int, generators: list[torch.Generator]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """K copies of each example (rows i*K .. i*K+K-1 belong to example i), their noise and timesteps.
 
-    Drawn on the CPU from the engine's generator, so a run is reproducible on any device."""
+    Drawn on the CPU from one generator per example, so a run is reproducible on any device."""
     rows = latents.repeat_interleave(multiplicity, dim=0)
-    noise = torch.randn(rows.shape, generator=generator, dtype=torch.float32).to(rows.device, rows.dtype)
-    timesteps = torch.randint(0, num_train_timesteps, (rows.shape[0],), generator=generator).to(rows.device)
-    return rows, noise, timesteps
+    shape = (multiplicity, *latents.shape[1:])
+    noise = torch.cat([torch.randn(shape, generator=g) for g in generators]).to(rows.device, rows.dtype)
+    timesteps = torch.cat([torch.randint(0, num_train_timesteps, (multiplicity,), generator=g) for g in generators])
+    return rows, noise, timesteps.to(rows.device)
 
 
 def per_row_loss(

@@ -30,7 +30,7 @@ from torch.utils.data import Dataset, default_collate
 
 from dpdiff.adapters import check_per_sample_safe, unwrap_model
 from dpdiff.errors import ConfigError, DataError, PrivacyError
-from dpdiff.privacy.diffusion_loss import draw_diffusion_inputs, fold_multiplicity, per_row_loss
+from dpdiff.privacy.diffusion_loss import draw_diffusion_inputs, example_generator, fold_multiplicity, per_row_loss
 
 GRAD_SAMPLE_MODES = ("hooks", "ew", "functorch")
 CLIPPING_MODES = ("flat", "per_layer")
@@ -106,7 +106,7 @@ class DPDiffusionEngine:
         self.shard = list(range(self.rank, len(dataset), self.world_size))
         self.sampling_generator = _generator(privacy_seed, self.rank, "cpu")
         self.noise_generator = _generator(privacy_seed, self.rank + 7919, self.device)
-        self.diffusion_generator = torch.Generator().manual_seed(seed * 1_000_003 + self.rank)
+        self.seed = int(seed)  # public: keys the per-example timestep/noise draws
         self._sampler = UniformWithReplacementSampler(
             num_samples=len(self.shard), sample_rate=self.sample_rate, generator=self.sampling_generator, steps=1
         )
@@ -164,7 +164,7 @@ class DPDiffusionEngine:
         batch = default_collate([self.dataset[i] for i in indices])
         latents = batch["latents"].to(self.device)
         hidden = batch["encoder_hidden_states"].to(self.device)
-        return self.per_example_backward(latents, hidden)
+        return self.per_example_backward(latents, hidden, indices=indices)
 
     def per_example_backward(
         self,
@@ -172,16 +172,20 @@ class DPDiffusionEngine:
         encoder_hidden_states: torch.Tensor,
         noise: torch.Tensor | None = None,
         timesteps: torch.Tensor | None = None,
+        indices: list[int] | None = None,
     ) -> torch.Tensor:
         """Per-example losses [b] after backward; `p.grad_sample` then holds [b, ...] per parameter.
 
-        `noise`/`timesteps` ([b*K, ...], rows of example i at i*K..i*K+K-1) default to fresh draws."""
+        `noise`/`timesteps` ([b*K, ...], rows of example i at i*K..i*K+K-1) default to the draws keyed
+        by (seed, step, dataset index) of each example."""
         b, k = latents.shape[0], self.noise_multiplicity
-        rows, drawn_noise, drawn_t = draw_diffusion_inputs(
-            latents, k, self.noise_scheduler.config.num_train_timesteps, self.diffusion_generator
-        )
-        noise = drawn_noise if noise is None else noise
-        timesteps = drawn_t if timesteps is None else timesteps
+        if noise is None or timesteps is None:
+            keys = indices if indices is not None else range(b)
+            generators = [example_generator(self.seed, self.steps_taken, i) for i in keys]
+            _, noise, timesteps = draw_diffusion_inputs(
+                latents, k, self.noise_scheduler.config.num_train_timesteps, generators
+            )
+        rows = latents.repeat_interleave(k, dim=0)
         hidden = encoder_hidden_states.repeat_interleave(k, dim=0)
         losses = per_row_loss(self.module, self.noise_scheduler, rows, hidden, noise, timesteps)
         # mean over all b*K rows: with loss_reduction="mean" Opacus stores each row's own gradient
@@ -195,7 +199,7 @@ class DPDiffusionEngine:
         rank still joins the all-reduce so the others do not hang)."""
         latents = torch.zeros_like(self.dataset[0]["latents"]).unsqueeze(0).to(self.device)
         hidden = torch.zeros_like(self.dataset[0]["encoder_hidden_states"]).unsqueeze(0).to(self.device)
-        self.per_example_backward(latents, hidden)
+        self.per_example_backward(latents, hidden, indices=[len(self.dataset)])
         for p in self.params:
             p.grad_sample = torch.zeros_like(p.grad_sample)
 
@@ -215,7 +219,6 @@ class DPDiffusionEngine:
         return {
             "sampling_generator": self.sampling_generator.get_state(),
             "noise_generator": self.noise_generator.get_state(),
-            "diffusion_generator": self.diffusion_generator.get_state(),
         }
 
     def state_dict(self) -> dict:
@@ -225,7 +228,7 @@ class DPDiffusionEngine:
         if self.distributed:
             ranks = [None] * self.world_size
             torch.distributed.all_gather_object(ranks, self._local_state())
-        return {"steps_taken": self.steps_taken, "config": self._privacy_config(), "ranks": ranks}
+        return {"steps_taken": self.steps_taken, "seed": self.seed, "config": self._privacy_config(), "ranks": ranks}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue exactly where `state` was taken. Refuses other privacy settings: the accountant
@@ -240,7 +243,7 @@ class DPDiffusionEngine:
         mine = state["ranks"][self.rank]
         self.sampling_generator.set_state(mine["sampling_generator"].cpu())
         self.noise_generator.set_state(mine["noise_generator"].cpu())
-        self.diffusion_generator.set_state(mine["diffusion_generator"].cpu())
+        self.seed = int(state["seed"])
         self.steps_taken = int(state["steps_taken"])
 
 
