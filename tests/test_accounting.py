@@ -21,8 +21,10 @@ from dpdiff.privacy.accounting import (
     check_delta,
     check_epsilon,
     epsilon_for,
+    epsilon_for_gaussian,
     epsilon_of_history,
     noise_multiplier_for,
+    noise_multiplier_for_gaussian,
     plan,
     steps_for,
     validate_accountant,
@@ -75,6 +77,21 @@ def test_heterogeneous_history_against_pld():
     prv = epsilon_of_history(history, delta, "prv")
     assert reference - PLD_SLACK <= prv <= reference + 2 * PRV_EPS_ERROR + 0.01 * reference
     assert epsilon_of_history(history, delta, "rdp") >= reference
+
+
+@pytest.mark.parametrize("sigma, releases", [(1.0, 1), (5.0, 1), (2.0, 3)])
+def test_gaussian_mechanism_against_pld(sigma, releases):
+    # what DP-MEPF releases: q = 1, no subsampling
+    acc = pld_privacy_accountant.PLDAccountant(dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE)
+    acc.compose(dp_accounting.GaussianDpEvent(sigma), releases)
+    reference = acc.get_epsilon(1e-5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no numpy noise from the q = 1 corner
+        prv = epsilon_for_gaussian(sigma, 1e-5, releases)
+    assert reference - PLD_SLACK <= prv <= reference + 2 * PRV_EPS_ERROR + 0.01 * reference
+    assert epsilon_for_gaussian(sigma, 1e-5, releases, "rdp") >= reference
+    chosen = noise_multiplier_for_gaussian(prv, 1e-5, releases)
+    assert epsilon_for_gaussian(chosen, 1e-5, releases) <= prv and chosen <= sigma * (1 + 2e-3)
 
 
 def test_epsilon_trivial_cases_and_monotonicity():

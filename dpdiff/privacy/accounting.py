@@ -127,9 +127,11 @@ def _epsilon_cached(entries: tuple, delta: float, accountant: str) -> float:
 
 
 def _opacus_epsilon(mechanism: str, entries: tuple, delta: float) -> float:
+    import numpy as np
     from opacus.accountants import PRVAccountant, RDPAccountant
 
-    with warnings.catch_warnings():
+    # q = 1 (plain Gaussian mechanism) takes log(0) on a masked branch: harmless, silenced.
+    with warnings.catch_warnings(), np.errstate(divide="ignore"):
         # RDP warns when the optimal order sits at the edge of its grid; the bound is still valid.
         warnings.simplefilter("ignore", UserWarning)
         if mechanism == "prv":
@@ -144,6 +146,19 @@ def _opacus_epsilon(mechanism: str, entries: tuple, delta: float) -> float:
 def epsilon_for(noise_multiplier, sample_rate, steps, delta, accountant: str = DEFAULT_ACCOUNTANT) -> float:
     """Epsilon after `steps` DP-SGD steps with Poisson rate `sample_rate` and noise `noise_multiplier`."""
     return epsilon_of_history([(noise_multiplier, sample_rate, steps)], delta, accountant)
+
+
+def epsilon_for_gaussian(noise_multiplier, delta, releases: int = 1, accountant: str = DEFAULT_ACCOUNTANT) -> float:
+    """Epsilon of `releases` Gaussian-mechanism releases of a statistic with L2 sensitivity S and
+    noise std noise_multiplier * S, no subsampling (e.g. DP-MEPF's mean embeddings): q = 1."""
+    return epsilon_for(noise_multiplier, 1.0, releases, delta, accountant)
+
+
+def noise_multiplier_for_gaussian(
+    target_epsilon, delta, releases: int = 1, accountant: str = DEFAULT_ACCOUNTANT
+) -> float:
+    """Smallest noise multiplier for `releases` Gaussian releases to stay within target_epsilon."""
+    return noise_multiplier_for(target_epsilon, 1.0, releases, delta, accountant)
 
 
 def check_delta(delta, num_examples=None, force: bool = False) -> float:
