@@ -222,17 +222,13 @@ def test_hub_run_id_is_downloaded_with_snapshot_download(runs, monkeypatch):
     assert pipe.unet.peft_config
 
 
-def test_mepf_run_without_mepf_module_is_a_clear_error(tmp_path):
+def test_mepf_run_without_mepf_module_is_a_clear_error(tmp_path, monkeypatch):
+    import sys
+
     run_dir = tmp_path / "mepf"
     run_dir.mkdir()
     (run_dir / "privacy.json").write_text(json.dumps({"epsilon": 1.0, "delta": 1e-5, "method": "mepf"}))
-    try:
-        import dpdiff.mepf  # noqa: F401
-        has_sampler = hasattr(dpdiff.mepf, "sample_mepf")
-    except ImportError:
-        has_sampler = False
-    if has_sampler:
-        pytest.skip("dpdiff.mepf.sample_mepf exists; its own tests cover the MEPF branch")
+    monkeypatch.setitem(sys.modules, "dpdiff.mepf", None)  # an install without the MEPF extra
     with pytest.raises(ConfigError, match="MEPF"):
         sample_dataset(run_dir, tmp_path / "out", num_per_class=1)
     with pytest.raises(ConfigError, match="MEPF"):
@@ -275,3 +271,21 @@ def test_recipe_with_the_shipped_yaml(runs, tmp_path):
     summary = json.loads((out / "sampling.json").read_text())
     assert summary["num_images"] == 3 and summary["resolution"] == 28  # resolution from the YAML
     assert Image.open(sorted((out / "train").glob("*.png"))[0]).size == (28, 28)
+
+
+def test_mepf_run_samples_through_sample_dataset(tmp_path):
+    mepf = pytest.importorskip("dpdiff.mepf.generator")
+    import datasets
+
+    run_dir = tmp_path / "mepf"
+    config = mepf.GeneratorConfig(num_classes=3, resolution=28, channels=1, base_channels=8, class_names=CLASS_NAMES)
+    mepf.save_generator(mepf.ConditionalGenerator(config), run_dir / "generator")
+    (run_dir / "privacy.json").write_text(json.dumps({"epsilon": 1.0, "delta": 1e-5, "method": "mepf"}))
+    (run_dir / "generation_config.json").write_text(json.dumps({
+        "method": "mepf", "class_names": CLASS_NAMES, "class_prompts": CLASS_PROMPTS, "resolution": 28, "channels": 1}))
+    out = sample_dataset(run_dir, tmp_path / "syn", num_per_class=2, seed=0)
+    ds = datasets.load_dataset("imagefolder", data_dir=str(out), split="train")
+    assert sorted(ds["label"]) == [0, 0, 1, 1, 2, 2] and ds[0]["image"].size == (28, 28) and ds[0]["image"].mode == "L"
+    assert read_folder(out) == read_folder(sample_dataset(run_dir, tmp_path / "again", num_per_class=2, seed=0))
+    with pytest.raises(ConfigError, match="num_per_class"):
+        sample_dataset(run_dir, tmp_path / "o", prompts=["a"])
