@@ -25,8 +25,8 @@ from dpdiff.training import pretrain
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--output_dir", default="dpdiff/presets/tiny-sd")
-    p.add_argument("--vae_steps", type=int, default=2000)
-    p.add_argument("--unet_steps", type=int, default=5000)
+    p.add_argument("--vae_steps", type=int, default=1000)
+    p.add_argument("--unet_steps", type=int, default=3000)
     p.add_argument("--vae_batch_size", type=int, default=32)
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--vae_learning_rate", type=float, default=1e-3)

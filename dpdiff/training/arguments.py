@@ -1,0 +1,65 @@
+"""The fine-tuning flags, shared by `recipes/finetune_*.py` and `dpdiff finetune`.
+
+Names follow the diffusers training scripts where one exists; a YAML config (`--config`) uses the
+same names."""
+
+from __future__ import annotations
+
+import argparse
+
+from dpdiff.pipelines.loading import PRESET_NAME
+
+METHODS = ("lora", "attention", "full")
+
+
+def add_finetune_arguments(parser: argparse.ArgumentParser, method: str | None = None) -> argparse.ArgumentParser:
+    a = parser.add_argument
+    a("--method", choices=METHODS, default=method or "lora", help="which parameters train")
+    # what to train on
+    a("--pretrained_model_name_or_path", default=PRESET_NAME, help="hub id, local pipeline folder, or the built-in 'dpdiff-tiny'")
+    a("--dataset", default="fashion_mnist", help="fashion_mnist | mnist5k | animal_mnist | imagefolder:PATH | hub dataset id")
+    a("--max_train_samples", type=int, default=None, help="a seeded subset of the private set (quick runs); n is then this size")
+    a("--skip_bad_files", action="store_true", help="skip unreadable images (reported) instead of stopping")
+    # the guarantee
+    a("--target_epsilon", type=float, default=10.0)
+    a("--delta", type=float, default=1e-5, help="must be < 1/n")
+    a("--force_delta", action="store_true", help="allow delta >= 1/n (a weak guarantee; recorded as such)")
+    a("--accountant", choices=("prv", "rdp"), default="prv")
+    a("--max_grad_norm", type=float, default=1.0, help="per-example clipping norm C")
+    a("--noise_multiplicity", type=int, default=1, help="K (noise, timestep) draws averaged inside each example's gradient")
+    a("--clipping", choices=("flat", "per_layer"), default="flat")
+    a("--grad_sample_mode", choices=("hooks", "ew", "functorch"), default="hooks")
+    a("--secure_mode", action="store_true", help="cryptographically secure noise (Opacus secure_mode)")
+    # schedule
+    a("--epochs", type=float, default=None, help="expected passes over the private set (default 2 unless --max_steps)")
+    a("--max_steps", type=int, default=None, help="logical DP-SGD steps (overrides --epochs)")
+    a("--batch_size", type=int, default=256, help="expected logical batch (Poisson sampling rate = batch_size / n)")
+    a("--physical_batch_size", type=int, default=64, help="micro-batch that fits in memory; does not change the guarantee")
+    a("--learning_rate", type=float, default=None, help="default: 2e-3 lora, 5e-4 attention, 2e-4 full")
+    a("--ema_decay", type=float, default=0.999, help="EMA of the trained weights (post-processing); 0 disables")
+    a("--cond_dropout", type=float, default=0.1, help="probability of the empty prompt (classifier-free guidance)")
+    # what trains
+    a("--rank", type=int, default=8, help="LoRA rank")
+    a("--lora_alpha", type=float, default=None, help="LoRA alpha (default: rank)")
+    a("--lora_target_modules", nargs="+", default=["to_q", "to_k", "to_v", "to_out.0"])
+    a("--attention_start_index", type=int, default=0, help="attention method: train attention blocks from this index on")
+    a("--train_condition_embedder", action="store_true", help="also train the UNet's time/class embedding fully")
+    # outputs
+    a("--output_dir", default="dpdiff-output")
+    a("--overwrite_output_dir", action="store_true")
+    a("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint folder of this output_dir")
+    a("--checkpointing_steps", type=int, default=100)
+    a("--checkpoints_total_limit", type=int, default=2)
+    a("--validation_steps", type=int, default=0, help="sample grid every N steps (0: only at the end)")
+    a("--guidance_scale", type=float, default=2.0)
+    a("--num_inference_steps", type=int, default=50)
+    a("--report_to", default=None, help="Accelerate tracker: tensorboard, wandb, ... (none by default)")
+    a("--push_to_hub", action="store_true")
+    a("--hub_model_id", default=None)
+    a("--hub_token", default=None, help="default: HF_TOKEN / the saved login; never written anywhere")
+    a("--seed", type=int, default=0, help="public seed of initialisation and diffusion draws")
+    a("--privacy_seed", type=int, default=None, help="seed the SECRET sampling/noise draws (tests only; default OS entropy)")
+    return parser
+
+
+DEFAULT_LEARNING_RATES = {"lora": 2e-3, "attention": 5e-4, "full": 2e-4}
