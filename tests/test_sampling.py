@@ -65,7 +65,8 @@ def runs(tmp_path_factory):
     build_tiny_pipeline(CLASS_PROMPTS).save_pretrained(base)
     lora = root / "lora_run"
     lora.mkdir()
-    export_lora(DiffusionPipeline.from_pretrained(base), lora)
+    trained = DiffusionPipeline.from_pretrained(base)
+    export_lora(trained, lora)  # r=4, alpha=8: a reload that lost alpha would differ
     write_records(lora, base, "lora", channels=1)
     attention = root / "attention_run"
     unet = UNet2DConditionModel.from_pretrained(base / "unet")
@@ -75,7 +76,7 @@ def runs(tmp_path_factory):
                 p.add_(0.05 * torch.randn_like(p))
     unet.save_pretrained(attention / "unet")
     write_records(attention, base, "attention", channels=3)
-    return {"base": base, "lora": lora, "attention": attention}
+    return {"base": base, "lora": lora, "attention": attention, "trained": trained}
 
 
 def sample_np(pipe, seed=5):
@@ -96,8 +97,11 @@ def test_lora_run_loads_like_a_hand_loaded_adapter(runs):
     by_hand.scheduler = pipe.scheduler
     base = DiffusionPipeline.from_pretrained(runs["base"])
     base.scheduler = pipe.scheduler
+    trained = runs["trained"]  # the in-memory model the adapter was exported from
+    trained.scheduler = pipe.scheduler
     a, b, c = sample_np(pipe), sample_np(by_hand), sample_np(base)
     np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(a, sample_np(trained), atol=1e-5)
     assert np.abs(a - c).max() > 1e-2  # the adapter changes the samples
 
 
