@@ -155,6 +155,14 @@ class FeatureExtractor(nn.Module):
         return [torch.cat(store) for store in per_layer]
 
 
+def check_extractor_available(name: str) -> None:
+    """Fail fast (before any data is read) when `name` is unknown or its library is missing."""
+    if name not in AVAILABLE_EXTRACTORS:
+        raise ConfigError(f"unknown feature extractor {name!r}; choose one of {', '.join(AVAILABLE_EXTRACTORS)}")
+    if name == "vgg19":
+        _import_torchvision_vgg19()
+
+
 def load_feature_extractor(
     name: str = "efficientnet_lite0",
     layers: Sequence[str] | None = None,
@@ -169,8 +177,7 @@ def load_feature_extractor(
     `EFFICIENTNET_LITE0_STAGES` / `VGG19_LAYERS`). `input_size`: side the images are resized to
     (default: the network's ImageNet resolution; smaller is faster and is how 28-32 px data is
     usually fed on a CPU)."""
-    if name not in AVAILABLE_EXTRACTORS:
-        raise ConfigError(f"unknown feature extractor {name!r}; choose one of {', '.join(AVAILABLE_EXTRACTORS)}")
+    check_extractor_available(name)
     if input_size is not None and int(input_size) < 32:
         raise ConfigError(f"input_size must be at least 32 pixels (the networks downsample 32x), got {input_size}")
     builder = _build_efficientnet_lite0 if name == "efficientnet_lite0" else _build_vgg19
@@ -208,13 +215,7 @@ def _build_efficientnet_lite0(layers, input_size, batch_size, weights_path) -> F
 
 
 def _build_vgg19(layers, input_size, batch_size, weights_path) -> FeatureExtractor:
-    try:
-        from torchvision.models import vgg19
-    except Exception as e:  # ImportError, or torchvision built for another torch (operator ... does not exist)
-        raise ConfigError(
-            "feature extractor 'vgg19' needs a working torchvision (pip install 'dpdiff[vision]'); "
-            f"importing it failed: {e}. Use 'efficientnet_lite0', which works offline."
-        ) from e
+    vgg19 = _import_torchvision_vgg19()
     layers = _check_layers(layers, VGG19_LAYERS, VGG19_DEFAULT_LAYERS, "vgg19")
     network = vgg19(weights=None)
     if weights_path is not None:
@@ -226,3 +227,14 @@ def _build_vgg19(layers, input_size, batch_size, weights_path) -> FeatureExtract
     trunk = network.features
     hooked = {l: trunk[VGG19_LAYERS[l]] for l in layers}
     return FeatureExtractor("vgg19", network, trunk, hooked, int(input_size or 224), 512, batch_size)
+
+
+def _import_torchvision_vgg19():
+    try:
+        from torchvision.models import vgg19
+    except Exception as e:  # ImportError, or torchvision built for another torch (operator ... does not exist)
+        raise ConfigError(
+            "feature extractor 'vgg19' needs a working torchvision (pip install 'dpdiff[vision]'); "
+            f"importing it failed: {e}. Use 'efficientnet_lite0', which works offline."
+        ) from e
+    return vgg19

@@ -22,7 +22,7 @@ import torch
 
 from dpdiff.config import add_config_argument, apply_config
 from dpdiff.errors import ConfigError, DPDiffError, PrivacyError
-from dpdiff.features import AVAILABLE_EXTRACTORS
+from dpdiff.features import AVAILABLE_EXTRACTORS, check_extractor_available
 from dpdiff.imaging import save_grid
 from dpdiff.io import write_json
 from dpdiff.mepf.calibration import noise_multiplier_for_releases
@@ -105,6 +105,7 @@ def validate(args: argparse.Namespace) -> EmbeddingConfig:
         raise ConfigError(f"--moving_average must be in [0, 1), got {args.moving_average}")
     if not (args.learning_rate > 0 and math.isfinite(args.learning_rate)):
         raise ConfigError(f"--learning_rate must be > 0, got {args.learning_rate}")
+    check_extractor_available(args.feature_extractor)
     config = EmbeddingConfig(
         feature_extractor=args.feature_extractor,
         layers=list(args.feature_layers) if args.feature_layers is not None else None,
