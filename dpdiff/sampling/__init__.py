@@ -11,6 +11,7 @@ import sys
 from dpdiff.config import add_config_argument, apply_config
 from dpdiff.errors import DPDiffError
 
+DTYPES = ("float32", "float16", "bfloat16")
 _LAZY = {
     "load_finetuned_pipeline": "dpdiff.sampling.pipeline",
     "sample_dataset": "dpdiff.sampling.generate",
@@ -44,6 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resolution", type=int, default=None, help="resize the samples (e.g. 28 for Fashion-MNIST evaluation)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output_dir")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if available)")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="float16/bfloat16 for speed on a GPU")
     add_config_argument(parser)
 
 
@@ -75,6 +77,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None)
             overwrite=args.overwrite,
             base_model=args.base_model,
             device=device,
+            torch_dtype=getattr(torch, args.dtype),
         )
     except DPDiffError as e:
         print(f"dpdiff sample: error: {e}", file=sys.stderr)

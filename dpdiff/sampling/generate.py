@@ -101,6 +101,7 @@ def sample_dataset(
     overwrite: bool = False,
     base_model: str | None = None,
     device: str | torch.device = "cpu",
+    torch_dtype: torch.dtype = torch.float32,
 ) -> Path:
     """Write a synthetic dataset (image, label, prompt) sampled from a fine-tuned or MEPF run.
 
@@ -116,6 +117,8 @@ def sample_dataset(
         raise ConfigError(f"--resolution must be positive, got {resolution}")
     if num_inference_steps is not None and num_inference_steps <= 0:
         raise ConfigError(f"--num_inference_steps must be positive, got {num_inference_steps}")
+    if torch_dtype == torch.float16 and torch.device(device).type == "cpu":
+        raise ConfigError("float16 sampling needs a GPU; use --dtype float32 (or bfloat16) on the CPU")
     output = Path(output)
     local_dir = Path(str(run_dir)).expanduser()
     check_output(output, overwrite, local_dir if local_dir.exists() else None)
@@ -140,13 +143,13 @@ def sample_dataset(
         labels, texts = [r.label for r in requests], [r.prompt for r in requests]
         from dpdiff.sampling.pipeline import pipeline_for_run
 
-        pipe = pipeline_for_run(run, base_model=base_model, device=device)
+        pipe = pipeline_for_run(run, base_model=base_model, device=device, torch_dtype=torch_dtype)
         channels = int(gen["channels"])
         pngs = (
             encode_png(convert(im, channels, resolution))
             for im in generate(pipe, requests, guidance, steps, batch_size)
         )
-        settings = {"guidance_scale": guidance, "num_inference_steps": steps, "scheduler": "DDIM", "base_model": base_model or gen["base_model"]}
+        settings = {"guidance_scale": guidance, "num_inference_steps": steps, "scheduler": "DDIM", "dtype": str(torch_dtype).removeprefix("torch."), "base_model": base_model or gen["base_model"]}
 
     summary = {
         "model": str(run_dir),
