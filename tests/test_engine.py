@@ -144,10 +144,14 @@ def test_added_noise_has_std_sigma_c_and_an_empty_batch_steps_with_noise_only(se
     seed = None if secure_mode else 0
     engine = make_engine("lora", noise_multiplier=sigma, max_grad_norm=c, batch_size=b, secure_mode=secure_mode,
                          privacy_seed=seed)
-    before = flat_params(engine)
-    stats = engine._logical_step([])
-    assert stats.num_examples == 0 and math.isnan(stats.loss) and stats.step == 1
-    noise = (before - flat_params(engine)) * b  # zero data contribution: what moved is the noise
+    draws = []
+    for step in (1, 2):
+        before = flat_params(engine)
+        stats = engine._logical_step([])
+        assert stats.num_examples == 0 and math.isnan(stats.loss) and stats.step == step
+        draws.append((before - flat_params(engine)) * b)  # zero data contribution: what moved is the noise
+    assert abs(torch.corrcoef(torch.stack(draws))[0, 1]) < 0.05  # a fresh draw every step
+    noise = torch.cat(draws)
     n = noise.numel()
     assert n > 40_000
     assert abs(noise.mean().item()) < 5 * sigma * c / math.sqrt(n)
