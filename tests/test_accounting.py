@@ -124,7 +124,7 @@ def test_accountant_names():
 
 @pytest.mark.parametrize(
     "target, q, steps, accountant",
-    [(1.0, 256 / 60000, 1000, "prv"), (8.0, 0.01, 2000, "prv"), (0.5, 0.02, 300, "rdp"), (3.0, 0.004, 5000, "rdp")],
+    [(1.0, 256 / 60000, 1000, "prv"), (4.0, 0.01, 1000, "prv"), (0.5, 0.02, 300, "rdp"), (3.0, 0.004, 5000, "rdp")],
 )
 def test_noise_multiplier_for_inverts_epsilon_for(target, q, steps, accountant):
     delta = 1e-5

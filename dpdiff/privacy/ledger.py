@@ -46,7 +46,8 @@ class PrivacyLedger:
 
     def optimizer_hook(self, sample_rate: float) -> Callable:
         """A hook for Opacus `DPOptimizer.attach_step_hook`: records each real (non-skipped) step
-        with the optimizer's current noise multiplier, like Opacus' own accountant hook."""
+        with the optimizer's current noise multiplier, like Opacus' own accountant hook.
+        Opacus keeps ONE step hook: attaching this replaces the PrivacyEngine accountant's."""
 
         def hook(optimizer) -> None:
             self.record(optimizer.noise_multiplier, sample_rate * optimizer.accumulated_iterations)
