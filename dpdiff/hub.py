@@ -13,6 +13,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Sequence
 
@@ -34,6 +35,7 @@ UPLOAD_PATTERNS = (
     *SAMPLE_IMAGES,
     *PLOT_IMAGES,
 )
+REPO_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*$")  # a bare name lives under the token's user
 NEVER_UPLOAD = ("checkpoints/*", "checkpoint/*", "*.tmp", ".*", "*/.*")
 
 
@@ -57,8 +59,8 @@ def resolve_token(token: str | None = None) -> str:
 
 def check_hub_ready(repo_id: str, token: str | None = None) -> str:
     """Fail fast (before training) on a malformed repo id or a missing token; returns the token."""
-    if not isinstance(repo_id, str) or not HUB_ID.match(repo_id):
-        raise ConfigError(f"hub repo id {repo_id!r} is not of the form 'owner/name' (letters, digits, '-', '_', '.')")
+    if not isinstance(repo_id, str) or not (HUB_ID.match(repo_id) or REPO_NAME.match(repo_id)):
+        raise ConfigError(f"hub repo id {repo_id!r} is not 'owner/name' or 'name' (letters, digits, '-', '_', '.')")
     return resolve_token(token)
 
 
@@ -95,14 +97,16 @@ def push_to_hub(
     fixed = predictable_noise(run.privacy)
     if fixed:
         raise PrivacyError(f"refusing to publish {run.path}: its noise came from a fixed seed ({fixed}), so it is not private")
-    write_model_card(run.path, repo_id=repo_id, license=license)
-    uploaded, left_out = files_to_upload(run.path, extra_patterns)
-    if left_out:
-        logger.info("not uploaded (not on the allow-list): %s", ", ".join(left_out))
 
     from huggingface_hub import HfApi
 
     api = HfApi(token=token)
+    if "/" not in repo_id:  # the card's snippet needs the full id
+        repo_id = f"{api.whoami()['name']}/{repo_id}"
+    write_model_card(run.path, repo_id=repo_id, license=license)
+    uploaded, left_out = files_to_upload(run.path, extra_patterns)
+    if left_out:
+        logger.info("not uploaded (not on the allow-list): %s", ", ".join(left_out))
     url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
     eps, delta = run.privacy["epsilon"], run.privacy["delta"]
     api.upload_folder(

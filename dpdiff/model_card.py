@@ -129,7 +129,7 @@ def build_model_card(
         guarantee_words=guarantee_words(p),
         guarantee_table="\n".join(f"| {k} | {v} |" for k, v in guarantee_rows(run)),
         delta_warning=delta_warning(p),
-        unit=UNIT_OF_PRIVACY[0].upper() + UNIT_OF_PRIVACY[1:],
+        unit=unit_of_privacy(p)[0].upper() + unit_of_privacy(p)[1:],
         base_model=base,
         class_names=", ".join(f"`{c}`" for c in run.class_names) or "none",
         usage=usage_snippet(run, base, repo),
@@ -190,11 +190,15 @@ def guarantee_words(p: dict[str, Any]) -> str:
             f"noise of standard deviation σ·C once."
         )
     return (
-        f"These weights are ({eps}, {delta})-differentially private with respect to {UNIT_OF_PRIVACY}, "
-        f"under the {relation} neighbouring relation: for any such example, the probability of any outcome "
-        f"changes by at most a factor e^ε = {round_up(math.exp(min(p['epsilon'], 700)))} (plus δ) whether or not the "
-        f"example was in the training set. {mech} ε was computed with the `{p.get('accountant', 'unknown')}` accountant."
+        f"These weights are ({eps}, {delta})-differentially private with respect to {unit_of_privacy(p)}: for any "
+        f"such example, the probability of any outcome changes by at most a factor e^ε = "
+        f"{round_up(math.exp(min(p['epsilon'], 700)))} (plus δ) whether or not the example was in the training set. "
+        f"Neighbouring datasets: {relation}. {mech} ε was computed with the `{p.get('accountant', 'unknown')}` accountant."
     )
+
+
+def unit_of_privacy(p: dict[str, Any]) -> str:
+    return str(p.get("unit_of_privacy") or UNIT_OF_PRIVACY)
 
 
 def guarantee_rows(run: RunRecord) -> list[tuple[str, Any]]:
@@ -214,9 +218,11 @@ def guarantee_rows(run: RunRecord) -> list[tuple[str, Any]]:
         ("trainable_parameters", "trainable parameters"),
         ("method", "method"),
         ("dataset", "private dataset"),
+        ("unit_of_privacy", "unit of privacy"),
     ]
     rows = [(label, f"`{p[key]}`") for key, label in labels if key in p]
-    rows.append(("unit of privacy", UNIT_OF_PRIVACY))
+    if "unit_of_privacy" not in p:
+        rows.append(("unit of privacy", UNIT_OF_PRIVACY))
     known = {k for k, _ in labels}
     rows += [(k, f"`{v}`") for k, v in sorted(p.items()) if k not in known and isinstance(v, (int, float, str, bool))]
     return rows

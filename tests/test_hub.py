@@ -20,6 +20,9 @@ PRIVACY = {
     "sample_rate": 0.0042, "steps": 2000, "noise_multiplicity": 4, "batch_size": 256, "num_examples": 60000,
     "neighbouring_relation": "add/remove one example", "method": "lora", "trainable_parameters": 98304,
     "base_model": "someorg/tiny-sd", "dataset": "fashion_mnist",
+    # the rest of what dpdiff.training.outputs.privacy_record writes
+    "unit_of_privacy": "one training image together with its label/caption", "privacy_seed": None,
+    "noise_source": "OS entropy", "ledger": {"steps": [1, 2]}, "versions": {"opacus": "1.6.0"}, "force_delta": False,
 }
 
 
@@ -146,7 +149,7 @@ def test_push_refused_before_any_upload_without_token(run_dir, monkeypatch):
 
 
 def test_fixed_noise_seed_is_flagged_and_never_pushed(run_dir, monkeypatch):
-    record = {**PRIVACY, "noise_source": "FIXED SEED: for testing only, NOT private"}
+    record = {**PRIVACY, "privacy_seed": 3, "noise_source": "fixed seed (NOT private: tests only)"}
     (run_dir / "privacy.json").write_text(json.dumps(record))
     assert "NOT private" in write_model_card(run_dir).read_text()
     called = []
@@ -170,3 +173,13 @@ def test_mepf_card(tmp_path):
     card = ModelCard.load(write_model_card(d, repo_id="me/mepf"))
     assert "dp-mepf" in card.data.tags and "Gaussian" in card.text and 'snapshot_download("me/mepf")' in card.text
     assert "(ε, δ) = (1, 0.00001)" in card.text
+
+
+def test_bare_repo_name_gets_the_token_owner(run_dir, monkeypatch):
+    calls = {}
+    monkeypatch.setattr(HfApi, "whoami", lambda self, *a, **k: {"name": "alice"})
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: calls.setdefault("create", repo_id))
+    monkeypatch.setattr(HfApi, "upload_folder", lambda self, **kw: calls.setdefault("upload", kw["repo_id"]))
+    push_to_hub(run_dir, "dp-lora-fmnist", token=SECRET)
+    assert calls == {"create": "alice/dp-lora-fmnist", "upload": "alice/dp-lora-fmnist"}
+    assert 'load_lora_weights("alice/dp-lora-fmnist")' in (run_dir / "README.md").read_text()
