@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 from diffusers import DiffusionPipeline
+from diffusers.utils import deprecation_utils
 
 from dpdiff.errors import ConfigError
 
@@ -66,4 +67,7 @@ def load_pipeline(name_or_path: str | os.PathLike = PRESET_NAME, torch_dtype: to
     path = resolve_model_path(name_or_path)
     kwargs.setdefault("safety_checker", None)
     kwargs.setdefault("requires_safety_checker", False)
-    return DiffusionPipeline.from_pretrained(path, torch_dtype=torch_dtype, use_safetensors=True, **kwargs)
+    # newer diffusers name it `dtype` (and warn on `torch_dtype`); older releases only know `torch_dtype`
+    dtype_kw = "dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype"
+    kwargs[dtype_kw] = torch_dtype
+    return DiffusionPipeline.from_pretrained(path, use_safetensors=True, **kwargs)

@@ -1,0 +1,221 @@
+"""The DP fine-tuning run: check everything -> load -> encode once -> plan the noise -> DP-SGD
+steps -> export the adapter with its privacy record.
+
+Accelerate sets up the device, the process group and the trackers; the DP step itself is
+`DPDiffusionEngine` (Opacus). Everything a user can get wrong is refused before the first step."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+
+from dpdiff.adapters import prepare_trainable, save_trained
+from dpdiff.data import load_source
+from dpdiff.errors import ConfigError, PrivacyError
+from dpdiff.imaging import save_grid
+from dpdiff.pipelines import load_pipeline
+from dpdiff.pipelines.preset import training_scheduler
+from dpdiff.privacy import accounting
+from dpdiff.privacy.engine import DPDiffusionEngine
+from dpdiff.privacy.ledger import PrivacyLedger, plot_epsilon_curve
+from dpdiff.training import checkpoint, outputs
+from dpdiff.training.arguments import DEFAULT_LEARNING_RATES
+from dpdiff.training.latent_cache import build_latent_cache
+
+logger = logging.getLogger(__name__)
+SAMPLES_PER_CLASS = 8
+
+
+def check_arguments(args: argparse.Namespace) -> argparse.Namespace:
+    """Pure checks and defaults: no file, model or data touched yet."""
+    if args.learning_rate is None:
+        args.learning_rate = DEFAULT_LEARNING_RATES[args.method]
+    if args.epochs is None and args.max_steps is None:
+        args.epochs = 2.0
+    if args.max_steps is not None:
+        args.epochs = None
+    positive = {"batch_size": args.batch_size, "physical_batch_size": args.physical_batch_size,
+                "max_grad_norm": args.max_grad_norm, "learning_rate": args.learning_rate,
+                "noise_multiplicity": args.noise_multiplicity, "rank": args.rank}
+    bad = {k: v for k, v in positive.items() if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0)}
+    if bad:
+        raise ConfigError(f"these options must be finite and positive: {bad}")
+    if args.physical_batch_size > args.batch_size:
+        raise ConfigError(
+            f"--physical_batch_size {args.physical_batch_size} > --batch_size {args.batch_size}: the physical "
+            "micro-batch only splits a logical batch; make it <= the logical batch size"
+        )
+    if not 0 <= args.ema_decay < 1:
+        raise ConfigError(f"--ema_decay must be in [0, 1), got {args.ema_decay}")
+    if not 0 <= args.cond_dropout < 1:
+        raise ConfigError(f"--cond_dropout must be in [0, 1), got {args.cond_dropout}")
+    accounting.check_epsilon(args.target_epsilon)
+    if args.max_steps is not None and args.max_steps <= 0:
+        raise ConfigError(f"--max_steps must be positive, got {args.max_steps}")
+    if args.epochs is not None and not (math.isfinite(args.epochs) and args.epochs > 0):
+        raise ConfigError(f"--epochs must be positive, got {args.epochs}")
+    if args.push_to_hub:
+        from dpdiff.hub import check_hub_ready
+
+        args.hub_model_id = args.hub_model_id or Path(args.output_dir).name
+        check_hub_ready(args.hub_model_id, args.hub_token)
+    return args
+
+
+def finetune(args: argparse.Namespace) -> dict:
+    """Run one DP fine-tuning job; returns the privacy record written to `privacy.json`."""
+    args = check_arguments(args)
+    output_dir = outputs.prepare_output_dir(args.output_dir, args.overwrite_output_dir, bool(args.resume_from_checkpoint))
+    resume_path = checkpoint.resolve_checkpoint(output_dir, args.resume_from_checkpoint) if args.resume_from_checkpoint else None
+
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with=args.report_to, project_dir=str(output_dir))
+    main = accelerator.is_main_process
+    set_seed(args.seed)
+
+    source = load_source(args.dataset, "train", limit=args.max_train_samples, seed=args.seed, skip_bad_files=args.skip_bad_files)
+    plan = accounting.plan(args.target_epsilon, args.delta, len(source), args.batch_size, epochs=args.epochs,
+                           max_steps=args.max_steps, accountant=args.accountant, force_delta=args.force_delta)
+    pipeline = load_pipeline(args.pretrained_model_name_or_path).to(accelerator.device)
+    pipeline.set_progress_bar_config(disable=True)
+    resolution = pipeline.unet.config.sample_size * pipeline.vae_scale_factor
+    channels = 1 if source.dataset[0]["image"].mode in ("1", "L", "I", "I;16", "F") else 3
+    pipeline.unet.train()  # per-sample gradients need training mode (the UNet has no dropout/batch norm)
+    summary = prepare_trainable(pipeline.unet, args.method, rank=args.rank, lora_alpha=args.lora_alpha,
+                                target_modules=args.lora_target_modules, attention_start_index=args.attention_start_index,
+                                train_condition_embedder=args.train_condition_embedder)
+    pipeline.vae.requires_grad_(False)
+    pipeline.text_encoder.requires_grad_(False)
+    if main:
+        logger.info("%s: %d trainable / %d parameters; plan %s", args.method, summary.trainable_params, summary.total_params, plan)
+
+    cache = build_latent_cache(pipeline, source, resolution, args.cond_dropout, args.seed, show_progress=main)
+    params = [p for p in pipeline.unet.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=0.0)
+    engine = DPDiffusionEngine(
+        pipeline.unet, training_scheduler(pipeline), optimizer, cache,
+        batch_size=args.batch_size, physical_batch_size=args.physical_batch_size,
+        noise_multiplier=plan.noise_multiplier, max_grad_norm=args.max_grad_norm,
+        noise_multiplicity=args.noise_multiplicity, grad_sample_mode=args.grad_sample_mode, clipping=args.clipping,
+        secure_mode=args.secure_mode, seed=args.seed, privacy_seed=args.privacy_seed,
+        distributed=accelerator.num_processes > 1,
+    )
+    ema = EMAModel(params, decay=args.ema_decay) if args.ema_decay > 0 else None
+    ledger = PrivacyLedger(plan.delta, plan.accountant)
+    if resume_path is not None:
+        _restore(resume_path, pipeline.unet, engine, ema, ledger)
+
+    if args.report_to:
+        accelerator.init_trackers("dpdiff", config=_tracker_config(args))
+    _train(args, accelerator, pipeline, engine, cache, ema, ledger, plan, output_dir, source)
+
+    if ema is not None:
+        ema.copy_to(params)  # the released weights are the EMA (post-processing: no privacy cost)
+    record = outputs.privacy_record(args, plan, ledger, engine, summary, len(source))
+    if record["epsilon"] > plan.target_epsilon * (1 + 1e-6):
+        raise PrivacyError(f"spent epsilon {record['epsilon']} exceeds the target {plan.target_epsilon}; refusing to export")
+    if main:
+        save_trained(pipeline.unet, output_dir, args.method)
+        outputs.write_records(output_dir, record, outputs.generation_config(args, source, resolution, channels))
+        _sample_grid(pipeline, source, args, output_dir / "samples.png")
+        plot_epsilon_curve(ledger, output_dir / "epsilon_curve.png", title=f"{args.method}: epsilon spent (delta={plan.delta:g})")
+        from dpdiff.hub import push_to_hub, write_model_card
+
+        license_ = "apache-2.0" if args.pretrained_model_name_or_path == "dpdiff-tiny" else "other"
+        write_model_card(output_dir, repo_id=args.hub_model_id, license=license_)
+        if args.push_to_hub:
+            push_to_hub(output_dir, args.hub_model_id, token=args.hub_token, license=license_)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return record
+
+
+def _train(args, accelerator, pipeline, engine, cache, ema, ledger, plan, output_dir: Path, source) -> None:
+    main = accelerator.is_main_process
+    start = ledger.steps
+    every = max(1, plan.steps // 50)
+    epsilon = ledger.epsilon()
+    bar = tqdm(range(start, plan.steps), initial=start, total=plan.steps, desc=f"DP {args.method}", disable=not main)
+    for step in bar:
+        cache.step = engine.steps_taken  # keys the classifier-free-guidance coin like the noise draws
+        stats = engine.step()
+        ledger.record(plan.noise_multiplier, plan.sample_rate)
+        if ema is not None:
+            ema.step(engine.params)
+        done = step + 1
+        if done % every == 0 or done == plan.steps:
+            epsilon = ledger.epsilon()
+        bar.set_postfix(loss=f"{stats.loss:.4f}", eps=f"{epsilon:.3f}", batch=stats.num_examples)
+        if args.report_to:
+            accelerator.log({"loss": stats.loss, "epsilon": epsilon, "examples": stats.num_examples}, step=done)
+        if args.checkpointing_steps and done % args.checkpointing_steps == 0 and done < plan.steps:
+            _checkpoint(args, accelerator, pipeline.unet, engine, ema, ledger, output_dir, done)
+        if main and args.validation_steps and done % args.validation_steps == 0 and done < plan.steps:
+            _with_ema(ema, engine.params, lambda: _sample_grid(pipeline, source, args, output_dir / f"samples-{done}.png"))
+    if ledger.steps != engine.steps_taken:
+        raise RuntimeError(f"ledger counted {ledger.steps} steps but the engine took {engine.steps_taken}")
+
+
+def _checkpoint(args, accelerator, unet, engine, ema, ledger, output_dir, step) -> None:
+    engine_state = engine.state_dict()  # a collective when distributed: every rank calls it
+    if accelerator.is_main_process:
+        trainable = {n: p for n, p in unet.named_parameters() if p.requires_grad}
+        state = {"engine": engine_state, "optimizer": engine.optimizer.original_optimizer.state_dict(),
+                 "ema": ema.state_dict() if ema is not None else None, "step": step}
+        checkpoint.save_checkpoint(output_dir, step, trainable, state, ledger.state_dict(), args.checkpoints_total_limit)
+    accelerator.wait_for_everyone()
+
+
+def _restore(path: Path, unet, engine, ema, ledger) -> None:
+    trainable, state, ledger_state = checkpoint.load_checkpoint(path)
+    named = dict(unet.named_parameters())
+    expected = {n for n, p in named.items() if p.requires_grad}
+    if set(trainable) != expected:
+        raise ConfigError(f"checkpoint {path} trains other parameters than this run (method/rank/targets changed); resume with the same settings")
+    with torch.no_grad():
+        for name, value in trainable.items():
+            named[name].copy_(value)
+    engine.load_state_dict(state["engine"])
+    engine.optimizer.original_optimizer.load_state_dict(state["optimizer"])
+    if ema is not None and state.get("ema") is not None:
+        ema.load_state_dict(state["ema"])
+    ledger.load_state_dict(ledger_state)
+    if ledger.steps != engine.steps_taken:
+        raise PrivacyError(f"checkpoint {path}: ledger has {ledger.steps} steps but the engine {engine.steps_taken}; it is inconsistent")
+
+
+def _with_ema(ema, params, fn):
+    if ema is None:
+        return fn()
+    ema.store(params)
+    ema.copy_to(params)
+    try:
+        return fn()
+    finally:
+        ema.restore(params)
+
+
+@torch.no_grad()
+def _sample_grid(pipeline, source, args, path: Path) -> None:
+    """Synthetic samples only: a row per class, generated from the current weights."""
+    prompts = [p for p in source.class_prompts for _ in range(SAMPLES_PER_CLASS)]
+    generator = torch.Generator().manual_seed(args.seed)
+    size = pipeline.unet.config.sample_size * pipeline.vae_scale_factor
+    images = []
+    for i in range(0, len(prompts), 40):
+        images += pipeline(prompts[i : i + 40], num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+                           height=size, width=size, generator=generator, output_type="pil").images
+    save_grid(images, path, nrow=SAMPLES_PER_CLASS, scale=2)
+
+
+def _tracker_config(args) -> dict:
+    hidden = {"hub_token", "privacy_seed"}
+    return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in vars(args).items()
+            if k not in hidden and not k.startswith("_") and v is not None}
