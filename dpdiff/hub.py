@@ -29,6 +29,7 @@ UPLOAD_PATTERNS = (
     GENERATION_FILE,
     LORA_FILE,
     f"{UNET_DIR}/*",
+    "dpdiff_trainable.json",  # names of the trained parameters (adapters.py)
     "generator/*",  # DP-MEPF: the generator, the DP release it was trained on, its flags
     "release.safetensors",
     "mepf_config.json",

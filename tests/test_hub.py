@@ -97,7 +97,7 @@ def test_weak_delta_is_flagged(run_dir):
 
 def test_upload_allow_list_leaves_out_checkpoints_caches_and_temp_files(run_dir):
     uploaded, left_out = files_to_upload(run_dir)
-    assert set(uploaded) == {"privacy.json", "generation_config.json", "pytorch_lora_weights.safetensors", "samples.png", "epsilon_curve.png"}
+    assert set(uploaded) == {"privacy.json", "generation_config.json", "pytorch_lora_weights.safetensors", "samples.png", "epsilon_curve.png"}  # no README yet
     assert "latent_cache.safetensors" in left_out and "checkpoints/step_100/state.safetensors" in left_out
 
 
