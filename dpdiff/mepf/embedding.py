@@ -126,6 +126,8 @@ def embedding_sums(
     start = 0
     for out in extractor.iter_batches(images, batch_size=batch_size, progress=progress, desc=desc):
         phi = feature_vector(out, config).to(torch.float64).cpu()
+        # the bound already holds up to float32 rounding; enforce it exactly in float64 anyway
+        phi = phi * (config.max_norm / phi.norm(dim=1, keepdim=True).clamp(min=1e-300)).clamp(max=1.0)
         n = phi.shape[0]
         idx = labels[start:start + n].long() if config.labelled else torch.zeros(n, dtype=torch.long)
         start += n
