@@ -129,7 +129,7 @@ def finetune(args: argparse.Namespace) -> dict:
         from dpdiff.hub import push_to_hub, write_model_card
 
         license_ = "apache-2.0" if args.pretrained_model_name_or_path == "dpdiff-tiny" else "other"
-        write_model_card(output_dir, repo_id=args.hub_model_id, license=license_)
+        write_model_card(output_dir, repo_id=args.hub_model_id if args.push_to_hub else None, license=license_)
         if args.push_to_hub:
             push_to_hub(output_dir, args.hub_model_id, token=args.hub_token, license=license_)
     accelerator.wait_for_everyone()
