@@ -131,9 +131,10 @@ class FeatureExtractor(nn.Module):
         n = images.shape[0]
         starts = range(0, n, batch_size)
         show = progress if progress is not None else len(starts) > 1
-        with torch.no_grad():
-            for start in tqdm(starts, desc=f"{desc} ({self.name})", disable=not show, unit="batch"):
-                yield self.extract(images[start:start + batch_size])
+        for start in tqdm(starts, desc=f"{desc} ({self.name})", disable=not show, unit="batch"):
+            with torch.no_grad():  # not around the yield: the caller's grad mode stays its own
+                out = self.extract(images[start:start + batch_size])
+            yield out
 
     def pooled(self, images: Tensor, batch_size: int | None = None, progress: bool | None = None) -> Tensor:
         """[N, C, H, W] in [-1, 1] -> [N, pooled_dim] on the CPU."""
