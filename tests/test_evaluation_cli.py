@@ -74,7 +74,8 @@ def test_label_outside_the_real_classes_is_one_clear_error(tmp_path, stand_in, c
 
 @pytest.mark.parametrize(
     "case, expected",
-    [("missing", "does not exist"), ("empty", "no lines"), ("metric", "unknown metric"), ("broken_png", "cannot read image")],
+    [("missing", "does not exist"), ("empty", "no lines"), ("metric", "unknown metric"), ("broken_png", "cannot read image"),
+     ("inception", "pip install torchmetrics")],
 )
 def test_bad_input_exits_2_with_a_message(tmp_path, stand_in, capsys, case, expected):
     pngs, labels, names = stand_in
@@ -88,6 +89,15 @@ def test_bad_input_exits_2_with_a_message(tmp_path, stand_in, capsys, case, expe
     elif case == "metric":
         write_folder(target, pngs[:5], labels[:5], names)
         metrics = "logreg,fid"
+    elif case == "inception":
+        try:
+            import torchmetrics  # noqa: F401
+
+            pytest.skip("torchmetrics is installed here")
+        except ImportError:
+            pass
+        metrics = "fid_inception"  # refused up front, before the (missing) folder is even looked at
+        target = tmp_path / "nowhere"
     elif case == "broken_png":
         write_folder(target, pngs[:5], labels[:5], names)
         (target / "train" / "000002.png").write_bytes(pngs[2][:40])

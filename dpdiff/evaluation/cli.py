@@ -72,6 +72,10 @@ def check_arguments(args: argparse.Namespace) -> list[str]:
         raise ConfigError(f"--epochs must be at least 1, got {args.epochs}")
     if args.real_limit is not None and args.real_limit < 1:
         raise ConfigError(f"--real_limit must be positive, got {args.real_limit}")
+    if "fid_inception" in metrics:
+        from dpdiff.evaluation.frechet import check_inception_available
+
+        check_inception_available()
     return list(dict.fromkeys(metrics))
 
 

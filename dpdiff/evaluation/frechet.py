@@ -85,10 +85,8 @@ def compute_fd(real_images: torch.Tensor, synthetic_images: torch.Tensor, extrac
     }
 
 
-def inception_fid(real_images: torch.Tensor, synthetic_images: torch.Tensor, device: str | torch.device = "cpu") -> dict:
-    """The standard Inception-v3 FID via torchmetrics (needs torch-fidelity and its weights, which
-    are downloaded on first use). Images [N, C, H, W] in [-1, 1]; grey is repeated to RGB and
-    torchmetrics resizes to 299."""
+def check_inception_available():
+    """Import torchmetrics' FID class or say what to install (called before any work starts)."""
     try:
         from torchmetrics.image.fid import FrechetInceptionDistance
     except Exception as e:  # ImportError, or a torchmetrics built against another torch
@@ -97,6 +95,14 @@ def inception_fid(real_images: torch.Tensor, synthetic_images: torch.Tensor, dev
             f"Inception weights (downloaded on first use); importing them failed: {e}. "
             f"Use the offline metric 'fd' ({FD_NAME}) instead."
         ) from e
+    return FrechetInceptionDistance
+
+
+def inception_fid(real_images: torch.Tensor, synthetic_images: torch.Tensor, device: str | torch.device = "cpu") -> dict:
+    """The standard Inception-v3 FID via torchmetrics (needs torch-fidelity and its weights, which
+    are downloaded on first use). Images [N, C, H, W] in [-1, 1]; grey is repeated to RGB and
+    torchmetrics resizes to 299."""
+    FrechetInceptionDistance = check_inception_available()
     try:
         metric = FrechetInceptionDistance(feature=2048, normalize=True).to(device)
     except Exception as e:  # no torch-fidelity, or the weights cannot be downloaded (offline)
