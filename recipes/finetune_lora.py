@@ -22,7 +22,7 @@ def main(argv=None) -> int:
     parser = add_finetune_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0]), method="lora")
     try:
         args = parse_with_config(parser, argv)
-        record = finetune(args)
+        record = finetune(args).record
     except DPDiffError as e:
         print(f"finetune_lora: error: {e}", file=sys.stderr)
         return 2

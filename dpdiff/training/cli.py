@@ -22,7 +22,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None)
             parser = argparse.ArgumentParser()
             add_arguments(parser)
         args = apply_config(parser, args)
-        record = finetune(args)
+        record = finetune(args).record
     except DPDiffError as e:
         import sys
 

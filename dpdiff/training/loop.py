@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -70,8 +71,15 @@ def check_arguments(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
-def finetune(args: argparse.Namespace) -> dict:
-    """Run one DP fine-tuning job; returns the privacy record written to `privacy.json`."""
+@dataclass
+class FinetuneResult:
+    record: dict  # what privacy.json says
+    pipeline: object  # the base pipeline with the released (EMA) weights in place
+    output_dir: Path
+
+
+def finetune(args: argparse.Namespace) -> FinetuneResult:
+    """Run one DP fine-tuning job; the adapter, privacy.json and model card land in output_dir."""
     args = check_arguments(args)
     output_dir = outputs.prepare_output_dir(args.output_dir, args.overwrite_output_dir, bool(args.resume_from_checkpoint))
     resume_path = checkpoint.resolve_checkpoint(output_dir, args.resume_from_checkpoint) if args.resume_from_checkpoint else None
@@ -134,7 +142,7 @@ def finetune(args: argparse.Namespace) -> dict:
             push_to_hub(output_dir, args.hub_model_id, token=args.hub_token, license=license_)
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return record
+    return FinetuneResult(record, pipeline, output_dir)
 
 
 def _train(args, accelerator, pipeline, engine, cache, ema, ledger, plan, output_dir: Path, source) -> None:

@@ -1,0 +1,176 @@
+"""End-to-end DP fine-tuning on a small private subset: what a run leaves, that the adapter loads
+in a stock pipeline, that a killed run resumes to the same ledger, and that bad setups stop early."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from safetensors.torch import load_file
+
+from dpdiff.errors import ConfigError, PrivacyError
+from dpdiff.privacy.accounting import epsilon_for
+from dpdiff.training.arguments import add_finetune_arguments
+from dpdiff.training.loop import finetune
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def small_run_flags(base, out, **extra):
+    flags = {
+        "pretrained_model_name_or_path": str(base), "output_dir": str(out), "dataset": "fashion_mnist",
+        "max_train_samples": 64, "batch_size": 16, "physical_batch_size": 8, "max_steps": 4,
+        "delta": 1e-3, "target_epsilon": 8.0, "num_inference_steps": 2, "checkpointing_steps": 2,
+        "privacy_seed": 1234, "seed": 0,
+    }
+    flags.update(extra)
+    argv = []
+    for k, v in flags.items():
+        if v is True:
+            argv.append(f"--{k}")
+        elif v not in (None, False):
+            argv += [f"--{k}", str(v)]
+    return argv
+
+
+def parse(argv, method="lora"):
+    return add_finetune_arguments(argparse.ArgumentParser(), method=method).parse_args(argv)
+
+
+def unet_output(unet, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(2, 4, 8, 8, generator=g)
+    h = torch.randn(2, 32, 64, generator=g)
+    with torch.no_grad():
+        return unet(z, torch.tensor([10, 500]), encoder_hidden_states=h).sample
+
+
+def test_lora_run_leaves_adapter_that_stock_pipeline_loads(tiny_pipeline_dir, tmp_path):
+    out = tmp_path / "run"
+    result = finetune(parse(small_run_flags(tiny_pipeline_dir, out, rank=4, lora_alpha=8)))
+    for name in ("pytorch_lora_weights.safetensors", "privacy.json", "README.md", "generation_config.json",
+                 "samples.png", "epsilon_curve.png"):
+        assert (out / name).is_file(), name
+    privacy = json.loads((out / "privacy.json").read_text())
+    assert privacy["steps"] == 4 and privacy["method"] == "lora" and privacy["num_examples"] == 64
+    assert privacy["sample_rate"] == 16 / 64
+    # the ledger's epsilon is the accountant's for the (sigma, q, T) actually used, and within target
+    assert privacy["epsilon"] == pytest.approx(epsilon_for(privacy["noise_multiplier"], 0.25, 4, 1e-3), rel=1e-9)
+    assert privacy["epsilon"] <= 8.0
+    # checkpoints are not left beside the results forever: only the final ones are published
+    card = (out / "README.md").read_text()
+    assert "differential-privacy" in card and "lora" in card
+
+    trained = unet_output(result.pipeline.unet)
+    stock = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir)
+    base = unet_output(stock.unet)
+    stock.load_lora_weights(out)
+    loaded = unet_output(stock.unet)
+    assert torch.allclose(loaded, trained, atol=1e-5), (loaded - trained).abs().max()
+    assert (loaded - base).abs().max() > 1e-4
+
+
+def test_attention_run_saves_unet(tiny_pipeline_dir, tmp_path):
+    out = tmp_path / "attn"
+    result = finetune(parse(small_run_flags(tiny_pipeline_dir, out, max_steps=2, attention_start_index=1), method="attention"))
+    unet = UNet2DConditionModel.from_pretrained(out / "unet")
+    assert torch.allclose(unet_output(unet), unet_output(result.pipeline.unet), atol=1e-6)
+    base = UNet2DConditionModel.from_pretrained(tiny_pipeline_dir / "unet")
+    changed = [n for (n, p), q in zip(unet.named_parameters(), base.parameters()) if not torch.equal(p, q)]
+    assert changed and all(".attentions." in n for n in changed)
+    assert not any(n.startswith("down_blocks.0.attentions") for n in changed)  # before the start index
+
+
+def test_non_empty_output_dir_refused_then_overwritten(tiny_pipeline_dir, tmp_path):
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "old.txt").write_text("results of another run")
+    with pytest.raises(ConfigError, match="not empty"):
+        finetune(parse(small_run_flags(tiny_pipeline_dir, out)))
+    assert sorted(os.listdir(out)) == ["old.txt"]  # nothing written
+
+
+@pytest.mark.parametrize(
+    "extra,error,match",
+    [
+        ({"physical_batch_size": 32}, ConfigError, "physical_batch_size"),
+        ({"delta": 0.05}, PrivacyError, "1/n"),
+        ({"target_epsilon": -1}, PrivacyError, "epsilon"),
+        ({"lora_target_modules": "to_nothing"}, ConfigError, "to_nothing"),
+    ],
+)
+def test_bad_setups_stop_before_training(tiny_pipeline_dir, tmp_path, extra, error, match):
+    out = tmp_path / "bad"
+    with pytest.raises(error, match=match):
+        finetune(parse(small_run_flags(tiny_pipeline_dir, out, **extra)))
+    assert not (out / "privacy.json").exists() and not (out / "checkpoints").exists()
+
+
+def _launch(base, out, extra=()):
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "recipes" / "finetune_lora.py"),
+           *small_run_flags(base, out, max_steps=8), *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_ledger_and_weights(tiny_pipeline_dir, tmp_path):
+    """SIGKILL after the first checkpoint, resume with `latest`: same steps, epsilon and weights as
+    an uninterrupted run, and no half-written file in the output folder."""
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    proc = _launch(tiny_pipeline_dir, full)
+    log = proc.communicate(timeout=900)[0]
+    assert proc.returncode == 0, log
+
+    proc = _launch(tiny_pipeline_dir, killed)
+    deadline = time.time() + 900
+    while not (killed / "checkpoints" / "checkpoint-2").is_dir():
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "privacy.json").exists()
+    leftovers = [p.name for p in killed.iterdir() if p.name.startswith(".")]
+    assert not [n for n in leftovers if not n.endswith(".tmp")]  # only temp names, never a partial result
+
+    proc = _launch(tiny_pipeline_dir, killed, ["--resume_from_checkpoint", "latest"])
+    log = proc.communicate(timeout=900)[0]
+    assert proc.returncode == 0, log
+    a = json.loads((full / "privacy.json").read_text())
+    b = json.loads((killed / "privacy.json").read_text())
+    assert a["steps"] == b["steps"] == 8
+    assert a["ledger"]["history"] == b["ledger"]["history"]
+    assert a["epsilon"] == b["epsilon"]
+    wa = load_file(full / "pytorch_lora_weights.safetensors")
+    wb = load_file(killed / "pytorch_lora_weights.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_resume_refuses_changed_privacy_settings(tiny_pipeline_dir, tmp_path):
+    out = tmp_path / "run"
+    finetune(parse(small_run_flags(tiny_pipeline_dir, out, checkpointing_steps=2, max_steps=3)))
+    with pytest.raises(PrivacyError, match="different privacy settings"):
+        finetune(parse(small_run_flags(tiny_pipeline_dir, out, max_steps=3, max_grad_norm=0.5,
+                                       resume_from_checkpoint="latest")))
+
+
+def test_corrupt_checkpoint_is_named(tiny_pipeline_dir, tmp_path):
+    from dpdiff.errors import IntegrityError
+
+    out = tmp_path / "run"
+    finetune(parse(small_run_flags(tiny_pipeline_dir, out, max_steps=5, checkpointing_steps=2)))
+    newest = out / "checkpoints" / "checkpoint-4" / "trainable.safetensors"
+    newest.write_bytes(newest.read_bytes()[:100])
+    with pytest.raises(IntegrityError, match="checkpoint-4.*corrupt.*checkpoint-2"):
+        finetune(parse(small_run_flags(tiny_pipeline_dir, out, max_steps=5, resume_from_checkpoint="latest")))
