@@ -84,7 +84,8 @@ def test_same_set_is_zero_and_same_distribution_beats_noise(extractor, fashion):
     real_real = frechet_distance(mu_a, sigma_a, mu_b, sigma_b)
     real_noise = frechet_distance(mu_a, sigma_a, mu_n, sigma_n)
     assert self_fd < 1e-6 * real_real
-    assert real_real * 4 < real_noise, (real_real, real_noise)
+    # measured 1074 vs 5704 (N = 200 per side biases real-real upwards)
+    assert real_real * 3 < real_noise, (real_real, real_noise)
 
 
 def test_compute_fd_states_counts_and_preprocessing(extractor, fashion):
