@@ -146,7 +146,7 @@ def test_validation_split_is_per_example_and_budgeted(extractor, config, data):
     assert release.tensors["val_counts"].sum().item() == pytest.approx(mask.sum().item(), abs=20)
 
 
-def test_bad_requests_are_refused_before_any_work(extractor, config, data):
+def test_bad_requests_are_refused_before_any_work(extractor, config, data, tmp_path):
     images, labels, names = data
     with pytest.raises(PrivacyError, match="1/n"):
         release_embedding(extractor, images, labels, names, config, 1.0, 0.05, progress=False)
@@ -156,3 +156,6 @@ def test_bad_requests_are_refused_before_any_work(extractor, config, data):
         release_embedding(extractor, images, labels, names, config, -1.0, 1e-3, progress=False)
     with pytest.raises(IntegrityError):
         load_release("/nonexistent/release")
+    (tmp_path / "release.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(IntegrityError, match="not a readable"):
+        load_release(tmp_path)

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
@@ -248,7 +248,7 @@ def load_release(path: str | os.PathLike) -> ReleasedEmbedding:
         with safe_open(str(file), framework="pt") as f:
             meta = json.loads((f.metadata() or {})[_METADATA_KEY])
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (KeyError, json.JSONDecodeError, OSError, Exception) as e:
+    except (KeyError, ValueError, OSError, SafetensorError) as e:
         raise IntegrityError(f"{file} is not a readable DP-MEPF release: {e}") from e
     if "sum1" not in tensors or "counts" not in tensors:
         raise IntegrityError(f"{file} lacks the sum1/counts tensors of a DP-MEPF release")
