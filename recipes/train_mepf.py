@@ -11,14 +11,14 @@ from __future__ import annotations
 import argparse
 import sys
 
+from dpdiff.config import parse_with_config
 from dpdiff.mepf.cli import add_arguments, run
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_arguments(parser)
-    # run() merges --config itself (CLI > YAML > defaults); merging twice would let the YAML win
-    return run(parser.parse_args(argv), parser)
+    return run(parse_with_config(parser, argv), parser)
 
 
 if __name__ == "__main__":
