@@ -1,0 +1,230 @@
+"""What DP-SGD costs over plain fine-tuning: step time and peak memory, DP / non-DP, side by side.
+
+Same UNet, same trainable subset, same 32 examples and the same diffusion draws; the DP step is
+the engine's full logical step (per-sample gradients, clipping, one noise draw, optimizer step).
+Time: DP and non-DP steps alternate (so a busy machine slows both alike); medians of the timed
+steps. Memory (CPU): resident set size sampled every 0.5 ms from /proc/self/statm while each
+timed step runs, with glibc returning every allocation >= 64 KiB to the OS on free (mallopt):
+the step's working memory = peak RSS during the step minus RSS just before it (activations,
+gradients, per-sample gradients, noise); the max over the timed steps. Weights and optimizer
+state are the same for both and not counted.
+
+    python benchmarks/dp_overhead.py             # writes docs/benchmarks.md `## DP overhead`
+    python benchmarks/dp_overhead.py --profile wide lora hooks"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import ctypes
+import gc
+import os
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+from diffusers import DDPMScheduler
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from _docs import update_section  # noqa: E402  (benchmarks/ is sys.path[0]; a site-packages "benchmarks" shadows it)
+from dpdiff.adapters import prepare_trainable  # noqa: E402
+from dpdiff.pipelines.preset import SCHEDULER_CONFIG, build_tiny_unet  # noqa: E402
+from dpdiff.privacy.diffusion_loss import draw_diffusion_inputs, example_generator, per_row_loss  # noqa: E402
+from dpdiff.privacy.engine import DPDiffusionEngine  # noqa: E402
+
+BATCH = 32
+TOKENS = 8
+MODELS = {
+    "preset (32,64) 8x8": dict(latent=8, overrides={}),
+    "wide (128,256) 16x16": dict(latent=16, overrides=dict(block_out_channels=(128, 256), sample_size=16)),
+}
+# every mode on the preset; on the wide UNet (8-30 s a step on this CPU) the default and the fast candidate
+VARIANTS = {
+    "preset (32,64) 8x8": {"lora": ("hooks", "ew", "functorch"), "attention": ("hooks", "functorch"),
+                           "full": ("hooks", "functorch")},
+    "wide (128,256) 16x16": {"lora": ("hooks", "ew"), "attention": ("hooks",), "full": ("hooks",)},
+}
+
+
+class LatentCache(torch.utils.data.Dataset):
+    def __init__(self, n, latent):
+        g = torch.Generator().manual_seed(1)
+        self.latents = torch.randn(n, 4, latent, latent, generator=g)
+        self.hidden = torch.randn(n, TOKENS, 64, generator=g)
+
+    def __len__(self):
+        return len(self.latents)
+
+    def __getitem__(self, i):
+        return {"latents": self.latents[i], "encoder_hidden_states": self.hidden[i]}
+
+
+def build(model: str, method: str):
+    unet = build_tiny_unet(seed=0, **MODELS[model]["overrides"])
+    prepare_trainable(unet, method)
+    return unet
+
+
+class PlainStep:
+    """Non-private fine-tuning step on the same examples and draws."""
+
+    def __init__(self, unet, data):
+        self.unet, self.scheduler = unet, DDPMScheduler(**SCHEDULER_CONFIG)
+        self.optimizer = torch.optim.SGD([p for p in unet.parameters() if p.requires_grad], lr=1e-4)
+        self.latents, self.hidden = data.latents, data.hidden
+        generators = [example_generator(0, 0, i) for i in range(len(data))]
+        _, self.noise, self.timesteps = draw_diffusion_inputs(self.latents, 1, 1000, generators)
+
+    def __call__(self):
+        loss = per_row_loss(self.unet, self.scheduler, self.latents, self.hidden, self.noise, self.timesteps).mean()
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+class DPStep:
+    def __init__(self, unet, data, mode):
+        params = [p for p in unet.parameters() if p.requires_grad]
+        self.engine = DPDiffusionEngine(
+            unet, DDPMScheduler(**SCHEDULER_CONFIG), torch.optim.SGD(params, lr=1e-4), data,
+            batch_size=BATCH, physical_batch_size=BATCH, noise_multiplier=1.0, max_grad_norm=1.0,
+            grad_sample_mode=mode, privacy_seed=0,
+        )
+        self.indices = list(range(len(data)))
+
+    def __call__(self):
+        self.engine._logical_step(self.indices)
+
+
+def rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakRSS:
+    """Highest RSS seen while the block runs (sampled from a thread; torch ops release the GIL)."""
+
+    def __enter__(self):
+        self.peak, self._stop = rss(), threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def _watch(self):
+        while not self._stop.wait(0.0005):
+            self.peak = max(self.peak, rss())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss())
+
+
+def release_freed_memory_to_os():
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD: fixed, so large blocks are unmapped on free
+    libc.mallopt(-1, 64 * 1024)  # M_TRIM_THRESHOLD
+
+
+def measure_side_by_side(plain, dp, warmup, steps):
+    """Median seconds per step and max working memory (bytes) of each, steps alternating."""
+    for _ in range(warmup):
+        plain()
+        dp()
+    times, memory = {"plain": [], "dp": []}, {"plain": 0, "dp": 0}
+    for _ in range(steps):
+        for name, fn in (("plain", plain), ("dp", dp)):
+            gc.collect()
+            before = rss()
+            with PeakRSS() as watch:
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+            memory[name] = max(memory[name], watch.peak - before)
+    return statistics.median(times["plain"]), statistics.median(times["dp"]), memory["plain"], memory["dp"]
+
+
+def run(warmup: int, steps: int) -> list[dict]:
+    rows = []
+    for model, spec in MODELS.items():
+        data = LatentCache(BATCH, spec["latent"])
+        for method, modes in VARIANTS[model].items():
+            plain = PlainStep(build(model, method), data)
+            for mode in modes:
+                dp = DPStep(build(model, method), data, mode)
+                t_plain, t_dp, m_plain, m_dp = measure_side_by_side(plain, dp, warmup, steps)
+                del dp
+                row = dict(model=model, method=method, mode=mode, t_plain=t_plain, t_dp=t_dp,
+                           time_ratio=t_dp / t_plain, mem_plain_mb=m_plain / 2**20, mem_dp_mb=m_dp / 2**20,
+                           mem_ratio=m_dp / m_plain)
+                print(" | ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
+                      flush=True)
+                rows.append(row)
+            del plain
+    return rows
+
+
+def table(rows: list[dict], wall: float) -> str:
+    lines = [
+        f"DP / non-DP on the same UNet, trainable subset, batch ({BATCH} examples, {TOKENS}-token context, "
+        "same diffusion draws). DP = the engine's whole logical step (per-sample gradients, flat clipping, "
+        f"one noise draw, SGD step). CPU, {torch.get_num_threads()} thread(s), torch {torch.__version__}; median "
+        "of timed steps that alternate DP and non-DP. Memory = the step's working memory: peak RSS during "
+        "the step minus RSS just before it (see the script's docstring; weights and optimizer state, equal for "
+        "both, are not counted). "
+        f"Written by `benchmarks/dp_overhead.py` in {wall / 60:.1f} min.",
+        "",
+        "| model | subset | grad_sample_mode | non-DP s/step | DP s/step | time ratio | step memory MiB "
+        "(non-DP -> DP) | memory ratio |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['method']} | {r['mode']} | {r['t_plain']:.3f} | {r['t_dp']:.3f} | "
+            f"{r['time_ratio']:.2f}x | {r['mem_plain_mb']:.0f} -> {r['mem_dp_mb']:.0f} | {r['mem_ratio']:.2f}x |"
+        )
+    return "\n".join(lines)
+
+
+def profile(model: str, method: str, mode: str) -> None:
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    data = LatentCache(BATCH, MODELS[model]["latent"])
+    for name, step in (("non-DP", PlainStep(build(model, method), data)), ("DP", DPStep(build(model, method), data, mode))):
+        step()
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(3):
+                step()
+        print(f"== {name} {model} {method} {mode}: top ops by self CPU time (3 steps)")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--profile", nargs=3, metavar=("MODEL", "METHOD", "MODE"),
+                        help="profile one variant instead; MODEL is 'preset' or 'wide'")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    release_freed_memory_to_os()
+    if args.profile:
+        model = next(m for m in MODELS if m.startswith(args.profile[0]))
+        profile(model, args.profile[1], args.profile[2])
+        return
+    start = time.perf_counter()
+    rows = run(args.warmup, args.steps)
+    text = table(rows, time.perf_counter() - start)
+    print(text)
+    if not args.no_write:
+        update_section("DP overhead", text)
+
+
+if __name__ == "__main__":
+    main()
