@@ -6,14 +6,14 @@ FMNIST_DIR := /usr/share/datasets/fashion-mnist
 
 .PHONY: install data demo test pretrain clean
 
-$(STAMP): setup.cfg pyproject.toml
+$(STAMP): setup.cfg pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# the local CPU wheel; an unpinned torch would pull a multi-GB CUDA build
 	$(PY) -m pip install -q torch==2.13.0
 	# animal-mnist pins old numpy/matplotlib it does not need: its data file is all we use
 	$(PY) -m pip install -q --no-deps animal-mnist==0.4
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -40,7 +40,7 @@ def check_arguments(args: argparse.Namespace) -> argparse.Namespace:
     if args.learning_rate is None:
         args.learning_rate = DEFAULT_LEARNING_RATES[args.method]
     if args.epochs is None and args.max_steps is None:
-        args.epochs = 2.0
+        args.epochs = 1.0
     if args.max_steps is not None:
         args.epochs = None
     positive = {"batch_size": args.batch_size, "physical_batch_size": args.physical_batch_size,
