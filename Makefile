@@ -26,7 +26,9 @@ data:
 	  || echo "warning: could not install dataset-fashion-mnist; the hub copy will be used"; \
 	else echo "warning: no root/apt: run 'apt-get install dataset-fashion-mnist' or rely on the hub"; fi
 
+# the demo's own folder is replaced on every run (use --output_dir elsewhere to keep results)
 demo: install data
+	rm -rf dpdiff-output
 	HF_HUB_OFFLINE=1 $(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no recipes/finetune_lora.py
 
 test: install data
