@@ -1,6 +1,6 @@
 """What DP-SGD costs over plain fine-tuning: step time and peak memory, DP / non-DP, side by side.
 
-Same UNet, same trainable subset, same 32 examples and the same diffusion draws; the DP step is
+Same UNet, same trainable subset, same 32 cached examples (collated each step by both); the DP step is
 the engine's full logical step (per-sample gradients, clipping, one noise draw, optimizer step).
 Time: DP and non-DP steps alternate (so a busy machine slows both alike); medians of the timed
 steps. Memory (CPU): resident set size sampled every 0.5 ms from /proc/self/statm while each
@@ -27,13 +27,14 @@ from pathlib import Path
 
 import torch
 from diffusers import DDPMScheduler
+from torch.utils.data import default_collate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from _docs import update_section  # noqa: E402  (benchmarks/ is sys.path[0]; a site-packages "benchmarks" shadows it)
 from dpdiff.adapters import prepare_trainable  # noqa: E402
 from dpdiff.pipelines.preset import SCHEDULER_CONFIG, build_tiny_unet  # noqa: E402
-from dpdiff.privacy.diffusion_loss import draw_diffusion_inputs, example_generator, per_row_loss  # noqa: E402
+from dpdiff.privacy.diffusion_loss import per_row_loss  # noqa: E402
 from dpdiff.privacy.engine import DPDiffusionEngine  # noqa: E402
 
 BATCH = 32
@@ -70,18 +71,21 @@ def build(model: str, method: str):
 
 
 class PlainStep:
-    """Non-private fine-tuning step on the same examples and draws."""
+    """Non-private fine-tuning step as a plain loop does it: collate the cached examples, draw noise and
+    timesteps, mean loss, backward, step."""
 
     def __init__(self, unet, data):
-        self.unet, self.scheduler = unet, DDPMScheduler(**SCHEDULER_CONFIG)
+        self.unet, self.scheduler, self.data = unet, DDPMScheduler(**SCHEDULER_CONFIG), data
         self.optimizer = torch.optim.SGD([p for p in unet.parameters() if p.requires_grad], lr=1e-4)
-        self.latents, self.hidden = data.latents, data.hidden
-        generators = [example_generator(0, 0, i) for i in range(len(data))]
-        _, self.noise, self.timesteps = draw_diffusion_inputs(self.latents, 1, 1000, generators)
+        self.generator = torch.Generator().manual_seed(0)
 
     def __call__(self):
-        loss = per_row_loss(self.unet, self.scheduler, self.latents, self.hidden, self.noise, self.timesteps).mean()
-        loss.backward()
+        batch = default_collate([self.data[i] for i in range(len(self.data))])
+        latents = batch["latents"]
+        noise = torch.randn(latents.shape, generator=self.generator)
+        timesteps = torch.randint(0, 1000, (len(latents),), generator=self.generator)
+        loss = per_row_loss(self.unet, self.scheduler, latents, batch["encoder_hidden_states"], noise, timesteps)
+        loss.mean().backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
@@ -171,7 +175,7 @@ def run(warmup: int, steps: int) -> list[dict]:
 def table(rows: list[dict], wall: float) -> str:
     lines = [
         f"DP / non-DP on the same UNet, trainable subset, batch ({BATCH} examples, {TOKENS}-token context, "
-        "same diffusion draws). DP = the engine's whole logical step (per-sample gradients, flat clipping, "
+        "fresh diffusion draws each step). DP = the engine's whole logical step (per-sample gradients, flat clipping, "
         f"one noise draw, SGD step). CPU, {torch.get_num_threads()} thread(s), torch {torch.__version__}; median "
         "of timed steps that alternate DP and non-DP. Memory = the step's working memory: peak RSS during "
         "the step minus RSS just before it (see the script's docstring; weights and optimizer state, equal for "

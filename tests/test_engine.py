@@ -62,9 +62,9 @@ def example_grad(model, engine, latents, hidden, noise, timesteps):
     return torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
 
 
-@pytest.mark.parametrize("method", ["lora", "attention", "full"])
-def test_per_sample_gradients_match_one_example_at_a_time(method):
-    engine = make_engine(method)
+@pytest.mark.parametrize("method, mode", [("lora", "hooks"), ("lora", "ew"), ("attention", "hooks"), ("full", "hooks")])
+def test_per_sample_gradients_match_one_example_at_a_time(method, mode):
+    engine = make_engine(method, grad_sample_mode=mode)
     reference = engine.reference
     g = torch.Generator().manual_seed(5)
     latents, hidden = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, TOKENS, 64, generator=g)

@@ -138,6 +138,9 @@ class DPDiffusionEngine:
 
         Only `step()` gives the Poisson sampling the accountant assumes; calling this directly is
         for tests and audits."""
+        if getattr(self.model, "is_gradient_checkpointing", False):
+            raise ConfigError("gradient checkpointing was enabled after the engine was built; it drops per-sample "
+                              "gradients. Call `unet.disable_gradient_checkpointing()`")
         self.module.train()
         self.optimizer.zero_grad(set_to_none=True)
         chunks = [indices[i : i + self.physical_batch_size] for i in range(0, len(indices), self.physical_batch_size)]
