@@ -104,6 +104,8 @@ class DPDiffusionEngine:
 
         # this rank's shard; each of its examples is then Poisson-sampled independently with rate q
         self.shard = list(range(self.rank, len(dataset), self.world_size))
+        if not self.shard:
+            raise DataError(f"{len(dataset)} private examples cannot be shared over {self.world_size} processes")
         self.sampling_generator = _generator(privacy_seed, self.rank, "cpu")
         self.noise_generator = _generator(privacy_seed, self.rank + 7919, self.device)
         self.seed = int(seed)  # public: keys the per-example timestep/noise draws
