@@ -74,6 +74,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     out.add_argument("--resume", action="store_true", help="reuse the release in --output_dir (no new privacy cost) and continue training")
     out.add_argument("--grid_per_class", type=int, default=8)
     out.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    out.add_argument("--device", default="auto", help="auto (cuda when available) | cpu | cuda[:i]")
     add_config_argument(parser)
 
 
@@ -97,6 +98,7 @@ def validate(args: argparse.Namespace) -> EmbeddingConfig:
         raise ConfigError(f"--limit must be >= 1, got {args.limit}")
     if args.resolution is not None:
         upsampling_plan(args.resolution)
+    _device(args.device)
     if args.feature_input_size < 32:
         raise ConfigError(f"--feature_input_size must be >= 32, got {args.feature_input_size}")
     if not (0.0 <= args.validation_fraction < 1.0):
@@ -155,12 +157,13 @@ def train_mepf(args: argparse.Namespace, config: EmbeddingConfig) -> int:
               f"({len(p['releases'])} Gaussian releases, {p['neighbouring_relation']})")
     release_seconds = time.perf_counter() - started
 
-    extractor = build_extractor(config, batch_size=args.embed_batch_size)
+    device = _device(args.device)
+    extractor = build_extractor(config, batch_size=args.embed_batch_size, device=device)
     gen_config = GeneratorConfig(
         num_classes=len(release.class_names), resolution=release.resolution, channels=release.channels,
         z_dim=args.z_dim, base_channels=args.base_channels, class_names=release.class_names,
     )
-    model = ConditionalGenerator(gen_config)
+    model = ConditionalGenerator(gen_config).to(device)
     train_config = TrainConfig(
         steps=args.generator_steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
         moving_average=args.moving_average, eval_every=args.eval_every,
@@ -201,13 +204,25 @@ def _release(args: argparse.Namespace, config: EmbeddingConfig):
     images = images_to_tensor(source.dataset["image"], resolution=resolution, channels=channels)
     labels = torch.tensor(source.dataset["label"], dtype=torch.long)
     names = list(source.class_names) if config.labelled else ["image"]
-    extractor = build_extractor(config, batch_size=args.embed_batch_size)
+    extractor = build_extractor(config, batch_size=args.embed_batch_size, device=_device(args.device))
     return release_embedding(
         extractor, images, labels if config.labelled else None, names, config,
         target_epsilon=args.target_epsilon, delta=args.delta, validation_fraction=args.validation_fraction,
         split_seed=args.seed, dataset=args.dataset + (f"[{args.split}, limit={args.limit}]" if args.limit else f"[{args.split}]"),
         batch_size=args.embed_batch_size, force_delta=args.force_delta, progress=args.progress,
     )
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ConfigError(f"--device {name!r} is not a device: use auto, cpu or cuda[:i]") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but no CUDA device is available; use --device cpu")
+    return device
 
 
 def _prompts(class_names: list[str]) -> list[str]:

@@ -90,8 +90,9 @@ class ConditionalGenerator(nn.Module):
         return torch.tanh(self.to_image(h))
 
     def sample(self, labels: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        z = torch.randn(labels.shape[0], self.config.z_dim, generator=generator, device=labels.device)
-        return self(z.to(self.project.weight.device), labels.to(self.project.weight.device))
+        z = torch.randn(labels.shape[0], self.config.z_dim, generator=generator)  # CPU draw: same images on any device
+        device = self.project.weight.device
+        return self(z.to(device), labels.to(device))
 
 
 def save_generator(model: ConditionalGenerator, directory: str | os.PathLike) -> Path:

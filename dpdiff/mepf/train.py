@@ -94,8 +94,10 @@ def score_generator(model: ConditionalGenerator, extractor: FeatureExtractor, re
     was_training = model.training
     model.eval()
     k = model.config.num_classes
+    device = next(model.parameters()).device
     labels = torch.arange(k).repeat_interleave(samples_per_class)
     images = model.sample(labels, generator=torch.Generator().manual_seed(seed))
+    labels = labels.to(device)
     phi = torch.cat([embed(extractor, chunk, release.config) for chunk in images.split(256)])
     mean1, mean2, _ = class_moments(phi, labels, k, release.config.moments)
     model.train(was_training)
@@ -128,11 +130,12 @@ def train_generator(
     if resume and output_dir is not None and (Path(output_dir) / CHECKPOINT_DIR).is_dir():
         start, averages = _load_checkpoint(Path(output_dir) / CHECKPOINT_DIR, model, optimizer, result, rng)
     model.train()
+    device = next(model.parameters()).device
     beta = config.moving_average
     bar = tqdm(range(start, config.steps), desc="MEPF generator", disable=not progress, initial=start, total=config.steps)
     for step in bar:
-        labels = balanced_labels(config.batch_size, k, rng)
-        z = torch.randn(config.batch_size, model.config.z_dim, generator=rng)
+        labels = balanced_labels(config.batch_size, k, rng).to(device)
+        z = torch.randn(config.batch_size, model.config.z_dim, generator=rng).to(device)
         phi = embed(extractor, model(z, labels), release.config)
         mean1, mean2, present = class_moments(phi, labels, k, release.config.moments)
         for name, value in (("mean1", mean1), ("mean2", mean2)):
