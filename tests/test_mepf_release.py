@@ -144,6 +144,11 @@ def test_validation_split_is_per_example_and_budgeted(extractor, config, data):
     assert release.has_validation
     assert len(release.privacy["releases"]) == 6
     assert release.tensors["val_counts"].sum().item() == pytest.approx(mask.sum().item(), abs=20)
+    # an empty part is still released (noise only, same shape): the output's form never depends on the data
+    tiny = release_embedding(extractor, images, labels, names, config, 5.0, 1e-3, validation_fraction=1e-12, progress=False)
+    assert validation_mask(images, labels, 1e-12).sum() == 0
+    assert tiny.tensors["val_sum1"].shape == tiny.tensors["sum1"].shape
+    assert tiny.tensors["val_sum1"].abs().max() > 0 and tiny.tensors["val_counts"].abs().max() > 0
 
 
 def test_bad_requests_are_refused_before_any_work(extractor, config, data, tmp_path):
