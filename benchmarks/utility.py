@@ -1,0 +1,421 @@
+"""Privacy-utility benchmark on Fashion-MNIST: every method at every epsilon, trained on the same
+private data, sampled, and scored by the same protocol, with two references (real data; a
+NON-private LoRA fine-tune) and the published numbers beside ours.
+
+    python benchmarks/utility.py                       # the complete benchmark (GPU-sized)
+    python benchmarks/utility.py --methods lora --epsilons 10 --max_train_samples 10000 --epochs 1 --num_per_class 200
+
+Per run: train -> sample N per class (28x28 grey) -> train CNN/LogReg/MLP on it and test them on the
+real test set -> FD (EfficientNet-Lite0) on a fixed sample count; CPU and wall time of each phase.
+Writes results.json after every run (`--skip_existing` resumes), plots under --docs_dir and the
+`## Utility` section of docs/benchmarks.md. A run with any scaled-down option is labelled
+"reduced"; `--smoke` labels every number as from a smoke run (tests only)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shlex
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))  # a dependency ships a top-level `benchmarks` package
+
+from _docs import BENCHMARKS_MD, update_section  # noqa: E402
+
+from dpdiff.data import load_source  # noqa: E402
+from dpdiff.data.transforms import images_to_tensor  # noqa: E402
+from dpdiff.errors import ConfigError, DPDiffError  # noqa: E402
+from dpdiff.io import atomic_path, write_json  # noqa: E402
+
+METHODS = ("mepf", "attention", "lora", "full")
+REFERENCES = ("real", "nonprivate_lora")
+CLASSIFIERS = ("cnn", "logreg", "mlp")
+DATASET, RESOLUTION, CHANNELS = "fashion_mnist", 28, 1
+# published Fashion-MNIST 28px, delta=1e-5, train on synthetic / test on real (accuracy %)
+PUBLISHED = [
+    {"name": "DPDM (Dockhorn et al.)", "epsilon": 10, "accuracy": {"cnn": 86.2}},
+    {"name": "DPDM (Dockhorn et al.)", "epsilon": 1, "accuracy": {"cnn": 79.4}},
+    {"name": "DP-MEPF (Harder et al.)", "epsilon": 10, "accuracy": {"logreg": 75.7, "mlp": 76.0}},
+    {"name": "DP-MERF (Harder et al.)", "epsilon": 10, "accuracy": {"cnn": 75.4}},
+]
+# the defaults are the complete benchmark; changing one of these makes the run "reduced"
+FULL_SCALE = {"max_train_samples": None, "epochs": 10.0, "max_steps": None, "num_per_class": 1000, "eval_epochs": None,
+              "test_limit": None, "num_fd_samples": 2000, "mepf_generator_steps": 2000, "inference_steps": 50}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    a = p.add_argument
+    a("--methods", nargs="+", default=list(METHODS), help=f"from {', '.join(METHODS)}")
+    a("--epsilons", nargs="+", type=float, default=[1.0, 10.0])
+    a("--references", nargs="*", default=list(REFERENCES), help=f"from {', '.join(REFERENCES)} (none: skip)")
+    a("--delta", type=float, default=1e-5)
+    a("--base_model", default="dpdiff-tiny", help="the public pretrained pipeline (hub id, folder, dpdiff-tiny)")
+    a("--max_train_samples", type=int, default=None, help="seeded subset of the 60k private images (all methods)")
+    a("--epochs", type=float, default=FULL_SCALE["epochs"], help="DP-SGD passes over the private set")
+    a("--max_steps", type=int, default=None, help="DP-SGD steps instead of --epochs (smoke tests)")
+    a("--batch_size", type=int, default=256)
+    a("--physical_batch_size", type=int, default=64)
+    a("--mepf_generator_steps", type=int, default=FULL_SCALE["mepf_generator_steps"])
+    a("--num_per_class", type=int, default=FULL_SCALE["num_per_class"], help="synthetic images per class")
+    a("--inference_steps", type=int, default=FULL_SCALE["inference_steps"], help="DDIM steps when sampling")
+    a("--guidance_scale", type=float, default=2.0)
+    a("--eval_epochs", type=int, default=None, help="epochs of every classifier (default: cnn 10, logreg 20, mlp 20)")
+    a("--test_limit", type=int, default=None, help="seeded subset of the 10k real test images")
+    a("--num_fd_samples", type=int, default=FULL_SCALE["num_fd_samples"], help="images per side for FD")
+    a("--fd_input_size", type=int, default=224)
+    a("--output_dir", default="outputs/utility-bench", help="runs, synthetic sets and results.json")
+    a("--docs_dir", default=str(ROOT / "docs"), help="where the plots go")
+    a("--benchmarks_md", default=str(BENCHMARKS_MD), help="markdown file whose `## Utility` section is replaced")
+    a("--skip_existing", action="store_true", help="keep finished runs of results.json that used the same settings")
+    a("--smoke", action="store_true", help="label every number as from a smoke run (tests)")
+    a("--device", default="auto")
+    a("--seed", type=int, default=0)
+    return p
+
+
+def check(args) -> None:
+    """Every refusal before any work."""
+    bad = [m for m in args.methods if m not in METHODS] + [r for r in args.references if r not in REFERENCES]
+    if bad or not (args.methods or args.references):
+        raise ConfigError(f"unknown methods/references {bad} (methods: {list(METHODS)}, references: {list(REFERENCES)})")
+    if any(not (e > 0 and e < float("inf")) for e in args.epsilons) or (args.methods and not args.epsilons):
+        raise ConfigError(f"--epsilons must be finite positive numbers, got {args.epsilons}")
+    for name in ("num_per_class", "batch_size", "physical_batch_size", "mepf_generator_steps", "inference_steps", "fd_input_size"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.num_fd_samples < 2:
+        raise ConfigError("--num_fd_samples must be >= 2 (FD fits a covariance)")
+    if args.max_train_samples is not None and not 0 < args.batch_size <= args.max_train_samples:
+        raise ConfigError(f"--batch_size {args.batch_size} must be <= --max_train_samples {args.max_train_samples}")
+    available = min(args.num_per_class * 10, args.max_train_samples or 60000)  # synthetic; real training images
+    if args.num_fd_samples > available:
+        raise ConfigError(f"--num_fd_samples {args.num_fd_samples} exceeds the {available} images one side would have "
+                          "(10 x --num_per_class synthetic, --max_train_samples real); FD must compare equal counts")
+
+
+def run_kind(args) -> str:
+    if args.smoke:
+        return "smoke"
+    return "reduced" if any(getattr(args, k) != v for k, v in FULL_SCALE.items()) else "full"
+
+
+@contextlib.contextmanager
+def phase(timings: dict, name: str):
+    """CPU seconds of this process (all threads) and wall seconds of one phase."""
+    cpu, wall = time.process_time(), time.perf_counter()
+    yield
+    timings[name] = {"cpu_s": round(time.process_time() - cpu, 2), "wall_s": round(time.perf_counter() - wall, 2)}
+
+
+def train_dp_sgd(args, method: str, epsilon: float, out: Path) -> dict:
+    from dpdiff.training.arguments import add_finetune_arguments
+    from dpdiff.training.loop import finetune
+
+    flags = {"method": method, "pretrained_model_name_or_path": args.base_model, "dataset": DATASET,
+             "target_epsilon": epsilon, "delta": args.delta, "batch_size": args.batch_size,
+             "physical_batch_size": args.physical_batch_size, "output_dir": out, "checkpointing_steps": 0,
+             "num_inference_steps": args.inference_steps, "guidance_scale": args.guidance_scale, "seed": args.seed,
+             "max_train_samples": args.max_train_samples, "max_steps": args.max_steps,
+             "epochs": None if args.max_steps else args.epochs}
+    argv = [s for k, v in flags.items() if v is not None for s in (f"--{k}", str(v))] + ["--overwrite_output_dir"]
+    return finetune(add_finetune_arguments(argparse.ArgumentParser(), method=method).parse_args(argv)).record
+
+
+def train_mepf(args, epsilon: float, out: Path) -> dict:
+    from dpdiff.mepf import cli as mepf_cli
+
+    parser = argparse.ArgumentParser()
+    mepf_cli.add_arguments(parser)
+    flags = ["--dataset", DATASET, "--target_epsilon", str(epsilon), "--delta", str(args.delta), "--output_dir", str(out),
+             "--generator_steps", str(args.mepf_generator_steps), "--moments", "2", "--feature_input_size", "32",
+             "--base_channels", "32", "--batch_size", "50", "--seed", str(args.seed), "--no-progress",
+             "--eval_every", str(max(1, args.mepf_generator_steps // 10)), "--eval_samples_per_class", "20"]
+    if args.max_train_samples:
+        flags += ["--limit", str(args.max_train_samples)]
+    ns = parser.parse_args(flags)
+    mepf_cli.train_mepf(ns, mepf_cli.validate(ns))
+    return json.loads((out / "privacy.json").read_text())
+
+
+def train_nonprivate_lora(args, out: Path):
+    """The non-private reference, built from the library parts WITHOUT the DP engine: shuffled
+    mini-batches, no clipping, no noise, the same schedule/learning rate/EMA as the DP LoRA run.
+    It has no privacy guarantee, so it writes no privacy.json and can never be sampled or published
+    as a DP run; its samples come straight from the in-memory pipeline."""
+    from diffusers.training_utils import EMAModel
+
+    from dpdiff.adapters import prepare_trainable
+    from dpdiff.pipelines import load_pipeline
+    from dpdiff.pipelines.preset import training_scheduler
+    from dpdiff.privacy.diffusion_loss import draw_diffusion_inputs, example_generator, per_row_loss
+    from dpdiff.training.arguments import DEFAULT_LEARNING_RATES
+    from dpdiff.training.latent_cache import build_latent_cache
+    from torch.utils.data import default_collate
+    from tqdm.auto import tqdm
+
+    device = resolve_device(args)
+    source = load_source(DATASET, "train", limit=args.max_train_samples, seed=args.seed)
+    pipe = load_pipeline(args.base_model).to(device)
+    unet = pipe.unet.train()
+    prepare_trainable(unet, "lora", rank=8)
+    cache = build_latent_cache(pipe, source, unet.config.sample_size * pipe.vae_scale_factor, cond_dropout=0.1, seed=args.seed)
+    params = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=DEFAULT_LEARNING_RATES["lora"], weight_decay=0.0)
+    ema, scheduler = EMAModel(params, decay=0.999), training_scheduler(pipe)
+    n, batch = len(cache), min(args.batch_size, len(cache))
+    steps = args.max_steps or max(1, round(args.epochs * n / batch))
+    order, generator = torch.empty(0, dtype=torch.long), torch.Generator().manual_seed(args.seed)
+    for step in tqdm(range(steps), desc="non-private lora"):
+        if len(order) < batch:
+            order = torch.cat([order, torch.randperm(n, generator=generator)])
+        idx, order = order[:batch].tolist(), order[batch:]
+        cache.step = step
+        batch_items = default_collate([cache[i] for i in idx])
+        latents, hidden = batch_items["latents"].to(device), batch_items["encoder_hidden_states"].to(device)
+        gens = [example_generator(args.seed, step, i) for i in idx]
+        rows, noise, t = draw_diffusion_inputs(latents, 1, scheduler.config.num_train_timesteps, gens)
+        loss = per_row_loss(unet, scheduler, rows, hidden, noise, t).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        ema.step(params)
+    ema.copy_to(params)
+    unet.eval()
+    write_json(out / "reference.json", {"private": False, "guarantee": None, "steps": steps, "batch_size": batch,
+                                        "note": "non-private reference: no clipping, no noise, no DP guarantee"})
+    return pipe, source
+
+
+def sample_nonprivate(args, pipe, source, synthetic: Path) -> None:
+    from diffusers import DDIMScheduler
+
+    from dpdiff.sampling.generate import convert, encode_png, generate, plan_requests, write_imagefolder
+
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    requests, _ = plan_requests(source.class_prompts, args.num_per_class, None, 1, args.seed)
+    pngs = [encode_png(convert(im, CHANNELS, RESOLUTION))
+            for im in generate(pipe, requests, args.guidance_scale, args.inference_steps, batch_size=50)]
+    write_imagefolder(synthetic, pngs, [r.label for r in requests], [r.prompt for r in requests])
+    write_json(synthetic / "class_names.json", list(source.class_names))
+
+
+class Evaluator:
+    """The real test set, the FD reference sample and the extractor, loaded once for every run."""
+
+    def __init__(self, args):
+        from dpdiff.features import load_feature_extractor
+
+        self.args, self.device = args, resolve_device(args)
+        test = load_source(DATASET, "test", limit=args.test_limit, seed=args.seed)
+        self.class_names = list(test.class_names)
+        self.x_test = images_to_tensor(test.dataset["image"], RESOLUTION, CHANNELS)
+        self.y_test = torch.tensor(test.dataset["label"])
+        self.fd_n = min(args.num_fd_samples, len(self.x_test))
+        self.x_fd_real = self.x_test[self._pick(len(self.x_test))]
+        self.extractor = load_feature_extractor("efficientnet_lite0", input_size=args.fd_input_size, batch_size=64,
+                                                device=self.device)
+
+    def _pick(self, n: int) -> torch.Tensor:
+        return torch.randperm(n, generator=torch.Generator().manual_seed(self.args.seed))[: self.fd_n]
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> dict:
+        from dpdiff.evaluation import compute_fd, evaluate_downstream
+
+        scores = evaluate_downstream(images, labels, self.x_test, self.y_test, CLASSIFIERS, epochs=self.args.eval_epochs,
+                                     seed=self.args.seed, class_names=self.class_names, device=self.device)
+        fd = compute_fd(self.x_fd_real, images[self._pick(len(images))], self.extractor, 64, real_split="test")
+        return {"accuracy": {c: scores[c]["accuracy"] for c in CLASSIFIERS}, "fd": fd,
+                "train_count_per_class": scores["train_count_per_class"], "num_synthetic": len(images)}
+
+
+def load_images(folder: Path, class_names) -> tuple[torch.Tensor, torch.Tensor]:
+    from dpdiff.evaluation import load_synthetic
+
+    syn = load_synthetic(str(folder), class_names)
+    return images_to_tensor(syn.images, RESOLUTION, CHANNELS), torch.as_tensor(syn.labels, dtype=torch.long)
+
+
+def resolve_device(args) -> str:
+    return ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+
+
+def run_one(args, key: str, method: str, epsilon: float | None, evaluate: Evaluator, out: Path) -> dict:
+    run_dir, synthetic = out / "runs" / key, out / "synthetic" / key
+    for folder in (run_dir, synthetic):
+        shutil.rmtree(folder, ignore_errors=True)  # a rerun starts clean: no stale release or samples
+    timings: dict = {}
+    entry = {"method": method, "target_epsilon": epsilon, "run_kind": run_kind(args), "settings": settings(args)}
+    if method == "real":
+        with phase(timings, "evaluate"):
+            train = load_source(DATASET, "train", limit=args.max_train_samples, seed=args.seed)
+            x, y = images_to_tensor(train.dataset["image"], RESOLUTION, CHANNELS), torch.tensor(train.dataset["label"])
+            entry.update(evaluate(x, y), private=False, guarantee=None)
+    elif method == "nonprivate_lora":
+        run_dir.mkdir(parents=True)
+        with phase(timings, "train"):
+            pipe, source = train_nonprivate_lora(args, run_dir)
+        with phase(timings, "sample"):
+            sample_nonprivate(args, pipe, source, synthetic)
+        with phase(timings, "evaluate"):
+            entry.update(evaluate(*load_images(synthetic, evaluate.class_names)), private=False, guarantee=None)
+    else:
+        from dpdiff.sampling import sample_dataset
+
+        with phase(timings, "train"):
+            record = train_mepf(args, epsilon, run_dir) if method == "mepf" else train_dp_sgd(args, method, epsilon, run_dir)
+        with phase(timings, "sample"):
+            sample_dataset(run_dir, synthetic, num_per_class=args.num_per_class, seed=args.seed, resolution=RESOLUTION,
+                           guidance_scale=args.guidance_scale, num_inference_steps=args.inference_steps,
+                           batch_size=50, device=resolve_device(args))
+        with phase(timings, "evaluate"):
+            entry.update(evaluate(*load_images(synthetic, evaluate.class_names)), private=True)
+        entry["guarantee"] = {k: record.get(k) for k in ("epsilon", "delta", "accountant", "noise_multiplier", "steps",
+                                                         "sample_rate", "num_examples", "neighbouring_relation")}
+    entry.update(timings=timings, synthetic_dir=str(synthetic) if method != "real" else None)
+    return entry
+
+
+def render_docs(results: dict, docs_dir: Path, md_path: Path) -> None:
+    """Plots under docs_dir and the `## Utility` section of md_path (links relative to it)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    runs, kind = results["runs"], results["run_kind"]
+    dp = {k: r for k, r in runs.items() if r["method"] in METHODS}
+    refs = {k: r for k, r in runs.items() if r["method"] in REFERENCES}
+    tag = {"smoke": " [SMOKE RUN: meaningless numbers]", "reduced": " [reduced run]", "full": ""}[kind]
+    plots, value = {}, {"accuracy": lambda r: 100 * r["accuracy"]["cnn"], "fd": lambda r: r["fd"]["value"]}
+    for metric, ylabel in (("accuracy", "CNN accuracy on real test (%)"), ("fd", "FD (EfficientNet-Lite0)")):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for method in METHODS:
+            points = sorted((r["target_epsilon"], value[metric](r)) for r in dp.values() if r["method"] == method)
+            if points:
+                ax.plot(*zip(*points), marker="o", label=method)
+        for i, (key, r) in enumerate(refs.items()):
+            ax.axhline(value[metric](r), ls="--", color=f"C{5 + i}", label=key)
+        for name, marker in zip(dict.fromkeys(p["name"] for p in PUBLISHED), "xP*"):
+            points = [(p["epsilon"], p["accuracy"]["cnn"]) for p in PUBLISHED if p["name"] == name and "cnn" in p["accuracy"]]
+            if metric == "accuracy" and points:
+                ax.scatter(*zip(*points), marker=marker, color="k", zorder=3, label=f"{name}, paper")
+        ax.set(xscale="log", xlabel="epsilon (delta = 1e-5)", ylabel=ylabel, title=f"Fashion-MNIST{tag}")
+        ax.legend(fontsize=7)
+        plots[metric] = docs_dir / f"utility_{metric}.png"
+        with atomic_path(plots[metric]) as tmp:
+            fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+        plt.close(fig)
+    from dpdiff.imaging import save_grid, to_pil
+
+    for method in [*METHODS, "nonprivate_lora"]:
+        mine = sorted((r["target_epsilon"] or 0, r["synthetic_dir"]) for r in runs.values() if r["method"] == method)
+        if mine:  # the largest epsilon: one row per class
+            images, labels = load_images(Path(mine[-1][1]), results["class_names"])
+            classes = range(len(results["class_names"]))
+            k = min(8, *[int((labels == c).sum()) for c in classes])
+            pick = [i for c in classes for i in (labels == c).nonzero().flatten()[:k].tolist()]
+            plots[method] = docs_dir / f"utility_samples_{method}.png"
+            save_grid(to_pil(images[pick]), plots[method], nrow=k, scale=2)
+    update_section("Utility", markdown(results, {k: os.path.relpath(v, md_path.parent) for k, v in plots.items()}), md_path)
+
+
+def markdown(results: dict, plots: dict) -> str:
+    runs, kind = results["runs"], results["run_kind"]
+    s = next(iter(runs.values()))["settings"] if runs else {}
+    cpu = lambda r, ph: f"{r['timings'][ph]['cpu_s'] / 60:.2f}" if ph in r["timings"] else "–"  # noqa: E731
+    rows = []
+    for key, r in runs.items():
+        g = r.get("guarantee") or {}
+        spent = f"{g['epsilon']:.3g}" if g.get("epsilon") is not None else "none (not private)"
+        acc = " | ".join(f"{100 * r['accuracy'][c]:.1f}" for c in CLASSIFIERS)
+        wall = sum(t["wall_s"] for t in r["timings"].values()) / 60
+        target = f"{r['target_epsilon']:g}" if r["target_epsilon"] is not None else "–"
+        rows.append(f"| {key} | {target} | {spent} | {acc} | {r['fd']['value']:.2f} | {cpu(r, 'train')} | "
+                    f"{cpu(r, 'sample')} | {cpu(r, 'evaluate')} | {wall:.2f} |")
+    for p in PUBLISHED:
+        acc = " | ".join(f"{p['accuracy'][c]:.1f}" if c in p["accuracy"] else "" for c in CLASSIFIERS)
+        rows.append(f"| {p['name']}, paper | {p['epsilon']} | {p['epsilon']} | {acc} | | | | | |")
+    first = next(iter(runs.values()), None)
+    fd_label = first["fd"]["description"] if first else ""
+    warning = {"smoke": "**SMOKE RUN: every number below comes from a few steps on a handful of images and means nothing.**",
+               "reduced": "**Reduced run** (not the complete benchmark): see the settings below.",
+               "full": "Complete benchmark."}[kind]
+    return "\n".join([
+        warning, "",
+        f"Private data: {'a seeded random subset of ' + str(s['max_train_samples']) + ' images of ' if s.get('max_train_samples') else ''}"
+        f"Fashion-MNIST train (60,000 images), "
+        f"delta = {s.get('delta')}; base pipeline `{s.get('base_model')}` (pretrained on public data only); "
+        f"DP-SGD for {str(s.get('max_steps')) + ' steps' if s.get('max_steps') else str(s.get('epochs')) + ' epochs'} at batch "
+        f"{s.get('batch_size')}; MEPF generator {s.get('mepf_generator_steps')} steps; {s.get('num_per_class')} synthetic "
+        f"images per class ({s.get('inference_steps')} DDIM steps, guidance {s.get('guidance_scale')}), resized to 28x28 grey. "
+        f"Classifiers trained on the synthetic set, tested on {'a ' + str(s.get('test_limit')) + '-image subset of ' if s.get('test_limit') else ''}"
+        f"the real Fashion-MNIST test set; FD: {fd_label}. Times are CPU minutes of the process "
+        "(all threads). `real` trains the classifiers on the private training images themselves; `nonprivate_lora` "
+        "is the same LoRA schedule WITHOUT clipping or noise (no guarantee: what DP costs).", "",
+        "| run | target ε | spent ε | CNN % | LogReg % | MLP % | FD | train CPU min | sample CPU min | eval CPU min | wall min |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        *rows, "",
+        "Published rows: the papers' own settings (full 60k, GPU-long training), δ = 1e-5.", "",
+        *[f"![{k}]({v})" for k, v in plots.items()], "",
+        "Commands of these runs:", "", "```bash", *results["commands"], "```", "",
+        "The complete benchmark (all methods, ε ∈ {1, 10}, both references; GPU-sized; resumable):", "",
+        "```bash", "python benchmarks/utility.py --skip_existing", "```",
+    ])
+
+
+def settings(args) -> dict:
+    """What must match for --skip_existing to reuse a finished run (all but what to run and where)."""
+    where = ("methods", "epsilons", "references", "output_dir", "docs_dir", "benchmarks_md", "skip_existing", "device")
+    return {k: v for k, v in vars(args).items() if k not in where}
+
+
+def jobs(args) -> list[tuple[str, str, float | None]]:
+    out = [(f"{m}_eps{e:g}", m, e) for m in args.methods for e in args.epsilons]
+    return out + [(r, r, None) for r in args.references]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run the benchmark; returns the results dict (also written to OUTPUT_DIR/results.json)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    check(args)
+    out = Path(args.output_dir)
+    results_path = out / "results.json"
+    old = json.loads(results_path.read_text()) if args.skip_existing and results_path.exists() else {}
+    runs = {k: v for k, v in old.get("runs", {}).items() if v.get("settings") == settings(args)}
+    commands = (old.get("commands", []) if runs else []) + ["python benchmarks/utility.py " + shlex.join(argv)]
+    evaluate = Evaluator(args)
+    results = {"run_kind": run_kind(args), "commands": commands, "dataset": DATASET, "published": PUBLISHED,
+               "class_names": evaluate.class_names, "runs": runs}
+    for key, method, epsilon in jobs(args):
+        if key in runs:
+            print(f"[utility] {key}: kept from {results_path}")
+            continue
+        print(f"[utility] {key}: running")
+        runs[key] = run_one(args, key, method, epsilon, evaluate, out)
+        write_json(results_path, results)  # after every run, so --skip_existing can resume
+    # runs kept from earlier invocations with the same settings stay in the report, in a fixed order
+    order = [*METHODS, *REFERENCES]
+    results["runs"] = dict(sorted(runs.items(), key=lambda kv: (order.index(kv[1]["method"]), kv[1]["target_epsilon"] or 0)))
+    write_json(results_path, results)
+    render_docs(results, Path(args.docs_dir), Path(args.benchmarks_md))
+    return results
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        main()
+    except DPDiffError as e:
+        sys.exit(f"benchmarks/utility.py: error: {e}")

@@ -1,0 +1,76 @@
+"""Smoke test of benchmarks/utility.py: one DP method with a few steps on 64 private images plus both
+references, end to end (train -> sample -> evaluate -> JSON, plots, markdown), all outside docs/."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_benchmark():
+    spec = importlib.util.spec_from_file_location("utility_benchmark", ROOT / "benchmarks" / "utility.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def smoke_argv(base, tmp_path, *extra):
+    return [
+        "--methods", "lora", "--epsilons", "10", "--references", "real", "nonprivate_lora",
+        "--base_model", str(base), "--max_train_samples", "64", "--max_steps", "2", "--batch_size", "16",
+        "--physical_batch_size", "16", "--num_per_class", "3", "--inference_steps", "2", "--eval_epochs", "1",
+        "--test_limit", "100", "--num_fd_samples", "8", "--fd_input_size", "32", "--smoke",
+        "--output_dir", str(tmp_path / "out"), "--docs_dir", str(tmp_path / "docs"),
+        "--benchmarks_md", str(tmp_path / "docs" / "benchmarks.md"), *extra,
+    ]
+
+
+def test_smoke_run_writes_results_plots_and_section(tiny_pipeline_dir, tmp_path, capsys):
+    bench = load_benchmark()
+    repo_md = (ROOT / "docs" / "benchmarks.md").read_text()
+    results = bench.main(smoke_argv(tiny_pipeline_dir, tmp_path))
+
+    on_disk = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert on_disk["run_kind"] == "smoke" and set(on_disk["runs"]) == {"lora_eps10", "real", "nonprivate_lora"}
+    assert on_disk["runs"] == json.loads(json.dumps(results["runs"]))
+    for key, run in on_disk["runs"].items():
+        assert run["run_kind"] == "smoke", key
+        assert set(run["accuracy"]) == {"cnn", "logreg", "mlp"} and all(0 <= a <= 1 for a in run["accuracy"].values())
+        assert run["fd"]["num_real"] == run["fd"]["num_synthetic"] == 8 and run["fd"]["value"] >= 0
+        assert "evaluate" in run["timings"] and run["timings"]["evaluate"]["cpu_s"] >= 0
+    dp, nonprivate = on_disk["runs"]["lora_eps10"], on_disk["runs"]["nonprivate_lora"]
+    assert dp["num_synthetic"] == 30 and set(dp["timings"]) == {"train", "sample", "evaluate"}
+    assert 0 < dp["guarantee"]["epsilon"] <= 10 and dp["guarantee"]["steps"] == 2 and dp["guarantee"]["num_examples"] == 64
+    # the non-private reference states no guarantee and leaves nothing a DP tool would sample or publish
+    assert nonprivate["private"] is False and nonprivate["guarantee"] is None
+    assert not (tmp_path / "out" / "runs" / "nonprivate_lora" / "privacy.json").exists()
+    assert on_disk["runs"]["real"]["num_synthetic"] == 64  # the real reference trains on the private subset
+
+    docs = tmp_path / "docs"
+    for name in ("utility_accuracy.png", "utility_fd.png", "utility_samples_lora.png", "utility_samples_nonprivate_lora.png"):
+        assert (docs / name).stat().st_size > 1000, name
+    section = (docs / "benchmarks.md").read_text()
+    assert section.startswith("# Benchmarks") and "## Utility" in section and "SMOKE RUN" in section
+    assert "](utility_accuracy.png)" in section and "DPDM" in section and "86.2" in section
+    assert (ROOT / "docs" / "benchmarks.md").read_text() == repo_md  # the repo's docs are untouched
+
+    # resuming keeps finished runs with the same settings instead of training again
+    capsys.readouterr()
+    bench.main(smoke_argv(tiny_pipeline_dir, tmp_path, "--skip_existing", "--references", "real"))
+    assert "real: kept" in capsys.readouterr().out
+
+
+def test_bad_options_refused_before_work(tmp_path):
+    bench = load_benchmark()
+    from dpdiff.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown"):
+        bench.main(["--methods", "dpgan", "--output_dir", str(tmp_path / "o")])
+    with pytest.raises(ConfigError, match="num_fd_samples"):
+        bench.main(["--num_per_class", "3", "--num_fd_samples", "100", "--output_dir", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()
