@@ -34,6 +34,8 @@ from _docs import BENCHMARKS_MD, update_section  # noqa: E402
 from dpdiff.data import load_source  # noqa: E402
 from dpdiff.data.transforms import images_to_tensor  # noqa: E402
 from dpdiff.errors import ConfigError, DPDiffError  # noqa: E402
+from dpdiff.evaluation import FD_NAME, evaluate_downstream, feature_statistics, frechet_distance, load_synthetic  # noqa: E402
+from dpdiff.evaluation.frechet import fd_description  # noqa: E402
 from dpdiff.io import atomic_path, write_json  # noqa: E402
 
 METHODS = ("mepf", "attention", "lora", "full")
@@ -157,6 +159,7 @@ def train_nonprivate_lora(args, out: Path):
     from dpdiff.adapters import prepare_trainable
     from dpdiff.pipelines import load_pipeline
     from dpdiff.pipelines.preset import training_scheduler
+    from dpdiff.privacy.accounting import steps_for
     from dpdiff.privacy.diffusion_loss import draw_diffusion_inputs, example_generator, per_row_loss
     from dpdiff.training.arguments import DEFAULT_LEARNING_RATES
     from dpdiff.training.latent_cache import build_latent_cache
@@ -173,7 +176,7 @@ def train_nonprivate_lora(args, out: Path):
     optimizer = torch.optim.AdamW(params, lr=DEFAULT_LEARNING_RATES["lora"], weight_decay=0.0)
     ema, scheduler = EMAModel(params, decay=0.999), training_scheduler(pipe)
     n, batch = len(cache), min(args.batch_size, len(cache))
-    steps = args.max_steps or max(1, round(args.epochs * n / batch))
+    steps = steps_for(batch / n, epochs=None if args.max_steps else args.epochs, max_steps=args.max_steps)  # as DP-SGD
     order, generator = torch.empty(0, dtype=torch.long), torch.Generator().manual_seed(args.seed)
     for step in tqdm(range(steps), desc="non-private lora"):
         if len(order) < batch:
@@ -222,26 +225,25 @@ class Evaluator:
         self.x_test = images_to_tensor(test.dataset["image"], RESOLUTION, CHANNELS)
         self.y_test = torch.tensor(test.dataset["label"])
         self.fd_n = min(args.num_fd_samples, len(self.x_test))
-        self.x_fd_real = self.x_test[self._pick(len(self.x_test))]
         self.extractor = load_feature_extractor("efficientnet_lite0", input_size=args.fd_input_size, batch_size=64,
                                                 device=self.device)
+        self.fd_real = feature_statistics(self.x_test[self._pick(len(self.x_test))], self.extractor)  # once for all runs
 
     def _pick(self, n: int) -> torch.Tensor:
         return torch.randperm(n, generator=torch.Generator().manual_seed(self.args.seed))[: self.fd_n]
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> dict:
-        from dpdiff.evaluation import compute_fd, evaluate_downstream
-
         scores = evaluate_downstream(images, labels, self.x_test, self.y_test, CLASSIFIERS, epochs=self.args.eval_epochs,
                                      seed=self.args.seed, class_names=self.class_names, device=self.device)
-        fd = compute_fd(self.x_fd_real, images[self._pick(len(images))], self.extractor, 64, real_split="test")
+        picked = images[self._pick(len(images))]
+        fd = {"value": frechet_distance(*self.fd_real, *feature_statistics(picked, self.extractor)), "metric": FD_NAME,
+              "num_real": self.fd_n, "num_synthetic": len(picked), "description": fd_description(
+                  self.fd_n, len(picked), RESOLUTION, CHANNELS, self.extractor.input_size, "test")}
         return {"accuracy": {c: scores[c]["accuracy"] for c in CLASSIFIERS}, "fd": fd,
                 "train_count_per_class": scores["train_count_per_class"], "num_synthetic": len(images)}
 
 
 def load_images(folder: Path, class_names) -> tuple[torch.Tensor, torch.Tensor]:
-    from dpdiff.evaluation import load_synthetic
-
     syn = load_synthetic(str(folder), class_names)
     return images_to_tensor(syn.images, RESOLUTION, CHANNELS), torch.as_tensor(syn.labels, dtype=torch.long)
 
