@@ -33,7 +33,7 @@ from _docs import BENCHMARKS_MD, update_section  # noqa: E402
 
 from dpdiff.data import load_source  # noqa: E402
 from dpdiff.data.transforms import images_to_tensor  # noqa: E402
-from dpdiff.errors import ConfigError, DPDiffError  # noqa: E402
+from dpdiff.errors import ConfigError, DPDiffError, PrivacyError  # noqa: E402
 from dpdiff.evaluation import FD_NAME, evaluate_downstream, feature_statistics, frechet_distance, load_synthetic  # noqa: E402
 from dpdiff.evaluation.frechet import fd_description  # noqa: E402
 from dpdiff.io import atomic_path, write_json  # noqa: E402
@@ -95,14 +95,18 @@ def check(args) -> None:
     for name in ("num_per_class", "batch_size", "physical_batch_size", "mepf_generator_steps", "inference_steps", "fd_input_size"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if args.num_fd_samples < 2:
-        raise ConfigError("--num_fd_samples must be >= 2 (FD fits a covariance)")
-    if args.max_train_samples is not None and not 0 < args.batch_size <= args.max_train_samples:
-        raise ConfigError(f"--batch_size {args.batch_size} must be <= --max_train_samples {args.max_train_samples}")
-    available = min(args.num_per_class * 10, args.max_train_samples or 60000)  # synthetic; real training images
-    if args.num_fd_samples > available:
-        raise ConfigError(f"--num_fd_samples {args.num_fd_samples} exceeds the {available} images one side would have "
-                          "(10 x --num_per_class synthetic, --max_train_samples real); FD must compare equal counts")
+    for name in ("max_train_samples", "test_limit", "eval_epochs", "max_steps"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ConfigError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    n = args.max_train_samples or 60000
+    if args.batch_size > n:
+        raise ConfigError(f"--batch_size {args.batch_size} must be <= the {n} private images")
+    if not 0 < args.delta < 1 / n:
+        raise PrivacyError(f"--delta {args.delta} must be in (0, 1/n) = (0, {1 / n:.3g}) for n = {n} private images")
+    available = min(args.num_per_class * 10, n, args.test_limit or 10000)  # synthetic, real train, real test
+    if not 2 <= args.num_fd_samples <= available:
+        raise ConfigError(f"--num_fd_samples {args.num_fd_samples} must be in [2, {available}]: the images every side "
+                          "has (10 x --num_per_class synthetic, the real train and test sets); FD compares equal counts")
 
 
 def run_kind(args) -> str:

@@ -67,10 +67,12 @@ def test_smoke_run_writes_results_plots_and_section(tiny_pipeline_dir, tmp_path,
 
 def test_bad_options_refused_before_work(tmp_path):
     bench = load_benchmark()
-    from dpdiff.errors import ConfigError
+    from dpdiff.errors import ConfigError, PrivacyError
 
     with pytest.raises(ConfigError, match="unknown"):
         bench.main(["--methods", "dpgan", "--output_dir", str(tmp_path / "o")])
     with pytest.raises(ConfigError, match="num_fd_samples"):
         bench.main(["--num_per_class", "3", "--num_fd_samples", "100", "--output_dir", str(tmp_path / "o")])
+    with pytest.raises(PrivacyError, match="1/n"):
+        bench.main(["--max_train_samples", "1000", "--delta", "1e-3", "--output_dir", str(tmp_path / "o")])
     assert not (tmp_path / "o").exists()
