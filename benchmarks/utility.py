@@ -244,7 +244,7 @@ class Evaluator:
               "num_real": self.fd_n, "num_synthetic": len(picked), "description": fd_description(
                   self.fd_n, len(picked), RESOLUTION, CHANNELS, self.extractor.input_size, "test")}
         return {"accuracy": {c: scores[c]["accuracy"] for c in CLASSIFIERS}, "fd": fd,
-                "train_count_per_class": scores["train_count_per_class"], "num_synthetic": len(images)}
+                "train_count_per_class": scores["train_count_per_class"], "num_classifier_train_images": len(images)}
 
 
 def load_images(folder: Path, class_names) -> tuple[torch.Tensor, torch.Tensor]:

@@ -44,12 +44,12 @@ def test_smoke_run_writes_results_plots_and_section(tiny_pipeline_dir, tmp_path,
         assert run["fd"]["num_real"] == run["fd"]["num_synthetic"] == 8 and run["fd"]["value"] >= 0
         assert "evaluate" in run["timings"] and run["timings"]["evaluate"]["cpu_s"] >= 0
     dp, nonprivate = on_disk["runs"]["lora_eps10"], on_disk["runs"]["nonprivate_lora"]
-    assert dp["num_synthetic"] == 30 and set(dp["timings"]) == {"train", "sample", "evaluate"}
+    assert dp["num_classifier_train_images"] == 30 and set(dp["timings"]) == {"train", "sample", "evaluate"}
     assert 0 < dp["guarantee"]["epsilon"] <= 10 and dp["guarantee"]["steps"] == 2 and dp["guarantee"]["num_examples"] == 64
     # the non-private reference states no guarantee and leaves nothing a DP tool would sample or publish
     assert nonprivate["private"] is False and nonprivate["guarantee"] is None
     assert not (tmp_path / "out" / "runs" / "nonprivate_lora" / "privacy.json").exists()
-    assert on_disk["runs"]["real"]["num_synthetic"] == 64  # the real reference trains on the private subset
+    assert on_disk["runs"]["real"]["num_classifier_train_images"] == 64  # the real reference trains on the private subset
 
     docs = tmp_path / "docs"
     for name in ("utility_accuracy.png", "utility_fd.png", "utility_samples_lora.png", "utility_samples_nonprivate_lora.png"):
