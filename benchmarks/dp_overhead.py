@@ -212,11 +212,19 @@ cost grows with the share of the UNet that trains (LoRA ~2%, attention ~41%, ful
 small models, with the fixed per-module hook cost. Memory: per-sample gradients are batch x
 trainable parameters (full: 32 x 1.08M floats = 132 MiB on the preset), the rest is unchanged.
 
-**Targets** (lora <= 1.10x, attention <= 1.15x time; memory <= 1.15x): LoRA meets them on the wide
-UNet and in memory everywhere; on the 0.7 s preset step the fixed hook cost shows (use `ew`).
-Attention misses them (the doubled weight-gradient work above); ways to close the gap, not done
-yet: skip autograd's ordinary weight gradient for trainable Linear/Conv layers (Opacus cannot),
-or make the conv gradients contiguous so that `ew` runs on attention blocks too.
+**How far to trust the time ratios:** this machine has 2 cores shared with other jobs (load
+average ~5 while it ran). The wide rows have 3 timed steps of 13-30 s each and move by +-0.3
+between runs (wide lora hooks: 1.04x in a run at lower load, 1.37x in the run above; lora ew
+1.00x and 0.88x); the preset rows (8 timed steps) are steadier (lora hooks 1.30x and 1.31x,
+attention hooks 1.72x and 1.73x). Memory ratios are stable across runs.
+
+**Targets** (lora <= 1.10x, attention <= 1.15x time; memory <= 1.15x): LoRA meets the memory
+target everywhere and the time target on the wide UNet at low load (1.04x hooks, 1.00x ew); on
+the 0.7-1.2 s preset step the fixed hook cost shows (1.3x; `ew` 1.11-1.17x). Attention misses
+both (time 1.5-1.7x, memory 1.20-1.27x: the doubled weight-gradient work and the per-sample
+gradients of 41% of the UNet). Ways to close the gap, not done yet: skip autograd's ordinary
+weight gradient for the trainable layers (Opacus cannot), or make the conv gradients contiguous
+so that `ew` runs on attention blocks too.
 """
 
 
