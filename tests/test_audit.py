@@ -46,7 +46,7 @@ def test_chance_guesses_give_zero_and_the_false_positive_rate_is_at_most_beta():
         membership = rng.random(200) < 0.5
         made, correct = count_correct(guesses_from_scores(rng.random(200), 100), membership)
         positives += epsilon_lower_bound(200, made, correct, 1e-5, 0.95) > 0
-    assert positives <= 0.05 * 200 + 8  # binomial slack (measured: 9 of 200)
+    assert positives <= 0.05 * 200 + 8  # binomial slack (measured: 11 of 200)
 
 
 def test_guesses_split_top_and_bottom():
@@ -81,7 +81,7 @@ def small_pipeline_dir(tmp_path_factory):
 def test_non_private_run_is_caught(small_pipeline_dir, tmp_path):
     result = run_audit(audit_args(small_pipeline_dir, tmp_path / "np", "--non_private", "--max_grad_norm", "1e6"))
     assert result.noise_multiplier == 0 and math.isinf(result.epsilon_claimed)
-    # measured: 32 / 32 correct, epsilon_lower 2.30 (the most 32 canaries can show at 95%: 2.32)
+    # measured: 31 / 32 correct, epsilon_lower 1.756 (the most 32 canaries can show at 95%: 2.32)
     assert result.num_correct >= 29 and result.epsilon_lower > 1.2, format_table(result)
     saved = json.loads((tmp_path / "np" / "audit.json").read_text())
     assert saved["epsilon_claimed"] == "inf" and saved["num_correct"] == result.num_correct
@@ -90,6 +90,6 @@ def test_non_private_run_is_caught(small_pipeline_dir, tmp_path):
 def test_dp_run_lower_bound_stays_below_its_claim(small_pipeline_dir, tmp_path):
     result = run_audit(audit_args(small_pipeline_dir, tmp_path / "dp", "--target_epsilon", "1.0"))
     assert 0 < result.epsilon_claimed <= 1.0 and result.noise_multiplier > 0
-    # same canaries, data and steps as the non-private run; measured: epsilon_lower 0.0 (17 / 32 correct)
+    # same canaries, data and steps as the non-private run; measured: epsilon_lower 0.0 (19 / 32 correct, sigma 12.4)
     assert result.epsilon_lower <= result.epsilon_claimed, format_table(result)
     assert result.consistent
