@@ -96,7 +96,7 @@ def load_imagefolder(path: str, split: str, limit: int | None, seed: int, skip_b
     from dpdiff.data.sources import prompt_for
 
     per_class = [prompt_for(c) for c in class_names]
-    final_prompts = [p if p else per_class[l] for p, l in zip(kept_prompts, kept_labels)]
+    final_prompts = [p if p else (per_class[l] if 0 <= l < len(per_class) else "") for p, l in zip(kept_prompts, kept_labels)]
     source = ImageSource(f"imagefolder:{path}", split, build_dataset(images, kept_labels, class_names, final_prompts), class_names)
     source.num_skipped = len(bad)
     return source
