@@ -55,14 +55,18 @@ def test_guesses_split_top_and_bottom():
     assert count_correct(g, np.array([True, False, True, False, False, True])) == (4, 3)
 
 
-def audit_args(base, out, *extra):
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    return parser.parse_args([
+def audit_argv(base, out, *extra):
+    return [
         "--pretrained_model_name_or_path", str(base), "--output_dir", str(out), "--dataset", "fashion_mnist",
         "--max_train_samples", "8", "--num_canaries", "32", "--batch_size", "20", "--physical_batch_size", "20",
         "--max_steps", "30", "--audit_seed", "7", "--privacy_seed", "3", "--delta", "1e-3", *extra,
-    ])
+    ]
+
+
+def audit_args(base, out, *extra):
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args(audit_argv(base, out, *extra))
 
 
 @pytest.fixture(scope="module")
@@ -87,9 +91,46 @@ def test_non_private_run_is_caught(small_pipeline_dir, tmp_path):
     assert saved["epsilon_claimed"] == "inf" and saved["num_correct"] == result.num_correct
 
 
-def test_dp_run_lower_bound_stays_below_its_claim(small_pipeline_dir, tmp_path):
-    result = run_audit(audit_args(small_pipeline_dir, tmp_path / "dp", "--target_epsilon", "1.0"))
-    assert 0 < result.epsilon_claimed <= 1.0 and result.noise_multiplier > 0
+def test_dp_run_lower_bound_stays_below_its_claim(small_pipeline_dir, tmp_path, capsys):
+    from dpdiff.cli import main
+
+    rc = main(["audit", *audit_argv(small_pipeline_dir, tmp_path / "dp", "--target_epsilon", "1.0")])
+    printed = capsys.readouterr().out
+    result = json.loads((tmp_path / "dp" / "audit.json").read_text())
+    assert 0 < result["epsilon_claimed"] <= 1.0 and result["noise_multiplier"] > 0
     # same canaries, data and steps as the non-private run; measured: epsilon_lower 0.0 (19 / 32 correct, sigma 12.4)
-    assert result.epsilon_lower <= result.epsilon_claimed, format_table(result)
-    assert result.consistent
+    assert result["epsilon_lower"] <= result["epsilon_claimed"] and result["consistent"], printed
+    assert rc == 0 and "empirical lower bound (95% confidence)" in printed and "consistent" in printed
+
+
+def test_an_engine_that_adds_too_little_noise_is_refuted(small_pipeline_dir, tmp_path, monkeypatch, capsys):
+    """Fault injection: the run claims epsilon 1 but the engine uses 1/1000 of the planned noise (the
+    kind of bug the audit exists for). Clipping still works, yet the canaries give the bug away."""
+    from dpdiff.cli import main
+    from dpdiff.privacy import engine
+
+    real_init = engine.DPDiffusionEngine.__init__
+
+    def buggy_init(self, *args, noise_multiplier, **kwargs):
+        real_init(self, *args, noise_multiplier=noise_multiplier / 1000, **kwargs)
+
+    monkeypatch.setattr(engine.DPDiffusionEngine, "__init__", buggy_init)
+    rc = main(["audit", *audit_argv(small_pipeline_dir, tmp_path / "bug", "--target_epsilon", "1.0")])
+    printed = capsys.readouterr().out
+    result = json.loads((tmp_path / "bug" / "audit.json").read_text())
+    # measured: 31 / 32 correct, epsilon_lower 1.756 > claimed 1.000 (the table still shows the planned sigma 12.4)
+    assert rc == 1 and "REFUTED" in printed and not result["consistent"], printed
+    assert result["epsilon_lower"] > result["epsilon_claimed"] == pytest.approx(1.0, abs=0.01)
+
+
+def test_bad_audit_options_stop_before_any_work(small_pipeline_dir, tmp_path, capsys):
+    from dpdiff.cli import main
+
+    for extra, message in ((["--num_guesses", "33"], "--num_guesses must be in 1..32"),
+                           (["--target_epsilon", "0"], "target epsilon must be a finite number > 0"),
+                           (["--method", "lora", "--lora_target_modules", "to_q"], "cross-attention key/value")):
+        out = tmp_path / extra[0].strip("-")
+        rc = main(["audit", *audit_argv(small_pipeline_dir, out, *extra)])
+        err = capsys.readouterr().err
+        assert rc == 2 and message in err, err
+        assert not out.exists() or not any(out.iterdir())
