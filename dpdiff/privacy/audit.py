@@ -6,19 +6,19 @@ sensitivity of K*C...). The audit tests that from the outside, by the one-run me
 Nasr & Jagielski (2023, "Privacy Auditing with One (1) Training Run"):
 
 1. make m canaries: an out-of-distribution image whose caption embedding is a unique basis
-   direction of the text-embedding space ("Dirac" canaries); a SECRET coin per canary decides
+   direction of the text-embedding space, one the private captions barely use ("Dirac" canaries); a SECRET coin per canary decides
    whether it joins the private training set (probability 1/2 each);
 2. train exactly as `dpdiff finetune` does, on the latent cache (the DP mechanism's input): same
    accounting plan, same DP engine (Poisson sampling, clipping, noise, multiplicity);
-3. score every canary by how far training moved ITS column of the cross-attention key/value
-   projections (only canary i's caption touches column i; private captions touch all columns);
+3. score every canary by how far training moved the cross-attention key/value projections along
+   ITS direction (no other canary's caption has a component there, the private captions little);
 4. guess the top-k scores "member" and the bottom-k "non-member", count the correct guesses, and
    turn the count into the largest epsilon that an (epsilon, delta)-DP run would produce with
    probability below 1 - confidence (their Theorem: the guesses are at best randomized response).
 
 Why not the denoising loss of image canaries? Measured here (tiny UNet, 30-60 steps): member and
 non-member losses were indistinguishable even without noise (AUC 0.3-0.6): the model learns a
-generic denoiser long before it memorises one image. The column statistic separates them perfectly.
+generic denoiser long before it memorises one image. The direction statistic gets 31 of 32 right.
 
 If the lower bound ever exceeds the claimed epsilon, the implementation (or the accounting) is
 wrong. A bound far below the claim is expected and says nothing: one weak attacker, few canaries.
@@ -38,7 +38,6 @@ import numpy as np
 from dpdiff.errors import ConfigError, DPDiffError
 
 AUDIT_FILE = "audit.json"
-CANARY_CLASS = "canary"
 CANARY_KINDS = ("blocks", "noise")
 DEFAULT_LEARNING_RATES = {"sgd": 1e-2, "adamw": 5e-4}
 REFERENCE = "Steinke, Nasr & Jagielski 2023, Privacy Auditing with One (1) Training Run (arXiv:2305.08846)"
@@ -49,7 +48,7 @@ REFERENCE = "Steinke, Nasr & Jagielski 2023, Privacy Auditing with One (1) Train
 
 def one_run_p_value(num_canaries: int, num_guesses: int, num_correct: int, epsilon: float, delta: float) -> float:
     """P[at least `num_correct` of `num_guesses` guesses right] if training were (epsilon, delta)-DP in
-    each canary (Steinke et al. 2023, Thm. 5.2): a Binomial(r, e^eps / (1 + e^eps)) tail plus the
+    each canary (the one-run theorem of Steinke et al. 2023): a Binomial(r, e^eps / (1 + e^eps)) tail plus the
     delta term 2 m delta max_i P[v - i <= Binomial < v] / i."""
     from scipy.stats import binom
 
@@ -139,16 +138,25 @@ def make_canary_images(num_canaries: int, resolution: int, audit_seed: int, kind
     return images
 
 
-def canary_contexts(num_canaries: int, tokens: int, dim: int, norm: float):
-    """Canary i's caption embedding: every token = norm * e_i, a basis direction of the text-embedding
-    space no other canary uses (a "Dirac" canary). Its gradient on a cross-attention key/value
-    projection W then lies in column i of W alone, so the column's change after training is a
-    per-canary membership statistic (white-box, in the spirit of Steinke et al.'s gradient canaries)."""
+def canary_directions(caption_embeddings, num_canaries: int):
+    """m orthonormal directions of the text-embedding space along which the private captions have the
+    LEAST energy (the bottom eigenvectors of their token second-moment matrix): [m, dim].
+
+    Choosing canaries from the private data is allowed: the theorem only needs the membership coins
+    to be independent of everything else."""
     import torch
 
-    contexts = torch.zeros(num_canaries, tokens, dim)
-    contexts[torch.arange(num_canaries), :, torch.arange(num_canaries)] = float(norm)
-    return contexts
+    tokens = caption_embeddings.reshape(-1, caption_embeddings.shape[-1]).double()
+    _, vectors = torch.linalg.eigh(tokens.T @ tokens)  # ascending eigenvalues
+    return vectors[:, :num_canaries].T.float().contiguous()
+
+
+def canary_contexts(directions, tokens: int, norm: float):
+    """Canary i's caption embedding: every token = norm * u_i, a direction no other canary uses (a
+    "Dirac" canary). Its gradient on a cross-attention key/value projection W then moves W only along
+    u_i, so ||(W_T - W_0) u_i|| is a per-canary membership statistic (white-box, in the spirit of
+    Steinke et al.'s gradient canaries)."""
+    return (float(norm) * directions)[:, None, :].expand(-1, tokens, -1).contiguous()
 
 
 def context_projections(unet) -> dict:
@@ -160,12 +168,12 @@ def context_projections(unet) -> dict:
             and p.ndim == 2 and p.shape[1] == dim}
 
 
-def column_scores(initial: dict, trained: dict, num_canaries: int) -> np.ndarray:
-    """sum over projections of ||W_T[:, i] - W_0[:, i]||^2: how much training moved canary i's column."""
-    scores = np.zeros(num_canaries)
+def direction_scores(initial: dict, trained: dict, directions) -> np.ndarray:
+    """sum over projections of ||(W_T - W_0) u_i||^2: how much training moved W along canary i's direction."""
+    scores = np.zeros(len(directions))
     for name, before in initial.items():
         change = trained[name].detach().cpu().double() - before.double()
-        scores += change[:, :num_canaries].pow(2).sum(dim=0).numpy()
+        scores += (change @ directions.double().T).pow(2).sum(dim=0).numpy()
     return scores
 
 
@@ -215,12 +223,10 @@ def check_audit_arguments(args: argparse.Namespace) -> argparse.Namespace:
 
     if args.learning_rate is None:
         args.learning_rate = DEFAULT_LEARNING_RATES[args.optimizer]
-    if args.num_canaries < 2:
+    if args.num_canaries is not None and args.num_canaries < 2:
         raise ConfigError(f"--num_canaries must be >= 2, got {args.num_canaries}")
-    if args.num_guesses is None:
-        args.num_guesses = args.num_canaries
-    if not 0 < args.num_guesses <= args.num_canaries:
-        raise ConfigError(f"--num_guesses must be in 1..{args.num_canaries} (the canaries), got {args.num_guesses}")
+    if args.num_guesses is not None and not (0 < args.num_guesses and (args.num_canaries is None or args.num_guesses <= args.num_canaries)):
+        raise ConfigError(f"--num_guesses must be in 1..{args.num_canaries or 'num_canaries'} (the canaries), got {args.num_guesses}")
     if not 0 < args.confidence < 1:
         raise ConfigError(f"--confidence must be in (0, 1), got {args.confidence}")
     positive = {"batch_size": args.batch_size, "physical_batch_size": args.physical_batch_size, "max_steps": args.max_steps,
@@ -260,10 +266,13 @@ def run_audit(args: argparse.Namespace) -> AuditResult:
 
     source = load_source(args.dataset, "train", limit=args.max_train_samples, seed=args.seed)
     pipeline = load_pipeline(args.pretrained_model_name_or_path)
-    unet, m = pipeline.unet, args.num_canaries
+    unet = pipeline.unet
     dim = unet.config.cross_attention_dim
+    m = args.num_canaries or min(256, dim // 2)
     if m > dim:
         raise ConfigError(f"--num_canaries {m} > {dim}: each canary needs its own direction of the {dim}-d text embedding")
+    if args.num_guesses is not None and args.num_guesses > m:
+        raise ConfigError(f"--num_guesses must be in 1..{m} (the canaries), got {args.num_guesses}")
     resolution = unet.config.sample_size * pipeline.vae_scale_factor
     unet.train()
     prepare_trainable(unet, args.method, rank=args.rank, lora_alpha=args.lora_alpha,
@@ -282,7 +291,8 @@ def run_audit(args: argparse.Namespace) -> AuditResult:
                             show_progress=False)
     embeddings = private.prompt_embeddings
     norm = args.canary_scale * float(embeddings[:-1].norm(dim=-1).mean())
-    contexts = canary_contexts(m, embeddings.shape[1], dim, norm)[members]
+    directions = canary_directions(embeddings, m)
+    contexts = canary_contexts(directions, embeddings.shape[1], norm)[members]
     first = len(embeddings) - 1  # canary contexts go before the trailing empty prompt
     cache = LatentCache(
         latents=torch.cat([private.latents, latents[members]]),
@@ -304,7 +314,7 @@ def run_audit(args: argparse.Namespace) -> AuditResult:
     initial = {name: p.detach().cpu().clone() for name, p in probes.items()}
     params = [p for p in unet.parameters() if p.requires_grad]
     # any optimizer is post-processing of the noisy gradient: the claimed guarantee covers it. SGD
-    # keeps a canary's update in its own column; Adam's per-coordinate scaling would blur it.
+    # keeps a canary's update along its own direction; Adam's per-coordinate scaling would blur it.
     optimizer = (torch.optim.SGD(params, lr=args.learning_rate) if args.optimizer == "sgd"
                  else torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=0.0))
     engine = DPDiffusionEngine(
@@ -316,9 +326,9 @@ def run_audit(args: argparse.Namespace) -> AuditResult:
     for _ in tqdm(range(steps), desc="audit run"):
         cache.step = engine.steps_taken
         engine.step()
-    scores = column_scores(initial, dict(engine.model.named_parameters()), m)
+    scores = direction_scores(initial, dict(engine.model.named_parameters()), directions)
 
-    guesses = guesses_from_scores(scores, args.num_guesses)
+    guesses = guesses_from_scores(scores, args.num_guesses or m)
     made, correct = count_correct(guesses, membership)
     result = AuditResult(
         epsilon_lower=epsilon_lower_bound(m, made, correct, args.delta, args.confidence),
@@ -362,7 +372,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--learning_rate", type=float, default=None, help="default: 1e-2 sgd, 5e-4 adamw")
     a("--optimizer", choices=("sgd", "adamw"), default="sgd", help="post-processing of the noisy gradient; SGD gives the audit most power")
     a("--cond_dropout", type=float, default=0.0, help="as in finetune (0 here: canaries always show their caption)")
-    a("--num_canaries", type=int, default=64, help="m (<= the text-embedding width): each joins the training set with probability 1/2")
+    a("--num_canaries", type=int, default=None, help="m, each joins the training set with probability 1/2; default min(256, text-embedding width / 2)")
     a("--canary_kind", choices=CANARY_KINDS, default="blocks")
     a("--num_guesses", type=int, default=None, help="guesses (half member, half non-member); default all canaries. Fix it in advance")
     a("--canary_scale", type=float, default=10.0, help="canary caption-embedding norm, in units of the private captions' mean token norm")
