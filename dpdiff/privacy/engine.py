@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import secrets
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -194,7 +195,10 @@ class DPDiffusionEngine:
         hidden = encoder_hidden_states.repeat_interleave(k, dim=0)
         losses = per_row_loss(self.module, self.noise_scheduler, rows, hidden, noise, timesteps)
         # mean over all b*K rows: with loss_reduction="mean" Opacus stores each row's own gradient
-        losses.mean().backward()
+        with warnings.catch_warnings():
+            # Opacus' hooks fire on module outputs because the cached inputs need no grad: expected
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            losses.mean().backward()
         fold_multiplicity(self.params, b, k)
         return losses.detach().view(b, k).mean(dim=1)
 
