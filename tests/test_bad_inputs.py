@@ -243,9 +243,6 @@ def test_corrupt_checkpoint_is_named_and_the_previous_one_still_loads(finished_r
     assert state["step"] == 2 and trainable and ledger
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (reported): dpdiff.sampling.records.check_weights only checks that the adapter "
-                   "exists; a truncated one escapes from diffusers' load_lora_weights as a raw OSError/SafetensorError "
-                   "stack trace instead of an IntegrityError that `dpdiff sample` prints with exit code 2")
 def test_corrupt_adapter_is_named_by_dpdiff_sample(finished_run, tmp_path, capsys):
     from dpdiff.cli import main
 

@@ -139,6 +139,21 @@ def check_weights(path: Path, method: str) -> None:
         unet = path / UNET_DIR
         if not (unet / "config.json").is_file() or not any(p.suffix == ".safetensors" for p in unet.glob("*")):
             raise IntegrityError(f"{path} is a {method} run but {unet} has no config.json + .safetensors weights")
+    files = [path / LORA_FILE] if method == "lora" else sorted((path / UNET_DIR).glob("*.safetensors")) if method in ("attention", "full") else []
+    for weights in files:
+        check_safetensors(weights)
+
+
+def check_safetensors(path: Path) -> None:
+    """Read the header and every tensor: a truncated or corrupt file is named, not a stack trace later."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            for key in f.keys():
+                f.get_slice(key)[:]
+    except Exception as e:  # safetensors raises its own error types for every kind of damage
+        raise IntegrityError(f"weights file {path} is corrupt or truncated ({e}); re-export or re-download the run") from None
 
 
 def resolve_run(run_dir_or_hub_id: str | os.PathLike) -> Path:
