@@ -15,7 +15,6 @@ state are the same for both and not counted.
 from __future__ import annotations
 
 import argparse
-import copy
 import ctypes
 import gc
 import os

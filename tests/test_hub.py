@@ -4,7 +4,6 @@ import json
 import os
 
 import pytest
-import torch
 from huggingface_hub import HfApi, ModelCard
 from PIL import Image
 
