@@ -32,7 +32,7 @@ demo: install data
 	HF_HUB_OFFLINE=1 $(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no recipes/finetune_lora.py
 
 test: install data
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q --durations=15 tests
 
 pretrain: install data
 	HF_HUB_OFFLINE=1 $(PY) recipes/pretrain_public.py --output_dir dpdiff/presets/tiny-sd
