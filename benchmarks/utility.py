@@ -40,6 +40,7 @@ from dpdiff.io import atomic_path, write_json  # noqa: E402
 
 METHODS = ("mepf", "attention", "lora", "full")
 REFERENCES = ("real", "nonprivate_lora")
+TRAINED_FILE = "benchmark_trained.json"
 CLASSIFIERS = ("cnn", "logreg", "mlp")
 DATASET, RESOLUTION, CHANNELS = "fashion_mnist", 28, 1
 # published Fashion-MNIST 28px, delta=1e-5, train on synthetic / test on real (accuracy %)
@@ -258,7 +259,11 @@ def resolve_device(args) -> str:
 
 def run_one(args, key: str, method: str, epsilon: float | None, evaluate: Evaluator, out: Path) -> dict:
     run_dir, synthetic = out / "runs" / key, out / "synthetic" / key
-    for folder in (run_dir, synthetic):
+    marker = run_dir / TRAINED_FILE  # a finished training: --skip_existing samples and scores it again, no retraining
+    trained = json.loads(marker.read_text()) if args.skip_existing and marker.is_file() else None
+    if trained is not None and (trained["settings"], trained["method"]) != (settings(args), method):
+        trained = None
+    for folder in (synthetic,) if trained else (run_dir, synthetic):
         shutil.rmtree(folder, ignore_errors=True)  # a rerun starts clean: no stale release or samples
     timings: dict = {}
     entry = {"method": method, "target_epsilon": epsilon, "run_kind": run_kind(args), "settings": settings(args)}
@@ -278,8 +283,12 @@ def run_one(args, key: str, method: str, epsilon: float | None, evaluate: Evalua
     else:
         from dpdiff.sampling import sample_dataset
 
-        with phase(timings, "train"):
-            record = train_mepf(args, epsilon, run_dir) if method == "mepf" else train_dp_sgd(args, method, epsilon, run_dir)
+        if trained:
+            record, timings["train"] = trained["record"], trained["train_timing"]
+        else:
+            with phase(timings, "train"):
+                record = train_mepf(args, epsilon, run_dir) if method == "mepf" else train_dp_sgd(args, method, epsilon, run_dir)
+            write_json(marker, {"settings": settings(args), "method": method, "record": record, "train_timing": timings["train"]})
         with phase(timings, "sample"):
             sample_dataset(run_dir, synthetic, num_per_class=args.num_per_class, seed=args.seed, resolution=RESOLUTION,
                            guidance_scale=args.guidance_scale, num_inference_steps=args.inference_steps,
@@ -339,7 +348,7 @@ def render_docs(results: dict, docs_dir: Path, md_path: Path) -> None:
 def markdown(results: dict, plots: dict) -> str:
     runs, kind = results["runs"], results["run_kind"]
     s = next(iter(runs.values()))["settings"] if runs else {}
-    cpu = lambda r, ph: f"{r['timings'][ph]['cpu_s'] / 60:.2f}" if ph in r["timings"] else "–"  # noqa: E731
+    cpu = lambda r, ph: f"{r['timings'][ph]['cpu_s'] / 60:.2f}" if (r["timings"].get(ph) or {}).get("cpu_s") is not None else "–"  # noqa: E731
     rows = []
     for key, r in runs.items():
         g = r.get("guarantee") or {}

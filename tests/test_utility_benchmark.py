@@ -63,6 +63,16 @@ def test_smoke_run_writes_results_plots_and_section(tiny_pipeline_dir, tmp_path,
     capsys.readouterr()
     bench.main(smoke_argv(tiny_pipeline_dir, tmp_path, "--skip_existing", "--references", "real"))
     assert "real: kept" in capsys.readouterr().out
+    # a finished training whose sampling was interrupted is sampled again, not retrained
+    adapter = tmp_path / "out" / "runs" / "lora_eps10" / "pytorch_lora_weights.safetensors"
+    trained_at = adapter.stat().st_mtime_ns
+    results_file = tmp_path / "out" / "results.json"
+    partial = json.loads(results_file.read_text())
+    del partial["runs"]["lora_eps10"]
+    results_file.write_text(json.dumps(partial))
+    again = bench.main(smoke_argv(tiny_pipeline_dir, tmp_path, "--skip_existing", "--references"))
+    assert adapter.stat().st_mtime_ns == trained_at
+    assert again["runs"]["lora_eps10"]["guarantee"] == dp["guarantee"] and again["runs"]["lora_eps10"]["num_classifier_train_images"] == 30
 
 
 def test_bad_options_refused_before_work(tmp_path):
