@@ -7,27 +7,9 @@
 Leaves in --output_dir: unet/ (the fine-tuned UNet, `UNet2DConditionModel.from_pretrained` loads it),
 privacy.json, generation_config.json, README.md (model card), samples.png, epsilon_curve.png."""
 
-import argparse
 import sys
 
-from dpdiff.config import parse_with_config
-from dpdiff.errors import DPDiffError
-from dpdiff.training.arguments import add_finetune_arguments
-from dpdiff.training.loop import finetune
-
-
-def main(argv=None) -> int:
-    parser = add_finetune_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0]), method="attention")
-    try:
-        args = parse_with_config(parser, argv)
-        record = finetune(args).record
-    except DPDiffError as e:
-        print(f"finetune_attention: error: {e}", file=sys.stderr)
-        return 2
-    print(f"(epsilon, delta) = ({record['epsilon']:.4g}, {record['delta']:g}) after {record['steps']} DP-SGD steps; "
-          f"UNet, privacy.json and model card in {args.output_dir}")
-    return 0
-
+from dpdiff.training.cli import recipe_main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(recipe_main("attention", __doc__.splitlines()[0]))

@@ -9,27 +9,9 @@ attention projections, trained with DP-SGD (Opacus) under Accelerate.
 Leaves in --output_dir: pytorch_lora_weights.safetensors, privacy.json, generation_config.json,
 README.md (model card), samples.png, epsilon_curve.png."""
 
-import argparse
 import sys
 
-from dpdiff.config import parse_with_config
-from dpdiff.errors import DPDiffError
-from dpdiff.training.arguments import add_finetune_arguments
-from dpdiff.training.loop import finetune
-
-
-def main(argv=None) -> int:
-    parser = add_finetune_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0]), method="lora")
-    try:
-        args = parse_with_config(parser, argv)
-        record = finetune(args).record
-    except DPDiffError as e:
-        print(f"finetune_lora: error: {e}", file=sys.stderr)
-        return 2
-    print(f"(epsilon, delta) = ({record['epsilon']:.4g}, {record['delta']:g}) after {record['steps']} DP-SGD steps; "
-          f"adapter, privacy.json and model card in {args.output_dir}")
-    return 0
-
+from dpdiff.training.cli import recipe_main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(recipe_main("lora", __doc__.splitlines()[0]))

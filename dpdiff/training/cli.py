@@ -30,3 +30,24 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None)
         return 2
     print(f"done: (epsilon, delta) = ({record['epsilon']:.4g}, {record['delta']:g}) after {record['steps']} steps -> {args.output_dir}")
     return 0
+
+
+def recipe_main(method: str, description: str, argv=None) -> int:
+    """The body of `recipes/finetune_<method>.py`: flags + YAML -> finetune -> one summary line."""
+    import sys
+
+    from dpdiff.config import parse_with_config
+    from dpdiff.errors import DPDiffError
+    from dpdiff.training.loop import finetune
+
+    parser = add_finetune_arguments(argparse.ArgumentParser(description=description), method=method)
+    try:
+        args = parse_with_config(parser, argv)
+        record = finetune(args).record
+    except DPDiffError as e:
+        print(f"finetune_{method}: error: {e}", file=sys.stderr)
+        return 2
+    saved = "adapter" if method == "lora" else "UNet"
+    print(f"(epsilon, delta) = ({record['epsilon']:.4g}, {record['delta']:g}) after {record['steps']} DP-SGD steps; "
+          f"{saved}, privacy.json and model card in {args.output_dir}")
+    return 0
