@@ -212,3 +212,23 @@ def _is_int(text: str) -> bool:
         return True
     except ValueError:
         return False
+
+
+def run_command(name: str, args: argparse.Namespace, parser: argparse.ArgumentParser | None, add_arguments, body) -> int:
+    """The shared shell of every `dpdiff <name>` subcommand and recipe: apply `--config`, run `body(args)`,
+    and turn a user error into one line on stderr and exit code 2.
+
+    `parser` is None when the `dpdiff` dispatcher parsed `args`; the flag table is then rebuilt with
+    `add_arguments` so the YAML can be checked against it."""
+    import sys
+
+    from dpdiff.errors import DPDiffError
+
+    if parser is None:
+        parser = argparse.ArgumentParser()
+        add_arguments(parser)
+    try:
+        return body(apply_config(parser, args))
+    except DPDiffError as err:
+        print(f"dpdiff {name}: error: {err}", file=sys.stderr)
+        return 2

@@ -13,10 +13,9 @@ import argparse
 import sys
 import time
 
-from dpdiff.config import add_config_argument, apply_config
-from dpdiff.errors import ConfigError, DPDiffError
+from dpdiff.config import add_config_argument, run_command
+from dpdiff.errors import ConfigError
 
-EXIT_USAGE = 2
 METRICS = ("fd", "cnn", "logreg", "mlp", "fid_inception")
 DEFAULT_METRICS = "fd,cnn,logreg,mlp"
 
@@ -39,16 +38,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> int:
-    if parser is None:  # the `dpdiff` CLI parsed args; rebuild the flag table to read --config
-        parser = argparse.ArgumentParser()
-        add_arguments(parser)
-    try:
-        args = apply_config(parser, args)
-        metrics = check_arguments(args)
-        results = evaluate(args, metrics)
-    except DPDiffError as err:
-        print(f"dpdiff evaluate: error: {err}", file=sys.stderr)
-        return EXIT_USAGE
+    return run_command("evaluate", args, parser, add_arguments, _evaluate_and_report)
+
+
+def _evaluate_and_report(args: argparse.Namespace) -> int:
+    results = evaluate(args, check_arguments(args))
     print(format_results(results))
     if args.output:
         from dpdiff.io import write_json

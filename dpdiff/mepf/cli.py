@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-from dpdiff.config import add_config_argument, apply_config
-from dpdiff.errors import ConfigError, DPDiffError, PrivacyError
+from dpdiff.config import add_config_argument, run_command
+from dpdiff.errors import ConfigError, PrivacyError
 from dpdiff.features import AVAILABLE_EXTRACTORS, check_extractor_available
 from dpdiff.imaging import save_grid
 from dpdiff.io import write_json
@@ -34,7 +33,6 @@ from dpdiff.mepf.train import TrainConfig, train_generator
 from dpdiff.privacy.accounting import DEFAULT_DELTA
 
 GENERATION_FILE = "generation_config.json"
-EXIT_USAGE = 2
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -128,16 +126,7 @@ def validate(args: argparse.Namespace) -> EmbeddingConfig:
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> int:
     """Exit code 0 on success, 2 on a user error (printed as one line, before any work)."""
-    if parser is None:  # the `dpdiff` CLI parsed args; rebuild the flag table to read --config
-        parser = argparse.ArgumentParser()
-        add_arguments(parser)
-    try:
-        args = apply_config(parser, args)
-        config = validate(args)
-        return train_mepf(args, config)
-    except DPDiffError as err:
-        print(f"dpdiff mepf: error: {err}", file=sys.stderr)
-        return EXIT_USAGE
+    return run_command("mepf", args, parser, add_arguments, lambda a: train_mepf(a, validate(a)))
 
 
 def train_mepf(args: argparse.Namespace, config: EmbeddingConfig) -> int:

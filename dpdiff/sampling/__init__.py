@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import sys
 
-from dpdiff.config import add_config_argument, apply_config
+from dpdiff.config import add_config_argument, run_command
 from dpdiff.errors import DPDiffError
 
 DTYPES = ("float32", "float16", "bfloat16")
@@ -50,38 +49,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> int:
-    if parser is None:  # the `dpdiff` CLI parsed args; rebuild the flag table to read --config
-        parser = argparse.ArgumentParser()
-        add_arguments(parser)
-    try:
-        args = apply_config(parser, args)
-        if not args.model_dir or not args.output_dir:
-            raise DPDiffError("--model_dir and --output_dir are required (on the command line or in --config)")
-        import torch
+    return run_command("sample", args, parser, add_arguments, _sample)
 
-        device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-        from dpdiff.sampling.generate import sample_dataset
 
-        out = sample_dataset(
-            args.model_dir,
-            args.output_dir,
-            num_per_class=args.num_per_class,
-            prompts=args.prompt,
-            num_per_prompt=args.num_per_prompt,
-            seed=args.seed,
-            guidance_scale=args.guidance_scale,
-            num_inference_steps=args.num_inference_steps,
-            batch_size=args.batch_size,
-            format=args.format,
-            resolution=args.resolution,
-            overwrite=args.overwrite,
-            base_model=args.base_model,
-            device=device,
-            torch_dtype=getattr(torch, args.dtype),
-        )
-    except DPDiffError as e:
-        print(f"dpdiff sample: error: {e}", file=sys.stderr)
-        return 2
+def _sample(args: argparse.Namespace) -> int:
+    if not args.model_dir or not args.output_dir:
+        raise DPDiffError("--model_dir and --output_dir are required (on the command line or in --config)")
+    import torch
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    from dpdiff.sampling.generate import sample_dataset
+
+    out = sample_dataset(
+        args.model_dir,
+        args.output_dir,
+        num_per_class=args.num_per_class,
+        prompts=args.prompt,
+        num_per_prompt=args.num_per_prompt,
+        seed=args.seed,
+        guidance_scale=args.guidance_scale,
+        num_inference_steps=args.num_inference_steps,
+        batch_size=args.batch_size,
+        format=args.format,
+        resolution=args.resolution,
+        overwrite=args.overwrite,
+        base_model=args.base_model,
+        device=device,
+        torch_dtype=getattr(torch, args.dtype),
+    )
     print(f"wrote {out} ({args.format}); see {out}/sampling.json for counts and the privacy guarantee")
     return 0
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from dpdiff.config import add_config_argument, apply_config
+from dpdiff.config import add_config_argument, run_command
 from dpdiff.training.arguments import add_finetune_arguments
 
 
@@ -14,20 +14,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> int:
-    from dpdiff.errors import DPDiffError
+    return run_command("finetune", args, parser, add_arguments, _finetune)
+
+
+def _finetune(args: argparse.Namespace) -> int:
     from dpdiff.training.loop import finetune
 
-    try:
-        if parser is None:  # `dpdiff finetune` parsed args already; rebuild the flag table for --config
-            parser = argparse.ArgumentParser()
-            add_arguments(parser)
-        args = apply_config(parser, args)
-        record = finetune(args).record
-    except DPDiffError as e:
-        import sys
-
-        print(f"dpdiff finetune: error: {e}", file=sys.stderr)
-        return 2
+    record = finetune(args).record
     print(f"done: (epsilon, delta) = ({record['epsilon']:.4g}, {record['delta']:g}) after {record['steps']} steps -> {args.output_dir}")
     return 0
 
