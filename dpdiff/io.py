@@ -66,6 +66,22 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def removed_if_left_empty(path: str | os.PathLike) -> Iterator[None]:
+    """On an error, remove `path` if this block created it and left it empty.
+
+    A run refused while loading its data must not leave an empty output folder behind (the next
+    attempt would then look like a run to resume or overwrite)."""
+    path = Path(path)
+    existed = path.exists()
+    try:
+        yield
+    except BaseException:
+        if not existed and path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+        raise
+
+
 def write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")

@@ -18,6 +18,7 @@ from PIL import Image
 from dpdiff.errors import ConfigError, DataError, IntegrityError, PrivacyError
 from dpdiff.training.arguments import add_finetune_arguments
 from dpdiff.training.loop import finetune
+from helpers import to_argv
 
 
 def flags(base, out, **extra):
@@ -28,13 +29,7 @@ def flags(base, out, **extra):
         "privacy_seed": 1, "ema_decay": 0,
     }
     values.update(extra)
-    argv = []
-    for k, v in values.items():
-        if v is True:
-            argv.append(f"--{k}")
-        elif v is not None and v is not False:
-            argv += [f"--{k}", *(v if isinstance(v, list) else [str(v)])]
-    return add_finetune_arguments(argparse.ArgumentParser()).parse_args(argv)
+    return add_finetune_arguments(argparse.ArgumentParser()).parse_args(to_argv(values))
 
 
 def image_folder(root: Path, n_per_class: int = 4) -> Path:
@@ -180,11 +175,12 @@ CASES = [
 @pytest.mark.parametrize("name,build,error,match", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_is_refused_before_any_work(tiny_pipeline_dir, tmp_path, name, build, error, match):
     call, out = build(tmp_path, tiny_pipeline_dir)
+    existed = out is not None and out.exists()
     with pytest.raises(error, match=match) as info:
         call()
     assert str(info.value).count("\n") <= 1  # one message, not a dump
-    if out is not None:
-        assert not out.exists() or not any(out.iterdir()), f"{name}: wrote {sorted(os.listdir(out))}"
+    if out is not None and not existed:
+        assert not out.exists(), f"{name}: left {out} behind ({sorted(os.listdir(out))})"
     if name == "non-empty output dir":
         assert sorted(os.listdir(tmp_path / "out")) == ["old.txt"]
 

@@ -21,6 +21,7 @@ from dpdiff.errors import ConfigError, PrivacyError
 from dpdiff.privacy.accounting import epsilon_for
 from dpdiff.training.arguments import add_finetune_arguments
 from dpdiff.training.loop import finetune
+from helpers import to_argv
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -33,13 +34,7 @@ def small_run_flags(base, out, **extra):
         "privacy_seed": 1234, "seed": 0,
     }
     flags.update(extra)
-    argv = []
-    for k, v in flags.items():
-        if v is True:
-            argv.append(f"--{k}")
-        elif v not in (None, False):
-            argv += [f"--{k}", str(v)]
-    return argv
+    return to_argv(flags)
 
 
 def parse(argv, method="lora"):

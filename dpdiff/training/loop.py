@@ -22,6 +22,7 @@ from dpdiff.adapters import prepare_trainable, save_trained
 from dpdiff.data import load_source
 from dpdiff.errors import ConfigError, PrivacyError
 from dpdiff.imaging import save_grid
+from dpdiff.io import removed_if_left_empty
 from dpdiff.pipelines import load_pipeline
 from dpdiff.pipelines.preset import training_scheduler
 from dpdiff.privacy import accounting
@@ -81,6 +82,11 @@ class FinetuneResult:
 def finetune(args: argparse.Namespace) -> FinetuneResult:
     """Run one DP fine-tuning job; the adapter, privacy.json and model card land in output_dir."""
     args = check_arguments(args)
+    with removed_if_left_empty(args.output_dir):
+        return _finetune(args)
+
+
+def _finetune(args: argparse.Namespace) -> FinetuneResult:
     output_dir = outputs.prepare_output_dir(args.output_dir, args.overwrite_output_dir, bool(args.resume_from_checkpoint))
     resume_path = checkpoint.resolve_checkpoint(output_dir, args.resume_from_checkpoint) if args.resume_from_checkpoint else None
 
