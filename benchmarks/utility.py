@@ -29,27 +29,17 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))  # a dependency ships a top-level `benchmarks` package
 
-from _docs import BENCHMARKS_MD, update_section  # noqa: E402
+from _docs import BENCHMARKS_MD  # noqa: E402
+from _utility_report import CHANNELS, CLASSIFIERS, DATASET, METHODS, PUBLISHED, REFERENCES, RESOLUTION, load_images, render_docs  # noqa: E402
 
 from dpdiff.data import load_source  # noqa: E402
 from dpdiff.data.transforms import images_to_tensor  # noqa: E402
 from dpdiff.errors import ConfigError, DPDiffError, PrivacyError  # noqa: E402
-from dpdiff.evaluation import FD_NAME, evaluate_downstream, feature_statistics, frechet_distance, load_synthetic  # noqa: E402
+from dpdiff.evaluation import FD_NAME, evaluate_downstream, feature_statistics, frechet_distance  # noqa: E402
 from dpdiff.evaluation.frechet import fd_description  # noqa: E402
-from dpdiff.io import atomic_path, write_json  # noqa: E402
+from dpdiff.io import write_json  # noqa: E402
 
-METHODS = ("mepf", "attention", "lora", "full")
-REFERENCES = ("real", "nonprivate_lora")
 TRAINED_FILE = "benchmark_trained.json"
-CLASSIFIERS = ("cnn", "logreg", "mlp")
-DATASET, RESOLUTION, CHANNELS = "fashion_mnist", 28, 1
-# published Fashion-MNIST 28px, delta=1e-5, train on synthetic / test on real (accuracy %)
-PUBLISHED = [
-    {"name": "DPDM (Dockhorn et al.)", "epsilon": 10, "accuracy": {"cnn": 86.2}},
-    {"name": "DPDM (Dockhorn et al.)", "epsilon": 1, "accuracy": {"cnn": 79.4}},
-    {"name": "DP-MEPF (Harder et al.)", "epsilon": 10, "accuracy": {"logreg": 75.7, "mlp": 76.0}},
-    {"name": "DP-MERF (Harder et al.)", "epsilon": 10, "accuracy": {"cnn": 75.4}},
-]
 # the defaults are the complete benchmark; changing one of these makes the run "reduced"
 FULL_SCALE = {"max_train_samples": None, "epochs": 10.0, "max_steps": None, "num_per_class": 1000, "eval_epochs": None,
               "test_limit": None, "num_fd_samples": 2000, "mepf_generator_steps": 2000, "inference_steps": 50}
@@ -248,11 +238,6 @@ class Evaluator:
                 "train_count_per_class": scores["train_count_per_class"], "num_classifier_train_images": len(images)}
 
 
-def load_images(folder: Path, class_names) -> tuple[torch.Tensor, torch.Tensor]:
-    syn = load_synthetic(str(folder), class_names)
-    return images_to_tensor(syn.images, RESOLUTION, CHANNELS), torch.as_tensor(syn.labels, dtype=torch.long)
-
-
 def resolve_device(args) -> str:
     return ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
 
@@ -299,94 +284,6 @@ def run_one(args, key: str, method: str, epsilon: float | None, evaluate: Evalua
                                                          "sample_rate", "num_examples", "neighbouring_relation")}
     entry.update(timings=timings, synthetic_dir=str(synthetic) if method != "real" else None)
     return entry
-
-
-def render_docs(results: dict, docs_dir: Path, md_path: Path) -> None:
-    """Plots under docs_dir and the `## Utility` section of md_path (links relative to it)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
-    runs, kind = results["runs"], results["run_kind"]
-    dp = {k: r for k, r in runs.items() if r["method"] in METHODS}
-    refs = {k: r for k, r in runs.items() if r["method"] in REFERENCES}
-    tag = {"smoke": " [SMOKE RUN: meaningless numbers]", "reduced": " [reduced run]", "full": ""}[kind]
-    plots, value = {}, {"accuracy": lambda r: 100 * r["accuracy"]["cnn"], "fd": lambda r: r["fd"]["value"]}
-    for metric, ylabel in (("accuracy", "CNN accuracy on real test (%)"), ("fd", "FD (EfficientNet-Lite0)")):
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for method in METHODS:
-            points = sorted((r["target_epsilon"], value[metric](r)) for r in dp.values() if r["method"] == method)
-            if points:
-                ax.plot(*zip(*points), marker="o", label=method)
-        for i, (key, r) in enumerate(refs.items()):
-            ax.axhline(value[metric](r), ls="--", color=f"C{5 + i}", label=key)
-        for name, marker in zip(dict.fromkeys(p["name"] for p in PUBLISHED), "xP*"):
-            points = [(p["epsilon"], p["accuracy"]["cnn"]) for p in PUBLISHED if p["name"] == name and "cnn" in p["accuracy"]]
-            if metric == "accuracy" and points:
-                ax.scatter(*zip(*points), marker=marker, color="k", zorder=3, label=f"{name}, paper")
-        ax.set(xscale="log", xlabel="epsilon (delta = 1e-5)", ylabel=ylabel, title=f"Fashion-MNIST{tag}")
-        ax.legend(fontsize=7)
-        plots[metric] = docs_dir / f"utility_{metric}.png"
-        with atomic_path(plots[metric]) as tmp:
-            fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-        plt.close(fig)
-    from dpdiff.imaging import save_grid, to_pil
-
-    for method in [*METHODS, "nonprivate_lora"]:
-        mine = sorted((r["target_epsilon"] or 0, r["synthetic_dir"]) for r in runs.values() if r["method"] == method)
-        if mine:  # the largest epsilon: one row per class
-            images, labels = load_images(Path(mine[-1][1]), results["class_names"])
-            classes = range(len(results["class_names"]))
-            k = min(8, *[int((labels == c).sum()) for c in classes])
-            pick = [i for c in classes for i in (labels == c).nonzero().flatten()[:k].tolist()]
-            plots[method] = docs_dir / f"utility_samples_{method}.png"
-            save_grid(to_pil(images[pick]), plots[method], nrow=k, scale=2)
-    update_section("Utility", markdown(results, {k: os.path.relpath(v, md_path.parent) for k, v in plots.items()}), md_path)
-
-
-def markdown(results: dict, plots: dict) -> str:
-    runs, kind = results["runs"], results["run_kind"]
-    s = next(iter(runs.values()))["settings"] if runs else {}
-    cpu = lambda r, ph: f"{r['timings'][ph]['cpu_s'] / 60:.2f}" if (r["timings"].get(ph) or {}).get("cpu_s") is not None else "–"  # noqa: E731
-    rows = []
-    for key, r in runs.items():
-        g = r.get("guarantee") or {}
-        spent = f"{g['epsilon']:.3g}" if g.get("epsilon") is not None else "none (not private)"
-        acc = " | ".join(f"{100 * r['accuracy'][c]:.1f}" for c in CLASSIFIERS)
-        wall = sum(t["wall_s"] for t in r["timings"].values()) / 60
-        target = f"{r['target_epsilon']:g}" if r["target_epsilon"] is not None else "–"
-        rows.append(f"| {key} | {target} | {spent} | {acc} | {r['fd']['value']:.2f} | {cpu(r, 'train')} | "
-                    f"{cpu(r, 'sample')} | {cpu(r, 'evaluate')} | {wall:.2f} |")
-    for p in PUBLISHED:
-        acc = " | ".join(f"{p['accuracy'][c]:.1f}" if c in p["accuracy"] else "" for c in CLASSIFIERS)
-        rows.append(f"| {p['name']}, paper | {p['epsilon']} | {p['epsilon']} | {acc} | | | | | |")
-    first = next(iter(runs.values()), None)
-    fd_label = first["fd"]["description"] if first else ""
-    warning = {"smoke": "**SMOKE RUN: every number below comes from a few steps on a handful of images and means nothing.**",
-               "reduced": "**Reduced run** (not the complete benchmark): see the settings below.",
-               "full": "Complete benchmark."}[kind]
-    return "\n".join([
-        warning, "",
-        f"Private data: {'a seeded random subset of ' + str(s['max_train_samples']) + ' images of ' if s.get('max_train_samples') else ''}"
-        f"Fashion-MNIST train (60,000 images), "
-        f"delta = {s.get('delta')}; base pipeline `{s.get('base_model')}` (pretrained on public data only); "
-        f"DP-SGD for {str(s.get('max_steps')) + ' steps' if s.get('max_steps') else str(s.get('epochs')) + ' epochs'} at batch "
-        f"{s.get('batch_size')}; MEPF generator {s.get('mepf_generator_steps')} steps; {s.get('num_per_class')} synthetic "
-        f"images per class ({s.get('inference_steps')} DDIM steps, guidance {s.get('guidance_scale')}), resized to 28x28 grey. "
-        f"Classifiers trained on the synthetic set, tested on {'a ' + str(s.get('test_limit')) + '-image subset of ' if s.get('test_limit') else ''}"
-        f"the real Fashion-MNIST test set; FD: {fd_label}. Times are CPU minutes of the process "
-        "(all threads). `real` trains the classifiers on the private training images themselves; `nonprivate_lora` "
-        "is the same LoRA schedule WITHOUT clipping or noise (no guarantee: what DP costs).", "",
-        "| run | target ε | spent ε | CNN % | LogReg % | MLP % | FD | train CPU min | sample CPU min | eval CPU min | wall min |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-        *rows, "",
-        "Published rows: the papers' own settings (full 60k, GPU-long training), δ = 1e-5.", "",
-        *[f"![{k}]({v})" for k, v in plots.items()], "",
-        "Commands of these runs:", "", "```bash", *results["commands"], "```", "",
-        "The complete benchmark (all methods, ε ∈ {1, 10}, both references; GPU-sized; resumable):", "",
-        "```bash", "python benchmarks/utility.py --skip_existing", "```",
-    ])
 
 
 def settings(args) -> dict:
