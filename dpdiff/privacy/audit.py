@@ -302,7 +302,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--accountant", choices=("prv", "rdp"), default="prv")
     a("--max_grad_norm", type=float, default=1.0)
     a("--noise_multiplicity", type=int, default=1)
-    a("--grad_sample_mode", choices=("hooks", "ew", "functorch"), default="hooks")
+    a("--grad_sample_mode", choices=("auto", "hooks", "ew", "functorch"), default="auto", help="auto: ew unless a convolution trains")
     a("--max_steps", type=int, default=500, help="logical DP-SGD steps")
     a("--batch_size", type=int, default=64)
     a("--physical_batch_size", type=int, default=64)

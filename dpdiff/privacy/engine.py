@@ -33,7 +33,7 @@ from dpdiff.adapters import check_per_sample_safe, unwrap_model
 from dpdiff.errors import ConfigError, DataError, PrivacyError
 from dpdiff.privacy.diffusion_loss import draw_diffusion_inputs, example_generator, fold_multiplicity, per_row_loss
 
-GRAD_SAMPLE_MODES = ("hooks", "ew", "functorch")
+GRAD_SAMPLE_MODES = ("auto", "hooks", "ew", "functorch")
 CLIPPING_MODES = ("flat", "per_layer")
 REQUIRED_KEYS = ("latents", "encoder_hidden_states")
 
@@ -67,7 +67,7 @@ class DPDiffusionEngine:
         noise_multiplier: float,
         max_grad_norm: float,
         noise_multiplicity: int = 1,
-        grad_sample_mode: str = "hooks",
+        grad_sample_mode: str = "auto",
         clipping: str = "flat",
         secure_mode: bool = False,
         seed: int = 0,
@@ -85,7 +85,7 @@ class DPDiffusionEngine:
         self.noise_multiplier = float(noise_multiplier)
         self.max_grad_norm = float(max_grad_norm)
         self.noise_multiplicity = int(noise_multiplicity)
-        self.grad_sample_mode = grad_sample_mode
+        self.grad_sample_mode = resolve_grad_sample_mode(self.model, grad_sample_mode)  # what ran: recorded
         self.clipping = clipping
         self.secure_mode = secure_mode
         self.distributed = distributed
@@ -101,7 +101,7 @@ class DPDiffusionEngine:
             from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
 
             wrapped = DPDDP(wrapped)  # broadcasts rank 0's parameters: identical start on every rank
-        self.module = prepare_module(wrapped, grad_sample_mode, batch_first=True, loss_reduction="mean")
+        self.module = prepare_module(wrapped, self.grad_sample_mode, batch_first=True, loss_reduction="mean")
 
         # this rank's shard; each of its examples is then Poisson-sampled independently with rate q
         self.shard = list(range(self.rank, len(dataset), self.world_size))
@@ -263,6 +263,18 @@ def _generator(privacy_seed: int | None, offset: int, device) -> torch.Generator
     return generator.manual_seed(seed)
 
 
+def trains_convolution(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.Conv2d) and any(p.requires_grad for p in m.parameters(recurse=False)) for m in model.modules())
+
+
+def resolve_grad_sample_mode(model: nn.Module, grad_sample_mode: str) -> str:
+    """'auto': expanded weights ('ew', ~12% faster on the preset, same per-example gradients) unless a
+    convolution trains, where torch's expanded-weights conv backward fails; then Opacus hooks."""
+    if grad_sample_mode != "auto":
+        return grad_sample_mode
+    return "hooks" if trains_convolution(model) else "ew"
+
+
 def _validate(model, params, optimizer, dataset, batch_size, physical_batch_size, noise_multiplier, max_grad_norm,
               noise_multiplicity, grad_sample_mode, clipping, secure_mode, privacy_seed, distributed) -> None:
     """Every refusal happens here, before any work or any private data is touched."""
@@ -273,12 +285,10 @@ def _validate(model, params, optimizer, dataset, batch_size, physical_batch_size
         )
     if clipping not in CLIPPING_MODES:
         raise ConfigError(f"clipping {clipping!r} is not supported; choose one of {list(CLIPPING_MODES)}")
-    if grad_sample_mode == "ew" and any(
-        isinstance(m, nn.Conv2d) and any(p.requires_grad for p in m.parameters(recurse=False)) for m in model.modules()
-    ):
+    if grad_sample_mode == "ew" and trains_convolution(model):
         raise ConfigError(
             "grad_sample_mode='ew' cannot train convolutions here (torch's expanded-weights conv backward fails on "
-            "the UNet's non-contiguous gradients); use grad_sample_mode='hooks' (the default)"
+            "the UNet's non-contiguous gradients); use grad_sample_mode='hooks' or 'auto' (the default)"
         )
     if clipping == "per_layer" and distributed:
         raise ConfigError("per_layer clipping is not supported with distributed=True; use clipping='flat'")

@@ -28,7 +28,7 @@ def add_finetune_arguments(parser: argparse.ArgumentParser, method: str | None =
     a("--max_grad_norm", type=float, default=1.0, help="per-example clipping norm C")
     a("--noise_multiplicity", type=int, default=1, help="K (noise, timestep) draws averaged inside each example's gradient")
     a("--clipping", choices=("flat", "per_layer"), default="flat", help="one norm over all trained parameters, or an equal split per tensor")
-    a("--grad_sample_mode", choices=("hooks", "ew", "functorch"), default="hooks", help="how Opacus computes per-example gradients (same result)")
+    a("--grad_sample_mode", choices=("auto", "hooks", "ew", "functorch"), default="auto", help="how Opacus computes per-example gradients (same result); auto: ew unless a convolution trains, else hooks")
     a("--secure_mode", action="store_true", help="cryptographically secure noise (Opacus secure_mode)")
     # schedule
     a("--epochs", type=float, default=None, help="expected passes over the private set (default 1 unless --max_steps)")

@@ -86,7 +86,7 @@ def privacy_record(args, plan, ledger, engine, summary, num_examples: int) -> di
         "base_model": args.pretrained_model_name_or_path,
         "dataset": args.dataset + (f" (seeded subset of {num_examples})" if args.max_train_samples else ""),
         "world_size": engine.world_size,
-        "grad_sample_mode": args.grad_sample_mode,
+        "grad_sample_mode": engine.grad_sample_mode,
         "secure_mode": bool(args.secure_mode),
         "privacy_seed": args.privacy_seed,
         "noise_source": "OS entropy" if args.privacy_seed is None else "fixed seed (NOT private: tests only)",
