@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--max_steps", type=int, default=None, help="DP-SGD steps instead of --epochs (smoke tests)")
     a("--batch_size", type=int, default=256)
     a("--physical_batch_size", type=int, default=64)
+    a("--learning_rate", type=float, default=None, help="DP-SGD learning rate of every diffusion method (default: the method's)")
     a("--mepf_generator_steps", type=int, default=FULL_SCALE["mepf_generator_steps"])
     a("--num_per_class", type=int, default=FULL_SCALE["num_per_class"], help="synthetic images per class")
     a("--inference_steps", type=int, default=FULL_SCALE["inference_steps"], help="DDIM steps when sampling")
@@ -123,7 +124,7 @@ def train_dp_sgd(args, method: str, epsilon: float, out: Path) -> dict:
              "physical_batch_size": args.physical_batch_size, "output_dir": out, "checkpointing_steps": 0,
              "num_inference_steps": args.inference_steps, "guidance_scale": args.guidance_scale, "seed": args.seed,
              "max_train_samples": args.max_train_samples, "max_steps": args.max_steps,
-             "epochs": None if args.max_steps else args.epochs}
+             "epochs": None if args.max_steps else args.epochs, "learning_rate": args.learning_rate}
     argv = [s for k, v in flags.items() if v is not None for s in (f"--{k}", str(v))] + ["--overwrite_output_dir"]
     return finetune(add_finetune_arguments(argparse.ArgumentParser(), method=method).parse_args(argv)).record
 
@@ -168,7 +169,7 @@ def train_nonprivate_lora(args, out: Path):
     prepare_trainable(unet, "lora", rank=8)
     cache = build_latent_cache(pipe, source, unet.config.sample_size * pipe.vae_scale_factor, cond_dropout=0.1, seed=args.seed)
     params = [p for p in unet.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=DEFAULT_LEARNING_RATES["lora"], weight_decay=0.0)
+    optimizer = torch.optim.AdamW(params, lr=args.learning_rate or DEFAULT_LEARNING_RATES["lora"], weight_decay=0.0)
     ema, scheduler = EMAModel(params, decay=0.999), training_scheduler(pipe)
     n, batch = len(cache), min(args.batch_size, len(cache))
     steps = steps_for(batch / n, epochs=None if args.max_steps else args.epochs, max_steps=args.max_steps)  # as DP-SGD

@@ -197,14 +197,15 @@ def save_trained(unet: nn.Module, output_dir: str | os.PathLike, method: str) ->
 
 def _save_lora(unet, output_dir: Path) -> list[Path]:
     from diffusers import StableDiffusionPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save_file
 
     config = getattr(unet, "peft_config", {}).get("default")
     if config is None:
         raise ConfigError("method 'lora' but the UNet carries no LoRA adapter; call prepare_trainable(..., 'lora') first")
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    # the PEFT key format: the older diffusers format (convert_state_dict_to_diffusers) reloads wrongly
+    # once proj_in/proj_out carry LoRA (tested: those weights are silently dropped or misplaced)
+    layers = get_peft_model_state_dict(unet)
     written = []
     with tempfile.TemporaryDirectory(prefix=".lora.", dir=output_dir) as tmp:
         StableDiffusionPipeline.save_lora_weights(

@@ -98,11 +98,17 @@ def pretend_training(unet):
                 p.add_(0.05 * torch.randn(p.shape, generator=g))
 
 
-@pytest.mark.parametrize("embedder", [False, True])
-def test_lora_export_reloads_exactly_with_stock_load_lora_weights(tmp_path, embedder):
+# every LoRA-able layer kind of the UNet: attention and feed-forward Linears, the 1x1 proj_in/proj_out
+# and 3x3 resnet convolutions, the time projection (the older diffusers key format lost proj_in/out)
+WIDE_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2",
+                "time_emb_proj"]
+
+
+@pytest.mark.parametrize("embedder, targets", [(False, None), (True, None), (False, WIDE_TARGETS)])
+def test_lora_export_reloads_exactly_with_stock_load_lora_weights(tmp_path, embedder, targets):
     pipeline = build_tiny_pipeline(PROMPTS)
     base = unet_output(pipeline.unet)
-    prepare_trainable(pipeline.unet, "lora", rank=4, lora_alpha=16, train_condition_embedder=embedder)
+    prepare_trainable(pipeline.unet, "lora", rank=4, lora_alpha=16, train_condition_embedder=embedder, target_modules=targets)
     pretend_training(pipeline.unet)
     trained = unet_output(pipeline.unet)
     (tmp_path / "privacy.json").write_text("{}")  # written earlier by the training loop: must survive

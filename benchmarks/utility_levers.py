@@ -1,0 +1,211 @@
+"""Which levers move utility, measured cheaply: train one configuration with the DP engine on
+Fashion-MNIST and score it at a few step counts along the way.
+
+    python benchmarks/utility_levers.py run --tag full-clip --method full --learning_rate 5e-4 --steps 200
+    python benchmarks/utility_levers.py run --tag lora-eps10 --method lora --target_epsilon 10 --steps 400
+    python benchmarks/utility_levers.py report        # table + plot -> docs/benchmarks.md `## Utility levers`
+
+Score at each step count (EMA weights): `per_class` images per class, 20 DDIM steps, guidance 2, then
+- `agree`: how often a CNN trained on the REAL training set (3 epochs, ~89% on the test set) labels a
+  synthetic image as the class it was generated for (class consistency, no training on synthetic);
+- `cnn`: the benchmark's small CNN trained on those synthetic images, tested on 2,000 real test images.
+Both are cheap proxies of `benchmarks/utility.py`; its numbers are the reference ones.
+
+`--target_epsilon 0` is clipping WITHOUT noise: no guarantee, it shows what the noise costs.
+Otherwise sigma is planned for exactly `--steps` steps at (eps, delta=1e-5) on the 60k images."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))  # a dependency ships a top-level `benchmarks` package
+
+from _docs import update_section  # noqa: E402
+
+from dpdiff.data import load_source  # noqa: E402
+from dpdiff.data.transforms import images_to_tensor  # noqa: E402
+from dpdiff.io import atomic_path, write_json  # noqa: E402
+
+DELTA, TEST_IMAGES, SAMPLER_STEPS = 1e-5, 2000, 20
+
+
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    a = p.add_argument
+    a("--tag", required=True, help="name of this configuration (a folder under --output_dir)")
+    a("--method", choices=("lora", "attention", "full"), default="lora")
+    a("--learning_rate", type=float, default=2e-3)
+    a("--steps", type=int, default=200, help="logical DP-SGD steps")
+    a("--batch_size", type=int, default=128)
+    a("--physical_batch_size", type=int, default=64)
+    a("--target_epsilon", type=float, default=0.0, help="0: clipping only, no noise (NOT private)")
+    a("--max_grad_norm", type=float, default=1.0)
+    a("--noise_multiplicity", type=int, default=1)
+    a("--rank", type=int, default=8)
+    a("--lora_target_modules", nargs="+", default=["to_q", "to_k", "to_v", "to_out.0"])
+    a("--train_condition_embedder", action="store_true")
+    a("--ema_decay", type=float, default=0.999)
+    a("--guidance_scale", type=float, default=2.0)
+    a("--per_class", type=int, default=40, help="synthetic images per class at each evaluation")
+    a("--eval_at", type=int, nargs="+", default=[100, 200], help="step counts to score (0: the base model)")
+    a("--base_model", default="dpdiff-tiny")
+
+
+def real_classifier(output_dir: Path):
+    """The CNN trained on the real training set (cached): the judge of class consistency."""
+    from dpdiff.evaluation.classifiers import build_classifier, train_classifier
+
+    path = output_dir / "real_cnn.safetensors"
+    torch.manual_seed(0)
+    model = build_classifier("cnn", 1, 28, 10)
+    if path.exists():
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(path))
+        return model.eval()
+    train = load_source("fashion_mnist", "train")
+    x, y = images_to_tensor(train.dataset["image"], 28, 1), torch.tensor(train.dataset["label"])
+    train_classifier(model, x, y, epochs=3, seed=0, desc="real cnn")
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp:
+        save_file(model.state_dict(), str(tmp))
+    return model.eval()
+
+
+def run(args) -> None:
+    from diffusers import DDIMScheduler
+    from diffusers.training_utils import EMAModel
+
+    from dpdiff.adapters import prepare_trainable
+    from dpdiff.evaluation.classifiers import evaluate_downstream, predict
+    from dpdiff.imaging import save_grid
+    from dpdiff.pipelines import load_pipeline
+    from dpdiff.pipelines.preset import training_scheduler
+    from dpdiff.privacy import accounting
+    from dpdiff.privacy.engine import DPDiffusionEngine
+    from dpdiff.training.latent_cache import build_latent_cache
+
+    out = Path(args.output_dir) / args.tag
+    out.mkdir(parents=True, exist_ok=True)
+    judge = real_classifier(Path(args.output_dir))
+    source = load_source("fashion_mnist", "train")
+    q = args.batch_size / len(source)
+    sigma = accounting.noise_multiplier_for(args.target_epsilon, q, args.steps, DELTA) if args.target_epsilon > 0 else 0.0
+    pipe = load_pipeline(args.base_model)
+    pipe.set_progress_bar_config(disable=True)
+    unet = pipe.unet.train()
+    summary = prepare_trainable(unet, args.method, rank=args.rank, target_modules=args.lora_target_modules,
+                                train_condition_embedder=args.train_condition_embedder)
+    cache = build_latent_cache(pipe, source, 32, cond_dropout=0.1, seed=0, show_progress=False)
+    params = [p for p in unet.parameters() if p.requires_grad]
+    engine = DPDiffusionEngine(unet, training_scheduler(pipe), torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=0.0),
+                               cache, batch_size=args.batch_size, physical_batch_size=args.physical_batch_size,
+                               noise_multiplier=sigma, max_grad_norm=args.max_grad_norm,
+                               noise_multiplicity=args.noise_multiplicity)
+    ema = EMAModel(params, decay=args.ema_decay) if args.ema_decay > 0 else None
+    test = load_source("fashion_mnist", "test", limit=TEST_IMAGES, seed=0)
+    x_test, y_test = images_to_tensor(test.dataset["image"], 28, 1), torch.tensor(test.dataset["label"])
+    sampler = DDIMScheduler.from_config(pipe.scheduler.config)
+    config = {**{k: v for k, v in vars(args).items() if k != "command"}, "noise_multiplier": sigma, "sample_rate": q,
+              "trainable_params": summary.trainable_params}
+    write_json(out / "config.json", config)
+    records, start = [], time.process_time()
+
+    @torch.no_grad()
+    def score(step: int) -> None:
+        if ema is not None:
+            ema.store(params)
+            ema.copy_to(params)
+        unet.eval()
+        pipe.scheduler, images, labels = sampler, [], []
+        generator = torch.Generator().manual_seed(123)
+        for label, prompt in enumerate(source.class_prompts):
+            images += pipe([prompt] * args.per_class, num_inference_steps=SAMPLER_STEPS, guidance_scale=args.guidance_scale,
+                           generator=generator, height=32, width=32).images
+            labels += [label] * args.per_class
+        if ema is not None:
+            ema.restore(params)
+        unet.train()
+        x, y = images_to_tensor([im.convert("L") for im in images], 28, 1), torch.tensor(labels)
+        cnn = evaluate_downstream(x, y, x_test, y_test, classifiers=["cnn"], epochs={"cnn": 30}, seed=0)["cnn"]["accuracy"]
+        records.append({"step": step, "agree": round(float((predict(judge, x) == y).float().mean()), 4),
+                        "cnn": round(float(cnn), 4), "train_cpu_s": round(time.process_time() - start, 1)})
+        print(records[-1], flush=True)
+        write_json(out / "results.json", {"config": config, "scores": records})
+        save_grid(images[:: max(1, args.per_class // 8)], out / f"samples-{step}.png", nrow=min(8, args.per_class), scale=2)
+
+    if 0 in args.eval_at:
+        score(0)
+    for step in range(1, args.steps + 1):
+        engine.step()
+        if ema is not None:
+            ema.step(params)
+        if step in args.eval_at:
+            score(step)
+
+
+def load_runs(output_dir: Path) -> dict:
+    runs = {}
+    for path in sorted(output_dir.glob("*/results.json")):
+        runs[path.parent.name] = json.loads(path.read_text())
+    return runs
+
+
+def report(args) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    runs = load_runs(Path(args.output_dir))
+    if not runs:
+        sys.exit(f"no runs under {args.output_dir}; start one with `run`")
+    rows = []
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for tag, r in runs.items():
+        c, scores = r["config"], r["scores"]
+        eps = f"{c['target_epsilon']:g} (sigma {c['noise_multiplier']:.2f})" if c["target_epsilon"] > 0 else "none (clip only)"
+        targets = ",".join(c["lora_target_modules"]) if c["method"] == "lora" else "–"
+        for s in scores:
+            rows.append(f"| {tag} | {c['method']} | {targets} | {c['trainable_params']:,} | {c['learning_rate']:g} | "
+                        f"{c['batch_size']} | {eps} | {s['step']} | {100 * s['agree']:.1f} | {100 * s['cnn']:.1f} |")
+        ax.plot([s["step"] for s in scores], [100 * s["cnn"] for s in scores], marker="o", label=tag)
+    ax.set(xlabel="DP-SGD steps", ylabel="CNN accuracy on real test (%)", title="Utility levers (Fashion-MNIST, proxy)")
+    ax.legend(fontsize=7)
+    plot = Path(args.docs_dir) / "utility_levers.png"
+    with atomic_path(plot) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    body = "\n".join([
+        "Proxy scores from `benchmarks/utility_levers.py` (see its docstring): the preset, the 60k Fashion-MNIST "
+        f"training images, {SAMPLER_STEPS} DDIM steps; `agree` = a real-data CNN agrees with the prompted class, "
+        f"`cnn` = a CNN trained on the synthetic images, tested on {TEST_IMAGES} real test images. Smaller and noisier "
+        "than `## Utility` (40 images per class): use them to rank levers, not as results.", "",
+        "| run | method | LoRA targets | trained params | lr | batch | ε (δ=1e-5) | step | agree % | CNN % |",
+        "|---|---|---|---:|---:|---:|---|---:|---:|---:|", *rows, "", f"![utility levers]({plot.name})",
+    ])
+    update_section("Utility levers", body, Path(args.benchmarks_md))
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--output_dir", default="outputs/utility-levers")
+    sub = p.add_subparsers(dest="command", required=True)
+    add_run_arguments(sub.add_parser("run", help="train one configuration and score it along the way"))
+    rep = sub.add_parser("report", help="write the table and plot of every run under --output_dir")
+    rep.add_argument("--docs_dir", default=str(ROOT / "docs"))
+    rep.add_argument("--benchmarks_md", default=str(ROOT / "docs" / "benchmarks.md"))
+    args = p.parse_args(argv)
+    run(args) if args.command == "run" else report(args)
+
+
+if __name__ == "__main__":
+    main()
