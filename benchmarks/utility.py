@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))  # a dependency ships a top-level `
 from _docs import BENCHMARKS_MD  # noqa: E402
 from _utility_report import CHANNELS, CLASSIFIERS, DATASET, METHODS, PUBLISHED, REFERENCES, RESOLUTION, load_images, render_docs  # noqa: E402
 
+from dpdiff.adapters import DEFAULT_LORA_TARGETS  # noqa: E402
 from dpdiff.data import load_source  # noqa: E402
 from dpdiff.data.transforms import images_to_tensor  # noqa: E402
 from dpdiff.errors import ConfigError, DPDiffError, PrivacyError  # noqa: E402
@@ -59,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--batch_size", type=int, default=256)
     a("--physical_batch_size", type=int, default=64)
     a("--learning_rate", type=float, default=None, help="DP-SGD learning rate of every diffusion method (default: the method's)")
+    a("--rank", type=int, default=8, help="LoRA rank (lora and nonprivate_lora)")
+    a("--lora_target_modules", nargs="+", default=list(DEFAULT_LORA_TARGETS), help="LoRA targets (lora and nonprivate_lora)")
     a("--mepf_generator_steps", type=int, default=FULL_SCALE["mepf_generator_steps"])
     a("--num_per_class", type=int, default=FULL_SCALE["num_per_class"], help="synthetic images per class")
     a("--inference_steps", type=int, default=FULL_SCALE["inference_steps"], help="DDIM steps when sampling")
@@ -124,8 +127,10 @@ def train_dp_sgd(args, method: str, epsilon: float, out: Path) -> dict:
              "physical_batch_size": args.physical_batch_size, "output_dir": out, "checkpointing_steps": 0,
              "num_inference_steps": args.inference_steps, "guidance_scale": args.guidance_scale, "seed": args.seed,
              "max_train_samples": args.max_train_samples, "max_steps": args.max_steps,
-             "epochs": None if args.max_steps else args.epochs, "learning_rate": args.learning_rate}
-    argv = [s for k, v in flags.items() if v is not None for s in (f"--{k}", str(v))] + ["--overwrite_output_dir"]
+             "epochs": None if args.max_steps else args.epochs, "learning_rate": args.learning_rate,
+             "rank": args.rank, "lora_target_modules": args.lora_target_modules}
+    argv = [s for k, v in flags.items() if v is not None
+            for s in (f"--{k}", *(map(str, v) if isinstance(v, list) else [str(v)]))] + ["--overwrite_output_dir"]
     return finetune(add_finetune_arguments(argparse.ArgumentParser(), method=method).parse_args(argv)).record
 
 
@@ -166,7 +171,7 @@ def train_nonprivate_lora(args, out: Path):
     source = load_source(DATASET, "train", limit=args.max_train_samples, seed=args.seed)
     pipe = load_pipeline(args.base_model).to(device)
     unet = pipe.unet.train()
-    prepare_trainable(unet, "lora", rank=8)
+    prepare_trainable(unet, "lora", rank=args.rank, target_modules=args.lora_target_modules)
     cache = build_latent_cache(pipe, source, unet.config.sample_size * pipe.vae_scale_factor, cond_dropout=0.1, seed=args.seed)
     params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate or DEFAULT_LEARNING_RATES["lora"], weight_decay=0.0)
