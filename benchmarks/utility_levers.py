@@ -85,8 +85,6 @@ def run(args) -> None:
     from diffusers.training_utils import EMAModel
 
     from dpdiff.adapters import prepare_trainable
-    from dpdiff.evaluation.classifiers import evaluate_downstream, predict
-    from dpdiff.imaging import save_grid
     from dpdiff.pipelines import load_pipeline
     from dpdiff.pipelines.preset import training_scheduler
     from dpdiff.privacy import accounting
@@ -111,36 +109,27 @@ def run(args) -> None:
                                noise_multiplier=sigma, max_grad_norm=args.max_grad_norm,
                                noise_multiplicity=args.noise_multiplicity)
     ema = EMAModel(params, decay=args.ema_decay) if args.ema_decay > 0 else None
-    test = load_source("fashion_mnist", "test", limit=TEST_IMAGES, seed=0)
-    x_test, y_test = images_to_tensor(test.dataset["image"], 28, 1), torch.tensor(test.dataset["label"])
+    test = real_test_set()
     sampler = DDIMScheduler.from_config(pipe.scheduler.config)
     config = {**{k: v for k, v in vars(args).items() if k != "command"}, "noise_multiplier": sigma, "sample_rate": q,
               "trainable_params": summary.trainable_params}
     write_json(out / "config.json", config)
     records, start = [], time.process_time()
 
-    @torch.no_grad()
     def score(step: int) -> None:
         if ema is not None:
             ema.store(params)
             ema.copy_to(params)
         unet.eval()
-        pipe.scheduler, images, labels = sampler, [], []
-        generator = torch.Generator().manual_seed(123)
-        for label, prompt in enumerate(source.class_prompts):
-            images += pipe([prompt] * args.per_class, num_inference_steps=SAMPLER_STEPS, guidance_scale=args.guidance_scale,
-                           generator=generator, height=32, width=32).images
-            labels += [label] * args.per_class
+        pipe.scheduler = sampler
+        scores = score_pipeline(pipe, source.class_prompts, args.per_class, args.guidance_scale, SAMPLER_STEPS, judge, test,
+                                out / f"samples-{step}.png")
         if ema is not None:
             ema.restore(params)
         unet.train()
-        x, y = images_to_tensor([im.convert("L") for im in images], 28, 1), torch.tensor(labels)
-        cnn = evaluate_downstream(x, y, x_test, y_test, classifiers=["cnn"], epochs={"cnn": 30}, seed=0)["cnn"]["accuracy"]
-        records.append({"step": step, "agree": round(float((predict(judge, x) == y).float().mean()), 4),
-                        "cnn": round(float(cnn), 4), "train_cpu_s": round(time.process_time() - start, 1)})
+        records.append({"step": step, **scores, "train_cpu_s": round(time.process_time() - start, 1)})
         print(records[-1], flush=True)
         write_json(out / "results.json", {"config": config, "scores": records})
-        save_grid(images[:: max(1, args.per_class // 8)], out / f"samples-{step}.png", nrow=min(8, args.per_class), scale=2)
 
     if 0 in args.eval_at:
         score(0)
@@ -150,6 +139,49 @@ def run(args) -> None:
             ema.step(params)
         if step in args.eval_at:
             score(step)
+
+
+def real_test_set() -> tuple[torch.Tensor, torch.Tensor]:
+    test = load_source("fashion_mnist", "test", limit=TEST_IMAGES, seed=0)
+    return images_to_tensor(test.dataset["image"], 28, 1), torch.tensor(test.dataset["label"])
+
+
+@torch.no_grad()
+def score_pipeline(pipe, class_prompts, per_class: int, guidance_scale: float, steps: int, judge, test, grid: Path) -> dict:
+    """Sample `per_class` images per class prompt (fixed seed) and score them: agree and cnn."""
+    from dpdiff.evaluation.classifiers import evaluate_downstream, predict
+    from dpdiff.imaging import save_grid
+
+    images, labels, generator = [], [], torch.Generator().manual_seed(123)
+    for label, prompt in enumerate(class_prompts):
+        images += pipe([prompt] * per_class, num_inference_steps=steps, guidance_scale=guidance_scale,
+                       generator=generator, height=32, width=32).images
+        labels += [label] * per_class
+    x, y = images_to_tensor([im.convert("L") for im in images], 28, 1), torch.tensor(labels)
+    cnn = evaluate_downstream(x, y, *test, classifiers=["cnn"], epochs={"cnn": 30}, seed=0)["cnn"]["accuracy"]
+    save_grid(images[:: max(1, per_class // 8)], grid, nrow=min(8, per_class), scale=2)
+    return {"agree": round(float((predict(judge, x) == y).float().mean()), 4), "cnn": round(float(cnn), 4)}
+
+
+def sampling(args) -> None:
+    """Score a finished dpdiff run at several guidance scales and DDIM step counts (no retraining)."""
+    from dpdiff.sampling.pipeline import load_finetuned_pipeline
+    from dpdiff.sampling.records import read_run, resolve_run
+
+    run = read_run(resolve_run(args.run_dir))
+    pipe = load_finetuned_pipeline(args.run_dir)
+    judge, test = real_classifier(Path(args.output_dir)), real_test_set()
+    out = Path(args.output_dir) / f"sampling-{args.tag}"
+    out.mkdir(parents=True, exist_ok=True)
+    records = []
+    for steps in args.num_inference_steps:
+        for scale in args.guidance_scales:
+            scores = score_pipeline(pipe, run.class_prompts, args.per_class, scale, steps, judge, test,
+                                    out / f"samples-g{scale:g}-s{steps}.png")
+            records.append({"guidance_scale": scale, "num_inference_steps": steps, **scores})
+            print(records[-1], flush=True)
+            write_json(out / "sampling.json", {"run": str(args.run_dir), "method": run.method,
+                                               "epsilon": run.privacy.get("epsilon"), "scores": records})
 
 
 def load_runs(output_dir: Path) -> dict:
@@ -184,13 +216,23 @@ def report(args) -> None:
     with atomic_path(plot) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
+    sampling_rows = []
+    for path in sorted(Path(args.output_dir).glob("sampling-*/sampling.json")):
+        r = json.loads(path.read_text())
+        for s in r["scores"]:
+            sampling_rows.append(f"| {path.parent.name[len('sampling-'):]} | {r['method']} | {r['epsilon']:.3g} | "
+                                 f"{s['guidance_scale']:g} | {s['num_inference_steps']} | {100 * s['agree']:.1f} | {100 * s['cnn']:.1f} |")
+    sampling_table = [] if not sampling_rows else [
+        "", "Sampling levers on finished runs (`utility_levers.py sampling`: same scores, no retraining):", "",
+        "| run | method | ε spent | guidance scale | DDIM steps | agree % | CNN % |", "|---|---|---:|---:|---:|---:|---:|",
+        *sampling_rows]
     body = "\n".join([
         "Proxy scores from `benchmarks/utility_levers.py` (see its docstring): the preset, the 60k Fashion-MNIST "
         f"training images, {SAMPLER_STEPS} DDIM steps; `agree` = a real-data CNN agrees with the prompted class, "
         f"`cnn` = a CNN trained on the synthetic images, tested on {TEST_IMAGES} real test images. Smaller and noisier "
         "than `## Utility` (40 images per class): use them to rank levers, not as results.", "",
         "| run | method | LoRA targets | trained params | lr | batch | ε (δ=1e-5) | step | agree % | CNN % |",
-        "|---|---|---|---:|---:|---:|---|---:|---:|---:|", *rows, "", f"![utility levers]({plot.name})",
+        "|---|---|---|---:|---:|---:|---|---:|---:|---:|", *rows, *sampling_table, "", f"![utility levers]({plot.name})",
     ])
     update_section("Utility levers", body, Path(args.benchmarks_md))
 
@@ -200,11 +242,17 @@ def main(argv=None) -> None:
     p.add_argument("--output_dir", default="outputs/utility-levers")
     sub = p.add_subparsers(dest="command", required=True)
     add_run_arguments(sub.add_parser("run", help="train one configuration and score it along the way"))
+    smp = sub.add_parser("sampling", help="score a finished run at several guidance scales / DDIM steps")
+    smp.add_argument("--run_dir", required=True, help="a dpdiff finetune output folder")
+    smp.add_argument("--tag", required=True)
+    smp.add_argument("--guidance_scales", type=float, nargs="+", default=[1.0, 2.0, 4.0])
+    smp.add_argument("--num_inference_steps", type=int, nargs="+", default=[SAMPLER_STEPS])
+    smp.add_argument("--per_class", type=int, default=40)
     rep = sub.add_parser("report", help="write the table and plot of every run under --output_dir")
     rep.add_argument("--docs_dir", default=str(ROOT / "docs"))
     rep.add_argument("--benchmarks_md", default=str(ROOT / "docs" / "benchmarks.md"))
     args = p.parse_args(argv)
-    run(args) if args.command == "run" else report(args)
+    {"run": run, "sampling": sampling, "report": report}[args.command](args)
 
 
 if __name__ == "__main__":
