@@ -82,12 +82,14 @@ def markdown(results: dict, plots: dict) -> str:
     cpu = lambda r, ph: f"{r['timings'][ph]['cpu_s'] / 60:.2f}" if (r["timings"].get(ph) or {}).get("cpu_s") is not None else "–"  # noqa: E731
     rows = []
     for key, r in runs.items():
+        own = {k: v for k, v in r["settings"].items() if s.get(k) != v}  # where a run differs from the first
+        label = key + (" (" + ", ".join(f"{k}={' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in own.items()) + ")" if own else "")
         g = r.get("guarantee") or {}
         spent = f"{g['epsilon']:.3g}" if g.get("epsilon") is not None else "none (not private)"
         acc = " | ".join(f"{100 * r['accuracy'][c]:.1f}" for c in CLASSIFIERS)
         wall = sum(t["wall_s"] for t in r["timings"].values()) / 60
         target = f"{r['target_epsilon']:g}" if r["target_epsilon"] is not None else "–"
-        rows.append(f"| {key} | {target} | {spent} | {acc} | {r['fd']['value']:.2f} | {cpu(r, 'train')} | "
+        rows.append(f"| {label} | {target} | {spent} | {acc} | {r['fd']['value']:.2f} | {cpu(r, 'train')} | "
                     f"{cpu(r, 'sample')} | {cpu(r, 'evaluate')} | {wall:.2f} |")
     for p in PUBLISHED:
         acc = " | ".join(f"{p['accuracy'][c]:.1f}" if c in p["accuracy"] else "" for c in CLASSIFIERS)

@@ -73,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--output_dir", default="outputs/utility-bench", help="runs, synthetic sets and results.json")
     a("--docs_dir", default=str(ROOT / "docs"), help="where the plots go")
     a("--benchmarks_md", default=str(BENCHMARKS_MD), help="markdown file whose `## Utility` section is replaced")
+    a("--report_from", nargs="+", default=None, help="only write the docs section from these results.json files (no runs)")
     a("--skip_existing", action="store_true", help="keep finished runs of results.json that used the same settings")
     a("--smoke", action="store_true", help="label every number as from a smoke run (tests)")
     a("--device", default="auto")
@@ -294,7 +295,8 @@ def run_one(args, key: str, method: str, epsilon: float | None, evaluate: Evalua
 
 def settings(args) -> dict:
     """What must match for --skip_existing to reuse a finished run (all but what to run and where)."""
-    where = ("methods", "epsilons", "references", "output_dir", "docs_dir", "benchmarks_md", "skip_existing", "device")
+    where = ("methods", "epsilons", "references", "output_dir", "docs_dir", "benchmarks_md", "skip_existing", "device",
+             "report_from")
     return {k: v for k, v in vars(args).items() if k not in where}
 
 
@@ -303,10 +305,33 @@ def jobs(args) -> list[tuple[str, str, float | None]]:
     return out + [(r, r, None) for r in args.references]
 
 
+def merge_reports(paths: list[Path], docs_dir: Path, md_path: Path) -> dict:
+    """One docs section from the results.json of several invocations (e.g. runs done in parallel)."""
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise ConfigError(f"--report_from: no such results file {missing}")
+    parts = [json.loads(p.read_text()) for p in paths]
+    runs = {}
+    for part in parts:
+        clash = set(runs) & set(part["runs"])
+        if clash:
+            raise ConfigError(f"--report_from: runs {sorted(clash)} appear in more than one results file")
+        runs.update(part["runs"])
+    order = [*METHODS, *REFERENCES]
+    kinds = {p["run_kind"] for p in parts}
+    merged = {**parts[0], "run_kind": next(k for k in ("smoke", "reduced", "full") if k in kinds),
+              "commands": [c for p in parts for c in p["commands"]],
+              "runs": dict(sorted(runs.items(), key=lambda kv: (order.index(kv[1]["method"]), kv[1]["target_epsilon"] or 0)))}
+    render_docs(merged, docs_dir, md_path)
+    return merged
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Run the benchmark; returns the results dict (also written to OUTPUT_DIR/results.json)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    if args.report_from:
+        return merge_reports([Path(p) for p in args.report_from], Path(args.docs_dir), Path(args.benchmarks_md))
     check(args)
     out = Path(args.output_dir)
     results_path = out / "results.json"
