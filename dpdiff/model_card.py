@@ -163,6 +163,8 @@ def summary_line(run: RunRecord, base: str) -> str:
         "full": "every UNet parameter",
         "mepf": "a generator matched to a DP mean embedding of perceptual features",
     }[run.method]
+    if run.method == "lora" and p.get("lora_target_modules"):
+        how = f"LoRA adapters (rank {p.get('lora_rank')}) on the UNet layers {', '.join(f'`{t}`' for t in p['lora_target_modules'])}"
     data = p.get("dataset", "a private dataset")
     n = p.get("num_examples")
     size = f" ({n} examples)" if n is not None else ""

@@ -62,8 +62,10 @@ def test_lora_run_leaves_adapter_that_stock_pipeline_loads(tiny_pipeline_dir, tm
     assert privacy["epsilon"] == pytest.approx(epsilon_for(privacy["noise_multiplier"], 0.25, 4, 1e-3), rel=1e-9)
     assert privacy["epsilon"] <= 8.0
     # checkpoints are not left beside the results forever: only the final ones are published
+    assert privacy["lora_rank"] == 4 and privacy["lora_target_modules"] == ["to_k", "to_out.0", "to_q", "to_v"]
+    assert privacy["grad_sample_mode"] == "ew"  # 'auto' with only Linear layers adapted: the mode that ran
     card = (out / "README.md").read_text()
-    assert "differential-privacy" in card and "lora" in card
+    assert "differential-privacy" in card and "LoRA adapters (rank 4) on the UNet layers `to_k`, `to_out.0`" in card
 
     trained = unet_output(result.pipeline.unet)
     stock = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir)

@@ -83,6 +83,8 @@ def privacy_record(args, plan, ledger, engine, summary, num_examples: int) -> di
         "method": args.method,
         "trainable_parameters": summary.trainable_params,
         "total_parameters": summary.total_params,
+        **({"lora_rank": summary.lora_config["r"], "lora_target_modules": sorted(summary.lora_config["target_modules"])}
+           if summary.lora_config else {}),
         "base_model": args.pretrained_model_name_or_path,
         "dataset": args.dataset + (f" (seeded subset of {num_examples})" if args.max_train_samples else ""),
         "world_size": engine.world_size,
