@@ -29,7 +29,7 @@ data:
 # the demo's own folder is replaced on every run (use --output_dir elsewhere to keep results)
 demo: install data
 	rm -rf dpdiff-output
-	HF_HUB_OFFLINE=1 $(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no recipes/finetune_lora.py
+	HF_HUB_OFFLINE=1 $(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no recipes/finetune_lora.py --config recipes/configs/finetune_lora.yaml
 
 test: install data
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q --durations=15 tests
