@@ -3,6 +3,7 @@ sample grid per method, from the results of benchmarks/utility.py. Also the cons
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -81,8 +82,12 @@ def markdown(results: dict, plots: dict) -> str:
     s = next(iter(runs.values()))["settings"] if runs else {}
     cpu = lambda r, ph: f"{r['timings'][ph]['cpu_s'] / 60:.2f}" if (r["timings"].get(ph) or {}).get("cpu_s") is not None else "–"  # noqa: E731
     rows = []
+    # settings that differ between the merged runs are named on the rows of the diffusion methods they apply to
+    varying = {k for r in runs.values() for k in r["settings"]
+               if len({json.dumps(q["settings"].get(k)) for q in runs.values()}) > 1}
     for key, r in runs.items():
-        own = {k: v for k, v in r["settings"].items() if s.get(k) != v}  # where a run differs from the first
+        own = {k: r["settings"].get(k) for k in sorted(varying)} if r["method"] in ("lora", "attention", "full") else {}
+        own = {k: v for k, v in own.items() if v is not None and (r["method"] == "lora" or k not in ("rank", "lora_target_modules"))}
         label = key + (" (" + ", ".join(f"{k}={' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in own.items()) + ")" if own else "")
         g = r.get("guarantee") or {}
         spent = f"{g['epsilon']:.3g}" if g.get("epsilon") is not None else "none (not private)"
