@@ -146,7 +146,6 @@ def real_test_set() -> tuple[torch.Tensor, torch.Tensor]:
     return images_to_tensor(test.dataset["image"], 28, 1), torch.tensor(test.dataset["label"])
 
 
-@torch.no_grad()
 def score_pipeline(pipe, class_prompts, per_class: int, guidance_scale: float, steps: int, judge, test, grid: Path) -> dict:
     """Sample `per_class` images per class prompt (fixed seed) and score them: agree and cnn."""
     from dpdiff.evaluation.classifiers import evaluate_downstream, predict
@@ -154,8 +153,9 @@ def score_pipeline(pipe, class_prompts, per_class: int, guidance_scale: float, s
 
     images, labels, generator = [], [], torch.Generator().manual_seed(123)
     for label, prompt in enumerate(class_prompts):
-        images += pipe([prompt] * per_class, num_inference_steps=steps, guidance_scale=guidance_scale,
-                       generator=generator, height=32, width=32).images
+        with torch.no_grad():
+            images += pipe([prompt] * per_class, num_inference_steps=steps, guidance_scale=guidance_scale,
+                           generator=generator, height=32, width=32).images
         labels += [label] * per_class
     x, y = images_to_tensor([im.convert("L") for im in images], 28, 1), torch.tensor(labels)
     cnn = evaluate_downstream(x, y, *test, classifiers=["cnn"], epochs={"cnn": 30}, seed=0)["cnn"]["accuracy"]
