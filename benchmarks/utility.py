@@ -305,6 +305,12 @@ def jobs(args) -> list[tuple[str, str, float | None]]:
     return out + [(r, r, None) for r in args.references]
 
 
+def in_report_order(runs: dict) -> dict:
+    """Methods, then references, each by epsilon: a fixed order whatever order the runs finished in."""
+    order = [*METHODS, *REFERENCES]
+    return dict(sorted(runs.items(), key=lambda kv: (order.index(kv[1]["method"]), kv[1]["target_epsilon"] or 0)))
+
+
 def merge_reports(paths: list[Path], docs_dir: Path, md_path: Path) -> dict:
     """One docs section from the results.json of several invocations (e.g. runs done in parallel)."""
     missing = [str(p) for p in paths if not p.is_file()]
@@ -317,11 +323,9 @@ def merge_reports(paths: list[Path], docs_dir: Path, md_path: Path) -> dict:
         if clash:
             raise ConfigError(f"--report_from: runs {sorted(clash)} appear in more than one results file")
         runs.update(part["runs"])
-    order = [*METHODS, *REFERENCES]
     kinds = {p["run_kind"] for p in parts}
     merged = {**parts[0], "run_kind": next(k for k in ("smoke", "reduced", "full") if k in kinds),
-              "commands": [c for p in parts for c in p["commands"]],
-              "runs": dict(sorted(runs.items(), key=lambda kv: (order.index(kv[1]["method"]), kv[1]["target_epsilon"] or 0)))}
+              "commands": [c for p in parts for c in p["commands"]], "runs": in_report_order(runs)}
     render_docs(merged, docs_dir, md_path)
     return merged
 
@@ -349,8 +353,7 @@ def main(argv: list[str] | None = None) -> dict:
         runs[key] = run_one(args, key, method, epsilon, evaluate, out)
         write_json(results_path, results)  # after every run, so --skip_existing can resume
     # runs kept from earlier invocations with the same settings stay in the report, in a fixed order
-    order = [*METHODS, *REFERENCES]
-    results["runs"] = dict(sorted(runs.items(), key=lambda kv: (order.index(kv[1]["method"]), kv[1]["target_epsilon"] or 0)))
+    results["runs"] = in_report_order(runs)
     write_json(results_path, results)
     render_docs(results, Path(args.docs_dir), Path(args.benchmarks_md))
     return results
