@@ -48,6 +48,9 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     a("--target_epsilon", type=float, default=0.0, help="0: clipping only, no noise (NOT private)")
     a("--max_grad_norm", type=float, default=1.0)
     a("--noise_multiplicity", type=int, default=1)
+    a("--timestep_bias_strategy", choices=("none", "earlier", "later", "range"), default="none")
+    a("--timestep_bias_multiplier", type=float, default=1.0)
+    a("--timestep_bias_portion", type=float, default=0.25)
     a("--rank", type=int, default=8)
     a("--lora_target_modules", nargs="+", default=["to_q", "to_k", "to_v", "to_out.0"])
     a("--train_condition_embedder", action="store_true")
@@ -88,6 +91,7 @@ def run(args) -> None:
     from dpdiff.pipelines import load_pipeline
     from dpdiff.pipelines.preset import training_scheduler
     from dpdiff.privacy import accounting
+    from dpdiff.privacy.diffusion_loss import timestep_weights
     from dpdiff.privacy.engine import DPDiffusionEngine
     from dpdiff.training.latent_cache import build_latent_cache
 
@@ -107,7 +111,9 @@ def run(args) -> None:
     engine = DPDiffusionEngine(unet, training_scheduler(pipe), torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=0.0),
                                cache, batch_size=args.batch_size, physical_batch_size=args.physical_batch_size,
                                noise_multiplier=sigma, max_grad_norm=args.max_grad_norm,
-                               noise_multiplicity=args.noise_multiplicity)
+                               noise_multiplicity=args.noise_multiplicity,
+                               timestep_weights=timestep_weights(1000, args.timestep_bias_strategy,
+                                                                 args.timestep_bias_multiplier, args.timestep_bias_portion))
     ema = EMAModel(params, decay=args.ema_decay) if args.ema_decay > 0 else None
     test = real_test_set()
     sampler = DDIMScheduler.from_config(pipe.scheduler.config)

@@ -12,7 +12,7 @@ from diffusers import DDPMScheduler
 from dpdiff.adapters import prepare_trainable
 from dpdiff.errors import ConfigError, DataError, PrivacyError
 from dpdiff.pipelines.preset import SCHEDULER_CONFIG, build_tiny_unet
-from dpdiff.privacy.diffusion_loss import draw_diffusion_inputs, example_generator, per_row_loss
+from dpdiff.privacy.diffusion_loss import draw_diffusion_inputs, example_generator, per_row_loss, timestep_weights
 from dpdiff.privacy.engine import DPDiffusionEngine
 
 TOKENS = 6  # multi-token context: with one token, attn2.to_q/to_k get exactly zero gradient
@@ -301,3 +301,48 @@ def test_refusals_that_depend_on_the_model_or_data():
     unet.enable_gradient_checkpointing()
     with pytest.raises(ConfigError, match="gradient checkpointing"):
         DPDiffusionEngine(unet, scheduler(), torch.optim.SGD(params, lr=1), LatentCache(8), **common)
+
+
+def test_timestep_bias_weights_follow_the_diffusers_flags():
+    assert timestep_weights(1000, "none") is None
+    later = timestep_weights(1000, "later", multiplier=3.0, portion=0.25)
+    assert later.sum().item() == pytest.approx(1.0)
+    assert later[-250:].sum().item() == pytest.approx(0.5)  # 3*250 / (750 + 3*250)
+    assert later[-1] == pytest.approx(3 * later[0])
+    earlier = timestep_weights(1000, "earlier", multiplier=2.0, portion=0.1)
+    assert earlier[0] == pytest.approx(2 * earlier[-1]) and earlier[99] > earlier[100]
+    inside = timestep_weights(1000, "range", multiplier=1e9, begin=900, end=1000)
+    assert inside[900:].sum().item() > 1 - 1e-6
+    for bad in (dict(strategy="later", multiplier=0.0), dict(strategy="later", portion=1.5),
+                dict(strategy="range", begin=10, end=5), dict(strategy="sideways")):
+        with pytest.raises(ValueError, match="timestep_bias"):
+            timestep_weights(1000, **bad)
+
+
+def test_biased_timestep_draws_have_the_weighted_frequencies():
+    latents = torch.zeros(1, 4, 8, 8)
+    later = timestep_weights(1000, "later", multiplier=3.0, portion=0.25)
+    g = torch.Generator().manual_seed(0)
+    _, _, t = draw_diffusion_inputs(latents, 8000, 1000, [g], later)
+    assert abs((t >= 750).float().mean().item() - 0.5) < 0.025  # uniform would give 0.25
+    only_late = torch.zeros(1000, dtype=torch.float64)
+    only_late[900:] = 1.0
+    _, _, t = draw_diffusion_inputs(latents, 500, 1000, [g], only_late)
+    assert t.min() >= 900
+
+
+def test_engine_draws_each_examples_timesteps_from_its_weights():
+    weights = torch.zeros(1000, dtype=torch.float64)
+    weights[990:] = 1.0
+    engine = make_engine("lora", timestep_weights=weights)
+    data = engine.dataset
+    latents, hidden = data.latents[:2], data.hidden[:2]
+    engine.per_example_backward(latents, hidden, indices=[0, 1])
+    batched = torch.cat([p.grad_sample.flatten(1) for p in engine.params], dim=1)
+    for i in range(2):
+        _, noise, t = draw_diffusion_inputs(latents[i : i + 1], 1, 1000, [example_generator(engine.seed, 0, i)], weights)
+        assert t.item() >= 990
+        alone = example_grad(engine.reference, engine, latents[i : i + 1], hidden[i : i + 1], noise, t)
+        torch.testing.assert_close(batched[i], alone, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ConfigError, match="timestep_weights must be 1000 non-negative weights"):
+        make_engine("lora", timestep_weights=torch.ones(10))

@@ -13,6 +13,44 @@ import torch
 from torch import nn
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+TIMESTEP_BIAS_STRATEGIES = ("none", "earlier", "later", "range")
+
+
+def timestep_weights(
+    num_train_timesteps: int,
+    strategy: str = "none",
+    multiplier: float = 1.0,
+    portion: float = 0.25,
+    begin: int = 0,
+    end: int | None = None,
+) -> torch.Tensor | None:
+    """Sampling weights over the training timesteps, as the diffusers `--timestep_bias_*` flags define
+    them (`later`: the last `portion` of the timesteps, the noisiest, are drawn `multiplier` times as
+    often); None for uniform draws.
+
+    Under DP-SGD this is a lever where loss weighting (min-SNR and the like) is not: clipping rescales
+    every example's gradient to norm C, so a loss weight is undone, while drawing some noise levels
+    more often changes which directions the clipped gradients point in. The draw is public
+    randomness inside each example's loss; it does not touch the guarantee."""
+    if strategy not in TIMESTEP_BIAS_STRATEGIES:
+        raise ValueError(f"timestep_bias_strategy {strategy!r}: expected one of {TIMESTEP_BIAS_STRATEGIES}")
+    if strategy == "none":
+        return None
+    if not multiplier > 0:
+        raise ValueError(f"timestep_bias_multiplier must be > 0, got {multiplier} (use the 'range' strategy to leave timesteps out)")
+    weights = torch.ones(num_train_timesteps, dtype=torch.float64)
+    if strategy == "range":
+        end = num_train_timesteps if end is None else end
+        if not 0 <= begin < end <= num_train_timesteps:
+            raise ValueError(f"timestep_bias_begin/end: the range [{begin}, {end}) must lie inside [0, {num_train_timesteps})")
+        biased = slice(begin, end)
+    else:
+        if not 0 < portion <= 1:
+            raise ValueError(f"timestep_bias_portion must be in (0, 1], got {portion}")
+        count = max(1, int(round(portion * num_train_timesteps)))
+        biased = slice(num_train_timesteps - count, None) if strategy == "later" else slice(0, count)
+    weights[biased] *= multiplier
+    return weights / weights.sum()
 
 
 def example_generator(seed: int, step: int, index: int) -> torch.Generator:
@@ -23,15 +61,24 @@ def example_generator(seed: int, step: int, index: int) -> torch.Generator:
 
 
 def draw_diffusion_inputs(
-    latents: torch.Tensor, multiplicity: int, num_train_timesteps: int, generators: list[torch.Generator]
+    latents: torch.Tensor,
+    multiplicity: int,
+    num_train_timesteps: int,
+    generators: list[torch.Generator],
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """K copies of each example (rows i*K .. i*K+K-1 belong to example i), their noise and timesteps.
+    """K copies of each example (rows i*K .. i*K+K-1 belong to example i), their noise and timesteps
+    (uniform, or drawn with `weights` from `timestep_weights`).
 
     Drawn on the CPU from one generator per example, so a run is reproducible on any device."""
     rows = latents.repeat_interleave(multiplicity, dim=0)
     shape = (multiplicity, *latents.shape[1:])
     noise = torch.cat([torch.randn(shape, generator=g) for g in generators]).to(rows.device, rows.dtype)
-    timesteps = torch.cat([torch.randint(0, num_train_timesteps, (multiplicity,), generator=g) for g in generators])
+    if weights is None:
+        draws = [torch.randint(0, num_train_timesteps, (multiplicity,), generator=g) for g in generators]
+    else:
+        draws = [torch.multinomial(weights, multiplicity, replacement=True, generator=g) for g in generators]
+    timesteps = torch.cat(draws)
     return rows, noise, timesteps.to(rows.device)
 
 

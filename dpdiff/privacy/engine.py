@@ -67,6 +67,7 @@ class DPDiffusionEngine:
         noise_multiplier: float,
         max_grad_norm: float,
         noise_multiplicity: int = 1,
+        timestep_weights: torch.Tensor | None = None,
         grad_sample_mode: str = "auto",
         clipping: str = "flat",
         secure_mode: bool = False,
@@ -85,6 +86,7 @@ class DPDiffusionEngine:
         self.noise_multiplier = float(noise_multiplier)
         self.max_grad_norm = float(max_grad_norm)
         self.noise_multiplicity = int(noise_multiplicity)
+        self.timestep_weights = _checked_timestep_weights(timestep_weights, noise_scheduler.config.num_train_timesteps)
         self.grad_sample_mode = resolve_grad_sample_mode(self.model, grad_sample_mode)  # what ran: recorded
         self.clipping = clipping
         self.secure_mode = secure_mode
@@ -189,7 +191,7 @@ class DPDiffusionEngine:
             keys = indices if indices is not None else range(b)
             generators = [example_generator(self.seed, self.steps_taken, i) for i in keys]
             _, noise, timesteps = draw_diffusion_inputs(
-                latents, k, self.noise_scheduler.config.num_train_timesteps, generators
+                latents, k, self.noise_scheduler.config.num_train_timesteps, generators, self.timestep_weights
             )
         rows = latents.repeat_interleave(k, dim=0)
         hidden = encoder_hidden_states.repeat_interleave(k, dim=0)
@@ -254,6 +256,18 @@ class DPDiffusionEngine:
         self.noise_generator.set_state(mine["noise_generator"].cpu())
         self.seed = int(state["seed"])
         self.steps_taken = int(state["steps_taken"])
+
+
+def _checked_timestep_weights(weights: torch.Tensor | None, num_train_timesteps: int) -> torch.Tensor | None:
+    if weights is None:
+        return None
+    weights = torch.as_tensor(weights, dtype=torch.float64).cpu()
+    if weights.shape != (num_train_timesteps,) or not bool((weights >= 0).all()) or not weights.sum() > 0:
+        raise ConfigError(
+            f"timestep_weights must be {num_train_timesteps} non-negative weights with a positive sum (one per training "
+            f"timestep of the scheduler), got shape {tuple(weights.shape)}; build them with diffusion_loss.timestep_weights"
+        )
+    return weights
 
 
 def _generator(privacy_seed: int | None, offset: int, device) -> torch.Generator:

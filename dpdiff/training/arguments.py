@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 
 from dpdiff.pipelines.loading import PRESET_NAME
+from dpdiff.privacy.diffusion_loss import TIMESTEP_BIAS_STRATEGIES
 
 METHODS = ("lora", "attention", "full")
 
@@ -27,6 +28,11 @@ def add_finetune_arguments(parser: argparse.ArgumentParser, method: str | None =
     a("--accountant", choices=("prv", "rdp"), default="prv", help="PRV is tight; RDP is a looser upper bound")
     a("--max_grad_norm", type=float, default=1.0, help="per-example clipping norm C")
     a("--noise_multiplicity", type=int, default=1, help="K (noise, timestep) draws averaged inside each example's gradient")
+    a("--timestep_bias_strategy", choices=TIMESTEP_BIAS_STRATEGIES, default="none", help="draw some noise levels more often (the diffusers flags): later = the noisiest, where the class shapes form")
+    a("--timestep_bias_multiplier", type=float, default=1.0, help="how much more often the biased timesteps are drawn")
+    a("--timestep_bias_portion", type=float, default=0.25, help="earlier/later: the fraction of timesteps that is biased")
+    a("--timestep_bias_begin", type=int, default=0, help="range: first biased timestep")
+    a("--timestep_bias_end", type=int, default=None, help="range: end of the biased timesteps (exclusive; default: the last)")
     a("--clipping", choices=("flat", "per_layer"), default="flat", help="one norm over all trained parameters, or an equal split per tensor")
     a("--grad_sample_mode", choices=("auto", "hooks", "ew", "functorch"), default="auto", help="how Opacus computes per-example gradients (same result); auto: ew unless a convolution trains, else hooks")
     a("--secure_mode", action="store_true", help="cryptographically secure noise (Opacus secure_mode)")

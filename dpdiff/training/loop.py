@@ -26,6 +26,7 @@ from dpdiff.io import removed_if_left_empty
 from dpdiff.pipelines import load_pipeline
 from dpdiff.pipelines.preset import training_scheduler
 from dpdiff.privacy import accounting
+from dpdiff.privacy.diffusion_loss import timestep_weights
 from dpdiff.privacy.engine import DPDiffusionEngine
 from dpdiff.privacy.ledger import PrivacyLedger, plot_epsilon_curve
 from dpdiff.training import checkpoint, outputs
@@ -72,6 +73,14 @@ def check_arguments(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
+def _timestep_weights(args: argparse.Namespace, num_train_timesteps: int) -> torch.Tensor | None:
+    try:
+        return timestep_weights(num_train_timesteps, args.timestep_bias_strategy, args.timestep_bias_multiplier,
+                                args.timestep_bias_portion, args.timestep_bias_begin, args.timestep_bias_end)
+    except ValueError as err:
+        raise ConfigError(f"--{err} (see --timestep_bias_* in --help)") from None
+
+
 @dataclass
 class FinetuneResult:
     record: dict  # what privacy.json says
@@ -98,6 +107,8 @@ def _finetune(args: argparse.Namespace) -> FinetuneResult:
     plan = accounting.plan(args.target_epsilon, args.delta, len(source), args.batch_size, epochs=args.epochs,
                            max_steps=args.max_steps, accountant=args.accountant, force_delta=args.force_delta)
     pipeline = load_pipeline(args.pretrained_model_name_or_path).to(accelerator.device)
+    noise_scheduler = training_scheduler(pipeline)
+    weights = _timestep_weights(args, noise_scheduler.config.num_train_timesteps)
     pipeline.set_progress_bar_config(disable=True)
     resolution = pipeline.unet.config.sample_size * pipeline.vae_scale_factor
     channels = 1 if source.dataset[0]["image"].mode in ("1", "L", "I", "I;16", "F") else 3
@@ -114,10 +125,10 @@ def _finetune(args: argparse.Namespace) -> FinetuneResult:
     params = [p for p in pipeline.unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=0.0)
     engine = DPDiffusionEngine(
-        pipeline.unet, training_scheduler(pipeline), optimizer, cache,
+        pipeline.unet, noise_scheduler, optimizer, cache,
         batch_size=args.batch_size, physical_batch_size=args.physical_batch_size,
         noise_multiplier=plan.noise_multiplier, max_grad_norm=args.max_grad_norm,
-        noise_multiplicity=args.noise_multiplicity, grad_sample_mode=args.grad_sample_mode, clipping=args.clipping,
+        noise_multiplicity=args.noise_multiplicity, timestep_weights=weights, grad_sample_mode=args.grad_sample_mode, clipping=args.clipping,
         secure_mode=args.secure_mode, seed=args.seed, privacy_seed=args.privacy_seed,
         distributed=accelerator.num_processes > 1,
     )
