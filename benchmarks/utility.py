@@ -23,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,7 +39,7 @@ from dpdiff.data.transforms import images_to_tensor  # noqa: E402
 from dpdiff.errors import ConfigError, DPDiffError, PrivacyError  # noqa: E402
 from dpdiff.evaluation import FD_NAME, evaluate_downstream, feature_statistics, frechet_distance  # noqa: E402
 from dpdiff.evaluation.frechet import fd_description  # noqa: E402
-from dpdiff.io import write_json  # noqa: E402
+from dpdiff.io import atomic_path, write_json  # noqa: E402
 
 TRAINED_FILE = "benchmark_trained.json"
 # the defaults are the complete benchmark; changing one of these makes the run "reduced"
@@ -229,7 +230,21 @@ class Evaluator:
         self.fd_n = min(args.num_fd_samples, len(self.x_test))
         self.extractor = load_feature_extractor("efficientnet_lite0", input_size=args.fd_input_size, batch_size=64,
                                                 device=self.device)
-        self.fd_real = feature_statistics(self.x_test[self._pick(len(self.x_test))], self.extractor)  # once for all runs
+        self.fd_real = self._real_statistics()
+
+    def _real_statistics(self) -> tuple:
+        """The reference side of FD, computed once per settings and kept beside the runs: 2,000 images at
+        224 px cost minutes of CPU, and every invocation of a split benchmark needs the same ones."""
+        a = self.args
+        path = Path(a.output_dir) / f"fd-real-{DATASET}-test{a.test_limit or 'all'}-n{self.fd_n}-px{a.fd_input_size}-seed{a.seed}.npz"
+        if path.exists():
+            with np.load(path) as saved:
+                return saved["mu"], saved["sigma"]
+        mu, sigma = feature_statistics(self.x_test[self._pick(len(self.x_test))], self.extractor)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.savez(f, mu=mu, sigma=sigma)
+        return mu, sigma
 
     def _pick(self, n: int) -> torch.Tensor:
         return torch.randperm(n, generator=torch.Generator().manual_seed(self.args.seed))[: self.fd_n]

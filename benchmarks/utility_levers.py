@@ -55,6 +55,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     a("--lora_target_modules", nargs="+", default=["to_q", "to_k", "to_v", "to_out.0"])
     a("--train_condition_embedder", action="store_true")
     a("--ema_decay", type=float, default=0.999)
+    a("--class_prompts", nargs=10, default=None, help="one caption per class instead of 'a photo of a <name>'")
     a("--guidance_scale", type=float, default=2.0)
     a("--per_class", type=int, default=40, help="synthetic images per class at each evaluation")
     a("--eval_at", type=int, nargs="+", default=[100, 200], help="step counts to score (0: the base model)")
@@ -99,6 +100,9 @@ def run(args) -> None:
     out.mkdir(parents=True, exist_ok=True)
     judge = real_classifier(Path(args.output_dir))
     source = load_source("fashion_mnist", "train")
+    class_prompts = args.class_prompts or source.class_prompts
+    if args.class_prompts:
+        source.dataset = source.dataset.map(lambda ex: {"prompt": class_prompts[ex["label"]]})
     q = args.batch_size / len(source)
     sigma = accounting.noise_multiplier_for(args.target_epsilon, q, args.steps, DELTA) if args.target_epsilon > 0 else 0.0
     pipe = load_pipeline(args.base_model)
@@ -128,7 +132,7 @@ def run(args) -> None:
             ema.copy_to(params)
         unet.eval()
         pipe.scheduler = sampler
-        scores = score_pipeline(pipe, source.class_prompts, args.per_class, args.guidance_scale, SAMPLER_STEPS, judge, test,
+        scores = score_pipeline(pipe, class_prompts, args.per_class, args.guidance_scale, SAMPLER_STEPS, judge, test,
                                 out / f"samples-{step}.png")
         if ema is not None:
             ema.restore(params)

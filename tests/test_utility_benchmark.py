@@ -73,6 +73,9 @@ def test_smoke_run_writes_results_plots_and_section(tiny_pipeline_dir, tmp_path,
     again = bench.main(smoke_argv(tiny_pipeline_dir, tmp_path, "--skip_existing", "--references"))
     assert adapter.stat().st_mtime_ns == trained_at
     assert again["runs"]["lora_eps10"]["guarantee"] == dp["guarantee"] and again["runs"]["lora_eps10"]["num_classifier_train_images"] == 30
+    # the FD reference statistics were computed once and kept: the re-sampled run scores the same FD
+    assert len(list((tmp_path / "out").glob("fd-real-*.npz"))) == 1
+    assert again["runs"]["lora_eps10"]["fd"]["value"] == pytest.approx(dp["fd"]["value"], rel=1e-6)
 
 
 def test_bad_options_refused_before_work(tmp_path):
