@@ -29,8 +29,8 @@ def timestep_weights(
     often); None for uniform draws.
 
     Under DP-SGD this is a lever where loss weighting (min-SNR and the like) is not: clipping rescales
-    every example's gradient to norm C, so a loss weight is undone, while drawing some noise levels
-    more often changes which directions the clipped gradients point in. The draw is public
+    every example gradient above C (nearly all of them) to norm C, undoing its weight, while drawing
+    some noise levels more often changes which directions the clipped gradients point in. The draw is public
     randomness inside each example's loss; it does not touch the guarantee."""
     if strategy not in TIMESTEP_BIAS_STRATEGIES:
         raise ValueError(f"timestep_bias_strategy {strategy!r}: expected one of {TIMESTEP_BIAS_STRATEGIES}")
