@@ -61,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--batch_size", type=int, default=256)
     a("--physical_batch_size", type=int, default=64)
     a("--learning_rate", type=float, default=None, help="DP-SGD learning rate of every diffusion method (default: the method's)")
+    a("--max_grad_norm", type=float, default=1.0, help="per-example clipping norm C of every diffusion method")
     a("--rank", type=int, default=8, help="LoRA rank (lora and nonprivate_lora)")
     a("--lora_target_modules", nargs="+", default=list(DEFAULT_LORA_TARGETS), help="LoRA targets (lora and nonprivate_lora)")
     a("--mepf_generator_steps", type=int, default=FULL_SCALE["mepf_generator_steps"])
@@ -130,7 +131,7 @@ def train_dp_sgd(args, method: str, epsilon: float, out: Path) -> dict:
              "num_inference_steps": args.inference_steps, "guidance_scale": args.guidance_scale, "seed": args.seed,
              "max_train_samples": args.max_train_samples, "max_steps": args.max_steps,
              "epochs": None if args.max_steps else args.epochs, "learning_rate": args.learning_rate,
-             "rank": args.rank, "lora_target_modules": args.lora_target_modules}
+             "max_grad_norm": args.max_grad_norm, "rank": args.rank, "lora_target_modules": args.lora_target_modules}
     argv = [s for k, v in flags.items() if v is not None
             for s in (f"--{k}", *(map(str, v) if isinstance(v, list) else [str(v)]))] + ["--overwrite_output_dir"]
     return finetune(add_finetune_arguments(argparse.ArgumentParser(), method=method).parse_args(argv)).record

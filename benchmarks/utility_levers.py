@@ -88,7 +88,7 @@ def run(args) -> None:
     from diffusers import DDIMScheduler
     from diffusers.training_utils import EMAModel
 
-    from dpdiff.adapters import prepare_trainable
+    from dpdiff.adapters import prepare_trainable, save_trained
     from dpdiff.pipelines import load_pipeline
     from dpdiff.pipelines.preset import training_scheduler
     from dpdiff.privacy import accounting
@@ -149,6 +149,9 @@ def run(args) -> None:
             ema.step(params)
         if step in args.eval_at:
             score(step)
+    if ema is not None:
+        ema.copy_to(params)  # keep the released (EMA) weights: `evaluate` scores them with the benchmark's protocol
+    save_trained(unet, out / "weights", args.method)
 
 
 def real_test_set() -> tuple[torch.Tensor, torch.Tensor]:
@@ -194,11 +197,77 @@ def sampling(args) -> None:
                                                "epsilon": run.privacy.get("epsilon"), "scores": records})
 
 
+def evaluate(args) -> None:
+    """Score a finished `run`'s released weights with the protocol of benchmarks/utility.py (its
+    classifiers on `num_per_class` images per class, FD against the real test set), so a lever found
+    with the proxy lands on the same scale as the `## Utility` table."""
+    from diffusers import DDIMScheduler
+
+    from dpdiff.pipelines import load_pipeline
+    from dpdiff.sampling.generate import generate, plan_requests
+    from utility import CHANNELS, RESOLUTION, Evaluator
+
+    run_dir = Path(args.output_dir) / args.tag
+    config = json.loads((run_dir / "config.json").read_text())
+    if not (run_dir / "weights").is_dir():
+        sys.exit(f"{run_dir} has no weights/: `run` saves them when it finishes")
+    pipe = load_pipeline(config["base_model"])
+    if config["method"] == "lora":
+        pipe.load_lora_weights(run_dir / "weights")  # the stock diffusers loader, as users load it
+    else:
+        from diffusers import UNet2DConditionModel
+
+        pipe.unet = UNet2DConditionModel.from_pretrained(run_dir / "weights", subfolder="unet")
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    class_prompts = config.get("class_prompts") or load_source("fashion_mnist", "test", limit=10).class_prompts
+    requests, _ = plan_requests(class_prompts, args.num_per_class, None, 1, seed=0)
+    start = time.process_time()
+    images = list(generate(pipe, requests, args.guidance_scale, args.inference_steps, batch_size=50))
+    sample_cpu_s = time.process_time() - start
+    x, y = images_to_tensor([im.convert("L") for im in images], RESOLUTION, CHANNELS), torch.tensor([r.label for r in requests])
+    settings = argparse.Namespace(device="cpu", test_limit=None, seed=0, num_fd_samples=2000, fd_input_size=224,
+                                  output_dir=args.output_dir, eval_epochs=None)
+    scores = Evaluator(settings)(x, y)
+    write_json(run_dir / "evaluation.json", {**scores, "num_per_class": args.num_per_class, "inference_steps": args.inference_steps,
+                                             "guidance_scale": args.guidance_scale, "sample_cpu_s": round(sample_cpu_s, 1),
+                                             "train_cpu_s": json.loads((run_dir / "results.json").read_text())["scores"][-1]["train_cpu_s"]})
+    print(scores["accuracy"], scores["fd"]["value"])
+
+
 def load_runs(output_dir: Path) -> dict:
     runs = {}
     for path in sorted(output_dir.glob("*/results.json")):
         runs[path.parent.name] = json.loads(path.read_text())
     return runs
+
+
+ATTENTION_TARGETS = {"to_q", "to_k", "to_v", "to_out.0"}
+EVERY_LAYER_KIND = ATTENTION_TARGETS | {"proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2", "time_emb_proj"}
+
+
+def trained(config: dict) -> str:
+    if config["method"] != "lora":
+        return config["method"]
+    targets = set(config["lora_target_modules"])
+    kind = {frozenset(ATTENTION_TARGETS): "attention", frozenset(EVERY_LAYER_KIND): "every layer kind"}.get(
+        frozenset(targets), ",".join(sorted(targets)))
+    return f"LoRA r={config['rank']} on {kind}"
+
+
+def other_settings(config: dict) -> str:
+    """The settings a run changed from the defaults of `run` (the levers it pulled)."""
+    out = []
+    if config.get("noise_multiplicity", 1) > 1:
+        out.append(f"K={config['noise_multiplicity']}")
+    if config.get("timestep_bias_strategy", "none") != "none":
+        out.append(f"timesteps: {config['timestep_bias_strategy']} {config['timestep_bias_portion']:g} "
+                   f"x{config['timestep_bias_multiplier']:g}")
+    if config.get("class_prompts"):
+        out.append(f"prompts '{config['class_prompts'][0]}', ...")
+    if config.get("train_condition_embedder"):
+        out.append("condition embedder")
+    return ", ".join(out) or "–"
 
 
 def report(args) -> None:
@@ -214,11 +283,11 @@ def report(args) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for tag, r in runs.items():
         c, scores = r["config"], r["scores"]
-        eps = f"{c['target_epsilon']:g} (sigma {c['noise_multiplier']:.2f})" if c["target_epsilon"] > 0 else "none (clip only)"
-        targets = ",".join(c["lora_target_modules"]) if c["method"] == "lora" else "–"
+        eps = f"{c['target_epsilon']:g} (σ {c['noise_multiplier']:.2f})" if c["target_epsilon"] > 0 else "none (clip only)"
         for s in scores:
-            rows.append(f"| {tag} | {c['method']} | {targets} | {c['trainable_params']:,} | {c['learning_rate']:g} | "
-                        f"{c['batch_size']} | {eps} | {s['step']} | {100 * s['agree']:.1f} | {100 * s['cnn']:.1f} |")
+            rows.append(f"| {tag} | {trained(c)} | {c['trainable_params']:,} | {c['learning_rate']:g} | {c['batch_size']} | "
+                        f"{c['max_grad_norm']:g} | {eps} | {other_settings(c)} | {s['step']} | {100 * s['agree']:.1f} | "
+                        f"{100 * s['cnn']:.1f} |")
         ax.plot([s["step"] for s in scores], [100 * s["cnn"] for s in scores], marker="o", label=tag)
     ax.set(xlabel="DP-SGD steps", ylabel="CNN accuracy on real test (%)", title="Utility levers (Fashion-MNIST, proxy)")
     ax.legend(fontsize=7)
@@ -241,8 +310,8 @@ def report(args) -> None:
         f"training images, {SAMPLER_STEPS} DDIM steps; `agree` = a real-data CNN agrees with the prompted class, "
         f"`cnn` = a CNN trained on the synthetic images, tested on {TEST_IMAGES} real test images. Smaller and noisier "
         "than `## Utility` (40 images per class): use them to rank levers, not as results.", "",
-        "| run | method | LoRA targets | trained params | lr | batch | ε (δ=1e-5) | step | agree % | CNN % |",
-        "|---|---|---|---:|---:|---:|---|---:|---:|---:|", *rows, *sampling_table, "", f"![utility levers]({plot.name})",
+        "| run | trains | params | lr | batch | C | ε (δ=1e-5) | other | step | agree % | CNN % |",
+        "|---|---|---:|---:|---:|---:|---|---|---:|---:|---:|", *rows, *sampling_table, "", f"![utility levers]({plot.name})",
     ])
     update_section("Utility levers", body, Path(args.benchmarks_md))
 
@@ -258,11 +327,16 @@ def main(argv=None) -> None:
     smp.add_argument("--guidance_scales", type=float, nargs="+", default=[1.0, 2.0, 4.0])
     smp.add_argument("--num_inference_steps", type=int, nargs="+", default=[SAMPLER_STEPS])
     smp.add_argument("--per_class", type=int, default=40)
+    ev = sub.add_parser("evaluate", help="score a finished run's weights with the protocol of benchmarks/utility.py")
+    ev.add_argument("--tag", required=True)
+    ev.add_argument("--num_per_class", type=int, default=300)
+    ev.add_argument("--inference_steps", type=int, default=25)
+    ev.add_argument("--guidance_scale", type=float, default=2.0)
     rep = sub.add_parser("report", help="write the table and plot of every run under --output_dir")
     rep.add_argument("--docs_dir", default=str(ROOT / "docs"))
     rep.add_argument("--benchmarks_md", default=str(ROOT / "docs" / "benchmarks.md"))
     args = p.parse_args(argv)
-    {"run": run, "sampling": sampling, "report": report}[args.command](args)
+    {"run": run, "sampling": sampling, "evaluate": evaluate, "report": report}[args.command](args)
 
 
 if __name__ == "__main__":

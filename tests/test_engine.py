@@ -346,3 +346,36 @@ def test_engine_draws_each_examples_timesteps_from_its_weights():
         torch.testing.assert_close(batched[i], alone, rtol=1e-4, atol=1e-6)
     with pytest.raises(ConfigError, match="timestep_weights must be 1000 non-negative weights"):
         make_engine("lora", timestep_weights=torch.ones(10))
+
+
+def test_clipped_fraction_counts_the_examples_whose_own_gradient_exceeds_c():
+    engine = make_engine("lora", lora_targets=["to_q", "to_k", "to_v", "to_out.0"], batch_size=4, physical_batch_size=2)
+    norms = []
+    for i in range(4):  # each example alone, on a plain copy, with the engine's draws of step 0
+        latents = engine.dataset[i]["latents"][None]
+        _, noise, t = draw_diffusion_inputs(latents, 1, 1000, [example_generator(engine.seed, 0, i)])
+        norms.append(example_grad(engine.reference, engine, latents, engine.dataset[i]["encoder_hidden_states"][None],
+                                  noise, t).norm().item())
+    c = sorted(norms)[1] * 1.0001  # just above the second smallest: exactly two examples exceed C
+    engine.max_grad_norm = c
+    engine.optimizer.max_grad_norm = c
+    assert engine._logical_step([0, 1, 2, 3]).clipped_fraction == pytest.approx(0.5)
+    assert math.isnan(engine._logical_step([]).clipped_fraction)
+    assert math.isnan(make_engine("lora", clipping="per_layer")._logical_step([0, 1]).clipped_fraction)
+
+
+def test_a_c_far_above_the_gradients_is_reported_once(caplog):
+    from dpdiff.training.loop import _ClipWatch
+    from dpdiff.privacy.engine import StepStats
+
+    watch = _ClipWatch(max_grad_norm=1.0, warn=True)
+    with caplog.at_level("WARNING", logger="dpdiff.training.loop"):
+        for step in range(1, 30):
+            watch.add(StepStats(loss=0.1, num_examples=100, num_micro_batches=1, step=step, clipped_fraction=0.1))
+    assert len(caplog.records) == 1 and "only 10% of the per-example gradients exceeded --max_grad_norm 1" in caplog.text
+    caplog.clear()
+    mostly_clipped = _ClipWatch(max_grad_norm=1.0, warn=True)
+    with caplog.at_level("WARNING", logger="dpdiff.training.loop"):
+        for step in range(1, 30):
+            mostly_clipped.add(StepStats(loss=0.1, num_examples=100, num_micro_batches=1, step=step, clipped_fraction=0.9))
+    assert not caplog.records

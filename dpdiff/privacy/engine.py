@@ -47,6 +47,9 @@ class StepStats:
     num_examples: int  # real examples this rank processed in this logical step
     num_micro_batches: int
     step: int  # logical steps taken so far (the accountant's step count)
+    # share of the examples whose gradient norm exceeded C (flat clipping; nan otherwise or if none).
+    # The noise is sized to C: when most gradients are far below C, most of the noise is wasted.
+    clipped_fraction: float = float("nan")
 
 
 class DPDiffusionEngine:
@@ -149,10 +152,11 @@ class DPDiffusionEngine:
         self.module.train()
         self.optimizer.zero_grad(set_to_none=True)
         chunks = [indices[i : i + self.physical_batch_size] for i in range(0, len(indices), self.physical_batch_size)]
-        loss_sum = 0.0
+        loss_sum, clipped = 0.0, 0
         for j, chunk in enumerate(chunks or [[]]):
             if chunk:
                 loss_sum += float(self._accumulate(chunk).sum())
+                clipped += int((self._per_example_norms(len(chunk)) > self.max_grad_norm).sum())
             else:
                 self._accumulate_nothing()
             if j < len(chunks) - 1:
@@ -165,7 +169,13 @@ class DPDiffusionEngine:
             num_examples=len(indices),
             num_micro_batches=max(len(chunks), 1),
             step=self.steps_taken,
+            clipped_fraction=clipped / len(indices) if indices and self.clipping == "flat" else float("nan"),
         )
+
+    def _per_example_norms(self, num_examples: int) -> torch.Tensor:
+        """The flat norm of each example's (folded) gradient over every trained parameter: what clipping compares to C."""
+        per_param = [p.grad_sample.reshape(num_examples, -1).norm(dim=1) for p in self.params if p.grad_sample is not None]
+        return torch.stack(per_param, dim=1).norm(dim=1) if per_param else torch.zeros(num_examples)
 
     def _accumulate(self, indices: list[int]) -> torch.Tensor:
         """Forward + backward one micro-batch; leaves one folded per-example gradient per example."""
