@@ -122,7 +122,7 @@ def phase(timings: dict, name: str):
 
 
 def train_dp_sgd(args, method: str, epsilon: float, out: Path) -> dict:
-    from dpdiff.training.arguments import add_finetune_arguments
+    from dpdiff.training.arguments import finetune_args
     from dpdiff.training.loop import finetune
 
     flags = {"method": method, "pretrained_model_name_or_path": args.base_model, "dataset": DATASET,
@@ -132,9 +132,7 @@ def train_dp_sgd(args, method: str, epsilon: float, out: Path) -> dict:
              "max_train_samples": args.max_train_samples, "max_steps": args.max_steps,
              "epochs": None if args.max_steps else args.epochs, "learning_rate": args.learning_rate,
              "max_grad_norm": args.max_grad_norm, "rank": args.rank, "lora_target_modules": args.lora_target_modules}
-    argv = [s for k, v in flags.items() if v is not None
-            for s in (f"--{k}", *(map(str, v) if isinstance(v, list) else [str(v)]))] + ["--overwrite_output_dir"]
-    return finetune(add_finetune_arguments(argparse.ArgumentParser(), method=method).parse_args(argv)).record
+    return finetune(finetune_args(**flags, overwrite_output_dir=True)).record
 
 
 def train_mepf(args, epsilon: float, out: Path) -> dict:

@@ -157,6 +157,21 @@ def validate_config(parser: argparse.ArgumentParser, data: dict[str, Any], sourc
     return values
 
 
+def args_from_dict(parser: argparse.ArgumentParser, values: dict[str, Any], source: str = "arguments") -> argparse.Namespace:
+    """The namespace the command line would give for these flag values, for calling a recipe from
+    Python: names are the flag names, values are checked and converted as a YAML config's are
+    (paths may be `Path`s), unset flags keep their defaults."""
+    values = {k: (str(v) if isinstance(v, os.PathLike) else v) for k, v in values.items()}
+    actions = config_actions(parser)
+    args = argparse.Namespace(**{dest: action.default for dest, action in actions.items()})
+    for dest, value in validate_config(parser, values, source).items():
+        setattr(args, dest, value)
+    missing = [a.option_strings[0] for a in actions.values() if a.required and getattr(args, a.dest) is None]
+    if missing:
+        raise ConfigError(f"{source}: {', '.join(missing)} must be set")
+    return args
+
+
 def _normalised_keys(data: dict[str, Any]) -> set[str]:
     return {str(k).replace("-", "_") for k in data}
 

@@ -98,3 +98,25 @@ def test_applying_twice_keeps_cli_precedence(tmp_path):
     args = parse_with_config(parser, ["--config", cfg, "--model_dir", "from_cli"])
     args = apply_config(parser, args)
     assert args.model_dir == "from_cli" and args.seed == 7
+
+
+def test_finetune_args_from_python_match_the_command_line(tmp_path):
+    from dpdiff.training.arguments import add_finetune_arguments, finetune_args
+
+    flags = dict(method="full", target_epsilon=3, batch_size=128, lora_target_modules=["to_q", "conv1"],
+                 output_dir=tmp_path / "out", train_condition_embedder=True, max_steps=None)
+    cli = add_finetune_arguments(argparse.ArgumentParser(), method="full").parse_args([
+        "--method", "full", "--target_epsilon", "3", "--batch_size", "128", "--lora_target_modules", "to_q", "conv1",
+        "--output_dir", str(tmp_path / "out"), "--train_condition_embedder"])
+    assert vars(finetune_args(**flags)) == vars(cli)
+    with pytest.raises(ConfigError, match="finetune_args: unknown key 'batchsize'"):
+        finetune_args(batchsize=4)
+    with pytest.raises(ConfigError, match="finetune_args: batch_size must be an integer, got 'many'"):
+        finetune_args(batch_size="many")
+
+
+def test_args_from_dict_refuses_a_missing_required_flag():
+    from dpdiff.config import args_from_dict
+
+    with pytest.raises(ConfigError, match="arguments: --model_dir must be set"):
+        args_from_dict(make_parser(required_model=True), {})

@@ -69,3 +69,12 @@ def add_finetune_arguments(parser: argparse.ArgumentParser, method: str | None =
 
 
 DEFAULT_LEARNING_RATES = {"lora": 2e-3, "attention": 5e-4, "full": 2e-4}
+
+
+def finetune_args(**flags) -> argparse.Namespace:
+    """`finetune(finetune_args(method="lora", target_epsilon=8, output_dir="out"))`: the recipe's flags
+    from Python, checked like a YAML config; the rest keep the command line's defaults."""
+    from dpdiff.config import args_from_dict
+
+    parser = add_finetune_arguments(argparse.ArgumentParser(), method=flags.get("method"))
+    return args_from_dict(parser, flags, source="finetune_args")
