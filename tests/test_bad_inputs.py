@@ -167,6 +167,7 @@ CASES = [
      r"--timestep_bias_multiplier must be > 0, got 0"),
     ("timestep bias range reversed", _finetune(timestep_bias_strategy="range", timestep_bias_begin=900, timestep_bias_end=100),
      ConfigError, r"--timestep_bias_begin/end: the range \[900, 100\) must lie inside \[0, 1000\)"),
+    ("prompt template unknown field", _finetune(prompt_template="a photo of {name}"), DataError, r"unknown field\(s\) \['name'\]"),
     ("LoRA target matches nothing", _finetune(lora_target_modules=["to_nothing"]), ConfigError, r"\['to_nothing'\] match no module"),
     ("BatchNorm in the trainable path", batchnorm_in_trainable_path, ConfigError, r"mix examples.*BatchNorm"),
     ("base model not a pipeline", not_a_pipeline_folder, ConfigError, r"not a diffusers pipeline folder \(no model_index\.json\)"),

@@ -75,6 +75,28 @@ def _write_png(path, value=128, size=(28, 28), mode="L"):
     Image.new(mode, size, value).save(path)
 
 
+def test_prompt_template_captions_every_example_from_its_label(tmp_path):
+    src = load_source("mnist5k", limit=40, prompt_template="a sketch of {class_name}, class {label}")
+    assert src.class_prompts[3] == "a sketch of digit 3, class 3"
+    assert src.dataset["prompt"] == [src.class_prompts[label] for label in src.dataset["label"]]
+    assert len(set(src.dataset["label"])) > 5
+    # a template replaces captions a folder carried, and the default template is the default caption
+    for i in range(2):
+        _write_png(tmp_path / f"{i}.png", value=30 * i)
+    (tmp_path / "metadata.jsonl").write_text("\n".join(
+        json.dumps({"file_name": f"{i}.png", "label": ["shoe", "ankle boot"][i], "prompt": "own"}) for i in range(2)))
+    folder = load_source(f"imagefolder:{tmp_path}", prompt_template="a photo of {article} {class_name}")
+    assert folder.dataset["prompt"] == ["a photo of a shoe", "a photo of an ankle boot"]
+    assert load_source("mnist5k", limit=5).class_prompts == load_source("mnist5k", limit=5, prompt_template="a photo of {article} {class_name}").class_prompts
+
+
+@pytest.mark.parametrize("template, match", [("a photo of {name}", r"unknown field\(s\) \['name'\]"),
+                                             ("a photo of {class_name", "not a valid format string")])
+def test_prompt_template_with_unknown_field_refused(template, match):
+    with pytest.raises(DataError, match=match):
+        load_source("mnist5k", limit=5, prompt_template=template)
+
+
 def test_imagefolder_class_subfolders(tmp_path):
     for cls in ("cats", "dogs"):
         for i in range(3):

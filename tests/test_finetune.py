@@ -51,7 +51,8 @@ def unet_output(unet, seed=0):
 
 def test_lora_run_leaves_adapter_that_stock_pipeline_loads(tiny_pipeline_dir, tmp_path):
     out = tmp_path / "run"
-    result = finetune(parse(small_run_flags(tiny_pipeline_dir, out, rank=4, lora_alpha=8)))
+    result = finetune(parse(small_run_flags(tiny_pipeline_dir, out, rank=4, lora_alpha=8,
+                                            prompt_template="{class_name}, item {label}")))
     for name in ("pytorch_lora_weights.safetensors", "privacy.json", "README.md", "generation_config.json",
                  "samples.png", "epsilon_curve.png"):
         assert (out / name).is_file(), name
@@ -64,6 +65,8 @@ def test_lora_run_leaves_adapter_that_stock_pipeline_loads(tiny_pipeline_dir, tm
     # checkpoints are not left beside the results forever: only the final ones are published
     assert privacy["lora_rank"] == 4 and privacy["lora_target_modules"] == ["to_k", "to_out.0", "to_q", "to_v"]
     assert privacy["grad_sample_mode"] == "ew"  # 'auto' with only Linear layers adapted: the mode that ran
+    generation = json.loads((out / "generation_config.json").read_text())  # what `dpdiff sample` prompts with
+    assert generation["class_prompts"][9] == "ankle boot, item 9"
     card = (out / "README.md").read_text()
     assert "differential-privacy" in card and "LoRA adapters (rank 4) on the UNet layers `to_k`, `to_out.0`" in card
 

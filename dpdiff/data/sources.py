@@ -29,11 +29,31 @@ ANIMAL_MNIST_CLASSES = ["bear", "bird", "cat", "cow", "dog", "elephant", "giraff
 FASHION_MNIST_HUB_ID = "zalando-datasets/fashion_mnist"
 
 
-def prompt_for(class_name: str) -> str:
-    """The caption used for a class: 'a photo of a sneaker', 'a photo of an ankle boot'."""
+DEFAULT_PROMPT_TEMPLATE = "a photo of {article} {class_name}"
+PROMPT_FIELDS = ("class_name", "article", "label")
+
+
+def prompt_for(class_name: str, template: str | None = None, label: int | None = None) -> str:
+    """The caption of a class: 'a photo of a sneaker', 'a photo of an ankle boot' by default.
+
+    `template` may use {class_name} (lower case, '/' read as 'or'), {article} ('a'/'an') and {label}."""
     name = class_name.lower().replace("/", " or ")
     article = "an" if name[:1] in "aeiou" else "a"
-    return f"a photo of {article} {name}"
+    return (template or DEFAULT_PROMPT_TEMPLATE).format(class_name=name, article=article, label=label)
+
+
+def check_prompt_template(template: str) -> None:
+    """Refuse a template with a field we do not fill (or broken braces) before any work."""
+    import string
+
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as e:
+        raise DataError(f"prompt template {template!r} is not a valid format string ({e}); write fields as {{class_name}}") from None
+    unknown = sorted({f for f in fields if f not in PROMPT_FIELDS})
+    if unknown:
+        raise DataError(f"prompt template {template!r} uses unknown field(s) {unknown}; available: "
+                        + ", ".join("{" + f + "}" for f in PROMPT_FIELDS))
 
 
 @dataclass
@@ -45,10 +65,19 @@ class ImageSource:
     split: str
     dataset: Dataset
     class_names: list[str]
+    prompt_template: str | None = None  # None: the default captions (or the source's own)
 
     @property
     def class_prompts(self) -> list[str]:
-        return [prompt_for(c) for c in self.class_names]
+        return [prompt_for(c, self.prompt_template, i) for i, c in enumerate(self.class_names)]
+
+    def with_prompt_template(self, template: str) -> "ImageSource":
+        """Every example captioned from its label by `template` (replacing any captions it had)."""
+        check_prompt_template(template)
+        self.prompt_template = template
+        per_class = self.class_prompts
+        self.dataset = self.dataset.map(lambda example: {"prompt": per_class[example["label"]]}, desc="prompts")
+        return self
 
     def __len__(self) -> int:
         return len(self.dataset)

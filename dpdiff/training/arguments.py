@@ -20,6 +20,7 @@ def add_finetune_arguments(parser: argparse.ArgumentParser, method: str | None =
     a("--pretrained_model_name_or_path", default=PRESET_NAME, help="hub id, local pipeline folder, or the built-in 'dpdiff-tiny'")
     a("--dataset", default="fashion_mnist", help="fashion_mnist | mnist5k | animal_mnist | imagefolder:PATH | hub dataset id")
     a("--max_train_samples", type=int, default=None, help="a seeded subset of the private set (quick runs); n is then this size")
+    a("--prompt_template", default=None, help="caption every image from its label, e.g. 'a photo of {article} {class_name}' (the default) or 'class {label}'; fields {class_name}, {article}, {label}")
     a("--skip_bad_files", action="store_true", help="skip unreadable images (reported) instead of stopping")
     # the guarantee
     a("--target_epsilon", type=float, default=10.0, help="the epsilon the run must not exceed; sigma is chosen to meet it")

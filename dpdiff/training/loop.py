@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from dpdiff.adapters import prepare_trainable, save_trained
 from dpdiff.data import load_source
+from dpdiff.data.sources import check_prompt_template
 from dpdiff.errors import ConfigError, PrivacyError
 from dpdiff.imaging import save_grid
 from dpdiff.io import removed_if_left_empty
@@ -61,6 +62,8 @@ def check_arguments(args: argparse.Namespace) -> argparse.Namespace:
     if not 0 <= args.cond_dropout < 1:
         raise ConfigError(f"--cond_dropout must be in [0, 1), got {args.cond_dropout}")
     accounting.check_epsilon(args.target_epsilon)
+    if args.prompt_template is not None:
+        check_prompt_template(args.prompt_template)
     if args.max_steps is not None and args.max_steps <= 0:
         raise ConfigError(f"--max_steps must be positive, got {args.max_steps}")
     if args.epochs is not None and not (math.isfinite(args.epochs) and args.epochs > 0):
@@ -103,7 +106,8 @@ def _finetune(args: argparse.Namespace) -> FinetuneResult:
     main = accelerator.is_main_process
     set_seed(args.seed)
 
-    source = load_source(args.dataset, "train", limit=args.max_train_samples, seed=args.seed, skip_bad_files=args.skip_bad_files)
+    source = load_source(args.dataset, "train", limit=args.max_train_samples, seed=args.seed,
+                         skip_bad_files=args.skip_bad_files, prompt_template=args.prompt_template)
     plan = accounting.plan(args.target_epsilon, args.delta, len(source), args.batch_size, epochs=args.epochs,
                            max_steps=args.max_steps, accountant=args.accountant, force_delta=args.force_delta)
     pipeline = load_pipeline(args.pretrained_model_name_or_path).to(accelerator.device)
