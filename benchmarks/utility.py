@@ -62,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--physical_batch_size", type=int, default=64)
     a("--learning_rate", type=float, default=None, help="DP-SGD learning rate of every diffusion method (default: the method's)")
     a("--max_grad_norm", type=float, default=1.0, help="per-example clipping norm C of every diffusion method")
+    a("--prompt_template", default=None, help="caption template of the diffusion methods ({class_name}, {article}, {label})")
     a("--rank", type=int, default=8, help="LoRA rank (lora and nonprivate_lora)")
     a("--lora_target_modules", nargs="+", default=list(DEFAULT_LORA_TARGETS), help="LoRA targets (lora and nonprivate_lora)")
     a("--mepf_generator_steps", type=int, default=FULL_SCALE["mepf_generator_steps"])
@@ -131,7 +132,7 @@ def train_dp_sgd(args, method: str, epsilon: float, out: Path) -> dict:
              "num_inference_steps": args.inference_steps, "guidance_scale": args.guidance_scale, "seed": args.seed,
              "max_train_samples": args.max_train_samples, "max_steps": args.max_steps,
              "epochs": None if args.max_steps else args.epochs, "learning_rate": args.learning_rate,
-             "max_grad_norm": args.max_grad_norm, "rank": args.rank, "lora_target_modules": args.lora_target_modules}
+             "max_grad_norm": args.max_grad_norm, "prompt_template": args.prompt_template, "rank": args.rank, "lora_target_modules": args.lora_target_modules}
     return finetune(finetune_args(**flags, overwrite_output_dir=True)).record
 
 
@@ -169,7 +170,7 @@ def train_nonprivate_lora(args, out: Path):
     from tqdm.auto import tqdm
 
     device = resolve_device(args)
-    source = load_source(DATASET, "train", limit=args.max_train_samples, seed=args.seed)
+    source = load_source(DATASET, "train", limit=args.max_train_samples, seed=args.seed, prompt_template=args.prompt_template)
     pipe = load_pipeline(args.base_model).to(device)
     unet = pipe.unet.train()
     prepare_trainable(unet, "lora", rank=args.rank, target_modules=args.lora_target_modules)

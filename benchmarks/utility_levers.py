@@ -55,7 +55,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     a("--lora_target_modules", nargs="+", default=["to_q", "to_k", "to_v", "to_out.0"])
     a("--train_condition_embedder", action="store_true")
     a("--ema_decay", type=float, default=0.999)
-    a("--class_prompts", nargs=10, default=None, help="one caption per class instead of 'a photo of a <name>'")
+    a("--prompt_template", default=None, help="caption template ({class_name}, {article}, {label}); default: 'a photo of {article} {class_name}'")
     a("--guidance_scale", type=float, default=2.0)
     a("--per_class", type=int, default=40, help="synthetic images per class at each evaluation")
     a("--eval_at", type=int, nargs="+", default=[100, 200], help="step counts to score (0: the base model)")
@@ -99,10 +99,8 @@ def run(args) -> None:
     out = Path(args.output_dir) / args.tag
     out.mkdir(parents=True, exist_ok=True)
     judge = real_classifier(Path(args.output_dir))
-    source = load_source("fashion_mnist", "train")
-    class_prompts = args.class_prompts or source.class_prompts
-    if args.class_prompts:
-        source.dataset = source.dataset.map(lambda ex: {"prompt": class_prompts[ex["label"]]})
+    source = load_source("fashion_mnist", "train", prompt_template=args.prompt_template)
+    class_prompts = source.class_prompts
     q = args.batch_size / len(source)
     sigma = accounting.noise_multiplier_for(args.target_epsilon, q, args.steps, DELTA) if args.target_epsilon > 0 else 0.0
     pipe = load_pipeline(args.base_model)
@@ -220,7 +218,7 @@ def evaluate(args) -> None:
         pipe.unet = UNet2DConditionModel.from_pretrained(run_dir / "weights", subfolder="unet")
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    class_prompts = config.get("class_prompts") or load_source("fashion_mnist", "test", limit=10).class_prompts
+    class_prompts = load_source("fashion_mnist", "test", limit=10, prompt_template=config.get("prompt_template")).class_prompts
     requests, _ = plan_requests(class_prompts, args.num_per_class, None, 1, seed=0)
     start = time.process_time()
     images = list(generate(pipe, requests, args.guidance_scale, args.inference_steps, batch_size=50))
@@ -263,8 +261,8 @@ def other_settings(config: dict) -> str:
     if config.get("timestep_bias_strategy", "none") != "none":
         out.append(f"timesteps: {config['timestep_bias_strategy']} {config['timestep_bias_portion']:g} "
                    f"x{config['timestep_bias_multiplier']:g}")
-    if config.get("class_prompts"):
-        out.append(f"prompts '{config['class_prompts'][0]}', ...")
+    if config.get("prompt_template"):
+        out.append(f"prompts '{config['prompt_template']}'")
     if config.get("train_condition_embedder"):
         out.append("condition embedder")
     return ", ".join(out) or "–"
