@@ -64,6 +64,7 @@ def check_arguments(args: argparse.Namespace) -> argparse.Namespace:
     accounting.check_epsilon(args.target_epsilon)
     if args.prompt_template is not None:
         check_prompt_template(args.prompt_template)
+    _timestep_weights(args, max(1000, args.timestep_bias_end or 0))  # the scheduler's own length is checked once loaded
     if args.max_steps is not None and args.max_steps <= 0:
         raise ConfigError(f"--max_steps must be positive, got {args.max_steps}")
     if args.epochs is not None and not (math.isfinite(args.epochs) and args.epochs > 0):
