@@ -303,13 +303,29 @@ def report(args) -> None:
         "", "Sampling levers on finished runs (`utility_levers.py sampling`: same scores, no retraining):", "",
         "| run | method | ε spent | guidance scale | DDIM steps | agree % | CNN % |", "|---|---|---:|---:|---:|---:|---:|",
         *sampling_rows]
+    evaluated = []
+    for tag, r in runs.items():
+        path = Path(args.output_dir) / tag / "evaluation.json"
+        if path.exists():
+            e, c = json.loads(path.read_text()), r["config"]
+            acc = e["accuracy"]
+            evaluated.append(f"| {tag} | {trained(c)} | {c['batch_size']} | {c['max_grad_norm']:g} | {c['target_epsilon']:g} | "
+                             f"{c['steps']} | {100 * acc['cnn']:.1f} | {100 * acc['logreg']:.1f} | {100 * acc['mlp']:.1f} | "
+                             f"{e['fd']['value']:.1f} | {e['train_cpu_s'] / 60:.0f} |")
+    evaluated_table = [] if not evaluated else [
+        "", "Finished runs scored with the protocol of `## Utility` (`utility_levers.py evaluate`: 300 images per class, "
+        "25 DDIM steps, guidance 2, the three classifiers on the full real test set, FD (EfficientNet-Lite0) 2000 v 2000 "
+        "at 224 px):", "",
+        "| run | trains | batch | C | ε | steps | CNN % | LogReg % | MLP % | FD | train CPU min |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|", *evaluated]
     body = "\n".join([
         "Proxy scores from `benchmarks/utility_levers.py` (see its docstring): the preset, the 60k Fashion-MNIST "
         f"training images, {SAMPLER_STEPS} DDIM steps; `agree` = a real-data CNN agrees with the prompted class, "
         f"`cnn` = a CNN trained on the synthetic images, tested on {TEST_IMAGES} real test images. Smaller and noisier "
         "than `## Utility` (40 images per class): use them to rank levers, not as results.", "",
         "| run | trains | params | lr | batch | C | ε (δ=1e-5) | other | step | agree % | CNN % |",
-        "|---|---|---:|---:|---:|---:|---|---|---:|---:|---:|", *rows, *sampling_table, "", f"![utility levers]({plot.name})",
+        "|---|---|---:|---:|---:|---:|---|---|---:|---:|---:|", *rows, *evaluated_table, *sampling_table, "",
+        f"![utility levers]({plot.name})",
     ])
     update_section("Utility levers", body, Path(args.benchmarks_md))
 
