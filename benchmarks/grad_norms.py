@@ -1,5 +1,5 @@
 """Per-example gradient norms of the denoising loss on the built-in preset: what `--max_grad_norm` C
-is compared to (the noise grows with C; a smaller C clips more examples).
+is compared to. The DP noise is sized to C, so a C far above most gradients wastes most of it.
 
 Measured on the public pretraining data (MNIST-5k + Animal-MNIST: free to look at) and on the
 private set (Fashion-MNIST: shown only to explain the benchmark; choosing C by it is tuning on
@@ -78,10 +78,10 @@ def main(argv=None) -> list[dict]:
     body = "\n".join([
         f"`python benchmarks/grad_norms.py`: the flat norm of each example's gradient of the denoising loss over the "
         f"trained parameters ({args.examples} examples per data set, one uniform timestep and noise draw each, the preset "
-        "as pretrained, LoRA B at its zero start), i.e. what `--max_grad_norm` C is compared to: the noise grows with C, "
-        "a smaller C clips more examples (docs/recipes.md). Measured: clipping every example is NOT better here "
-        "(`## Utility levers`, C = 0.05 vs 1). The public rows are free to look at; the private row only explains the "
-        "benchmark.", "", *table])
+        "as pretrained, LoRA B at its zero start), i.e. what `--max_grad_norm` C is compared to. The noise is sized to C; "
+        "an example below C is not clipped and contributes less than C, so when most examples sit below C most of the "
+        "noise is wasted (docs/recipes.md, choosing C). The public rows are free to look at; the private row only "
+        "explains the benchmark.", "", *table])
     update_section("Per-example gradient norms", body, Path(args.benchmarks_md))
     return rows
 

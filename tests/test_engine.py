@@ -362,3 +362,20 @@ def test_clipped_fraction_counts_the_examples_whose_own_gradient_exceeds_c():
     assert engine._logical_step([0, 1, 2, 3]).clipped_fraction == pytest.approx(0.5)
     assert math.isnan(engine._logical_step([]).clipped_fraction)
     assert math.isnan(make_engine("lora", clipping="per_layer")._logical_step([0, 1]).clipped_fraction)
+
+
+def test_a_c_far_above_the_gradients_is_reported_once(caplog):
+    from dpdiff.training.loop import _ClipWatch
+    from dpdiff.privacy.engine import StepStats
+
+    watch = _ClipWatch(max_grad_norm=1.0, warn=True)
+    with caplog.at_level("WARNING", logger="dpdiff.training.loop"):
+        for step in range(1, 30):
+            watch.add(StepStats(loss=0.1, num_examples=100, num_micro_batches=1, step=step, clipped_fraction=0.1))
+    assert len(caplog.records) == 1 and "only 10% of the per-example gradients exceeded --max_grad_norm 1" in caplog.text
+    caplog.clear()
+    mostly_clipped = _ClipWatch(max_grad_norm=1.0, warn=True)
+    with caplog.at_level("WARNING", logger="dpdiff.training.loop"):
+        for step in range(1, 30):
+            mostly_clipped.add(StepStats(loss=0.1, num_examples=100, num_micro_batches=1, step=step, clipped_fraction=0.9))
+    assert not caplog.records

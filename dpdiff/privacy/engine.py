@@ -47,8 +47,8 @@ class StepStats:
     num_examples: int  # real examples this rank processed in this logical step
     num_micro_batches: int
     step: int  # logical steps taken so far (the accountant's step count)
-    # share of the examples whose gradient norm exceeded C (flat clipping; nan otherwise or if none):
-    # how C sits among the gradients, a local diagnostic computed on private data like the loss
+    # share of the examples whose gradient norm exceeded C (flat clipping; nan otherwise or if none).
+    # The noise is sized to C: when most gradients are far below C, most of the noise is wasted.
     clipped_fraction: float = float("nan")
 
 

@@ -173,6 +173,7 @@ def _train(args, accelerator, pipeline, engine, cache, ema, ledger, plan, output
     every = max(1, plan.steps // 50)
     epsilon = ledger.epsilon()
     bar = tqdm(range(start, plan.steps), initial=start, total=plan.steps, desc=f"DP {args.method}", disable=not main)
+    clip_watch = _ClipWatch(args.max_grad_norm, warn=main)
     for step in bar:
         cache.step = engine.steps_taken  # keys the classifier-free-guidance coin like the noise draws
         stats = engine.step()
@@ -184,6 +185,7 @@ def _train(args, accelerator, pipeline, engine, cache, ema, ledger, plan, output
             epsilon = ledger.epsilon()
         bar.set_postfix(loss=f"{stats.loss:.4f}", eps=f"{epsilon:.3f}", batch=stats.num_examples,
                         clipped=f"{stats.clipped_fraction:.2f}")
+        clip_watch.add(stats)
         if args.report_to:
             accelerator.log({"loss": stats.loss, "epsilon": epsilon, "examples": stats.num_examples,
                              "clipped_fraction": stats.clipped_fraction}, step=done)
@@ -193,6 +195,31 @@ def _train(args, accelerator, pipeline, engine, cache, ema, ledger, plan, output
             _with_ema(ema, engine.params, lambda: _sample_grid(pipeline, source, args, output_dir / f"samples-{done}.png"))
     if ledger.steps != engine.steps_taken:
         raise RuntimeError(f"ledger counted {ledger.steps} steps but the engine took {engine.steps_taken}")
+
+
+class _ClipWatch:
+    """Warns once when, over the first steps, most examples were NOT clipped: the noise is sized to C,
+    so a C far above the gradients wastes most of it. (The share comes from private data, like the
+    loss in the progress bar: a local diagnostic, not covered by the guarantee.)"""
+
+    FIRST_STEPS = 10
+
+    def __init__(self, max_grad_norm: float, warn: bool):
+        self.max_grad_norm, self.warn, self.steps, self.clipped, self.examples = max_grad_norm, warn, 0, 0.0, 0
+
+    def add(self, stats) -> None:
+        if self.steps >= self.FIRST_STEPS or not stats.num_examples or stats.clipped_fraction != stats.clipped_fraction:
+            return
+        self.steps += 1
+        self.clipped += stats.clipped_fraction * stats.num_examples
+        self.examples += stats.num_examples
+        share = self.clipped / self.examples
+        if self.steps == self.FIRST_STEPS and share < 0.5 and self.warn:
+            logger.warning(
+                "only %.0f%% of the per-example gradients exceeded --max_grad_norm %g in the first %d steps; the noise is "
+                "sized to C, so a C that most gradients exceed (smaller) gives the same guarantee with less relative noise. "
+                "Choosing C on the private data is not covered by the guarantee (docs/privacy.md)",
+                100 * share, self.max_grad_norm, self.FIRST_STEPS)
 
 
 def _checkpoint(args, accelerator, unet, engine, ema, ledger, output_dir, step) -> None:
