@@ -80,7 +80,7 @@ def main(argv=None) -> list[dict]:
         f"trained parameters ({args.examples} examples per data set, one uniform timestep and noise draw each, the preset "
         "as pretrained, LoRA B at its zero start), i.e. what `--max_grad_norm` C is compared to. The noise is sized to C; "
         "an example below C is not clipped and contributes less than C, so when most examples sit below C most of the "
-        "noise is wasted (docs/recipes.md, choosing C). The public rows are free to look at; the private row only "
+        "noise is wasted (docs/recipes.md, choosing C; measured in `## Utility levers`: C = 0.05 vs 1 at batch 2048, 43.9% vs 12.4% proxy CNN after 100 steps). The public rows are free to look at; the private row only "
         "explains the benchmark.", "", *table])
     update_section("Per-example gradient norms", body, Path(args.benchmarks_md))
     return rows
