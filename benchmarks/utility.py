@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--batch_size", type=int, default=256)
     a("--physical_batch_size", type=int, default=64)
     a("--learning_rate", type=float, default=None, help="DP-SGD learning rate of every diffusion method (default: the method's)")
-    a("--max_grad_norm", type=float, default=1.0, help="per-example clipping norm C of every diffusion method")
+    a("--max_grad_norm", type=float, default=0.05, help="per-example clipping norm C of every diffusion method")
     a("--prompt_template", default=None, help="caption template of the diffusion methods ({class_name}, {article}, {label})")
     a("--rank", type=int, default=8, help="LoRA rank (lora and nonprivate_lora)")
     a("--lora_target_modules", nargs="+", default=list(DEFAULT_LORA_TARGETS), help="LoRA targets (lora and nonprivate_lora)")
