@@ -3,6 +3,7 @@ Fashion-MNIST and score it at a few step counts along the way.
 
     python benchmarks/utility_levers.py run --tag full-clip --method full --learning_rate 5e-4 --steps 200
     python benchmarks/utility_levers.py run --tag lora-eps10 --method lora --target_epsilon 10 --steps 400
+    python benchmarks/utility_levers.py evaluate --tag lora-eps10   # the finished run, scored as in `## Utility`
     python benchmarks/utility_levers.py report        # table + plot -> docs/benchmarks.md `## Utility levers`
 
 Score at each step count (EMA weights): `per_class` images per class, 20 DDIM steps, guidance 2, then
