@@ -279,7 +279,8 @@ def report(args) -> None:
     if not runs:
         sys.exit(f"no runs under {args.output_dir}; start one with `run`")
     rows = []
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    colors = plt.get_cmap("tab20").colors
     for tag, r in runs.items():
         c, scores = r["config"], r["scores"]
         eps = f"{c['target_epsilon']:g} (σ {c['noise_multiplier']:.2f})" if c["target_epsilon"] > 0 else "none (clip only)"
@@ -287,9 +288,11 @@ def report(args) -> None:
             rows.append(f"| {tag} | {trained(c)} | {c['trainable_params']:,} | {c['learning_rate']:g} | {c['batch_size']} | "
                         f"{c['max_grad_norm']:g} | {eps} | {other_settings(c)} | {s['step']} | {100 * s['agree']:.1f} | "
                         f"{100 * s['cnn']:.1f} |")
-        ax.plot([s["step"] for s in scores], [100 * s["cnn"] for s in scores], marker="o", label=tag)
+        private = c["target_epsilon"] > 0  # clip-only runs (no noise, no guarantee) dashed
+        ax.plot([s["step"] for s in scores], [100 * s["cnn"] for s in scores], marker="o", ls="-" if private else "--",
+                color=colors[len(ax.lines) % len(colors)], label=tag + ("" if private else " (no noise)"))
     ax.set(xlabel="DP-SGD steps", ylabel="CNN accuracy on real test (%)", title="Utility levers (Fashion-MNIST, proxy)")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     plot = Path(args.docs_dir) / "utility_levers.png"
     with atomic_path(plot) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
