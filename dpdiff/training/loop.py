@@ -208,7 +208,7 @@ class _ClipWatch:
         self.max_grad_norm, self.warn, self.steps, self.clipped, self.examples = max_grad_norm, warn, 0, 0.0, 0
 
     def add(self, stats) -> None:
-        if self.steps >= self.FIRST_STEPS or not stats.num_examples or stats.clipped_fraction != stats.clipped_fraction:
+        if self.steps >= self.FIRST_STEPS or not stats.num_examples or math.isnan(stats.clipped_fraction):
             return
         self.steps += 1
         self.clipped += stats.clipped_fraction * stats.num_examples
