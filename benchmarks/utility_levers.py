@@ -230,8 +230,14 @@ def evaluate(args) -> None:
     scores = Evaluator(settings)(x, y)
     write_json(run_dir / "evaluation.json", {**scores, "num_per_class": args.num_per_class, "inference_steps": args.inference_steps,
                                              "guidance_scale": args.guidance_scale, "sample_cpu_s": round(sample_cpu_s, 1),
-                                             "train_cpu_s": json.loads((run_dir / "results.json").read_text())["scores"][-1]["train_cpu_s"]})
+                                             "train_cpu_s": full_training_cpu_s(run_dir, config)})
     print(scores["accuracy"], scores["fd"]["value"])
+
+
+def full_training_cpu_s(run_dir: Path, config: dict) -> float | None:
+    """CPU seconds of all `steps` (scoring excluded), known when the last step was scored; None otherwise."""
+    last = json.loads((run_dir / "results.json").read_text())["scores"][-1]
+    return last["train_cpu_s"] if last["step"] == config["steps"] else None
 
 
 def load_runs(output_dir: Path) -> dict:
@@ -315,7 +321,7 @@ def report(args) -> None:
             acc = e["accuracy"]
             evaluated.append(f"| {tag} | {trained(c)} | {c['batch_size']} | {c['max_grad_norm']:g} | {c['target_epsilon']:g} | "
                              f"{c['steps']} | {100 * acc['cnn']:.1f} | {100 * acc['logreg']:.1f} | {100 * acc['mlp']:.1f} | "
-                             f"{e['fd']['value']:.1f} | {e['train_cpu_s'] / 60:.0f} |")
+                             f"{e['fd']['value']:.1f} | {'–' if e['train_cpu_s'] is None else round(e['train_cpu_s'] / 60)} |")
     evaluated_table = [] if not evaluated else [
         "", "Finished runs scored with the protocol of `## Utility` (`utility_levers.py evaluate`: 300 images per class, "
         "25 DDIM steps, guidance 2, the three classifiers on the full real test set, FD (EfficientNet-Lite0) 2000 v 2000 "
