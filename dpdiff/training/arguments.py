@@ -60,7 +60,7 @@ def add_finetune_arguments(parser: argparse.ArgumentParser, method: str | None =
     a("--validation_steps", type=int, default=0, help="sample grid every N steps (0: only at the end)")
     a("--guidance_scale", type=float, default=2.0, help="classifier-free guidance of the sample grids (and the default of dpdiff sample)")
     a("--num_inference_steps", type=int, default=50, help="DDIM steps of the sample grids (and the default of dpdiff sample)")
-    a("--report_to", default=None, help="Accelerate tracker (tensorboard, wandb, ...). It logs the training loss, which is NOT noised: not covered by the guarantee, keep those logs private")
+    a("--report_to", default=None, help="Accelerate tracker (tensorboard, wandb, ...). It logs the training loss and the share of clipped examples, which are NOT noised: not covered by the guarantee, keep those logs private")
     a("--push_to_hub", action="store_true", help="upload the results with a model card (needs a token)")
     a("--hub_model_id", default=None, help="owner/name of the hub repo (default: the output folder name)")
     a("--hub_token", default=None, help="default: HF_TOKEN / the saved login; never written anywhere")
