@@ -47,7 +47,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     a("--batch_size", type=int, default=128)
     a("--physical_batch_size", type=int, default=64)
     a("--target_epsilon", type=float, default=0.0, help="0: clipping only, no noise (NOT private)")
-    a("--max_grad_norm", type=float, default=1.0)
+    a("--max_grad_norm", type=float, default=0.05, help="C (the library default; 1.0 was the old one, see docs/recipes.md)")
     a("--noise_multiplicity", type=int, default=1)
     a("--timestep_bias_strategy", choices=("none", "earlier", "later", "range"), default="none")
     a("--timestep_bias_multiplier", type=float, default=1.0)
