@@ -22,6 +22,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))  # a dependency ships a top-level `benchmarks` package
 
 from _docs import update_section  # noqa: E402
+from utility_levers import EVERY_LAYER_KIND  # noqa: E402  (one list of the layer kinds for both benchmarks)
 
 from dpdiff.adapters import DEFAULT_LORA_TARGETS, prepare_trainable  # noqa: E402
 from dpdiff.data import load_source  # noqa: E402
@@ -30,10 +31,9 @@ from dpdiff.pipelines.preset import training_scheduler  # noqa: E402
 from dpdiff.privacy.engine import DPDiffusionEngine  # noqa: E402
 from dpdiff.training.latent_cache import build_latent_cache  # noqa: E402
 
-EVERY_LAYER_KIND = [*DEFAULT_LORA_TARGETS, "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2", "time_emb_proj"]
 SUBSETS = {
     "LoRA r=8, attention projections": ("lora", list(DEFAULT_LORA_TARGETS)),
-    "LoRA r=8, every layer kind": ("lora", EVERY_LAYER_KIND),
+    "LoRA r=8, every layer kind": ("lora", sorted(EVERY_LAYER_KIND)),
     "attention blocks": ("attention", None),
     "full UNet": ("full", None),
 }

@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))  # a dependency ships a top-level `
 
 from _docs import update_section  # noqa: E402
 
+from dpdiff.adapters import DEFAULT_LORA_TARGETS  # noqa: E402
 from dpdiff.data import load_source  # noqa: E402
 from dpdiff.data.transforms import images_to_tensor  # noqa: E402
 from dpdiff.io import atomic_path, write_json  # noqa: E402
@@ -247,7 +248,7 @@ def load_runs(output_dir: Path) -> dict:
     return runs
 
 
-ATTENTION_TARGETS = {"to_q", "to_k", "to_v", "to_out.0"}
+ATTENTION_TARGETS = set(DEFAULT_LORA_TARGETS)
 EVERY_LAYER_KIND = ATTENTION_TARGETS | {"proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2", "time_emb_proj"}
 
 
