@@ -104,13 +104,18 @@ def markdown(results: dict, plots: dict) -> str:
     warning = {"smoke": "**SMOKE RUN: every number below comes from a few steps on a handful of images and means nothing.**",
                "reduced": "**Reduced run** (not the complete benchmark): see the settings below.",
                "full": "Complete benchmark."}[kind]
+    def shared(keys, text):  # a setting the merged runs do not share is named on each row instead
+        return "(see each row)" if varying & set(keys) else text
+
+    schedule = str(s.get('max_steps')) + ' steps' if s.get('max_steps') else str(s.get('epochs')) + ' epochs'
     return "\n".join([
         warning, "",
         f"Private data: {'a seeded random subset of ' + str(s['max_train_samples']) + ' images of ' if s.get('max_train_samples') else ''}"
         f"Fashion-MNIST train (60,000 images), "
         f"delta = {s.get('delta')}; base pipeline `{s.get('base_model')}` (pretrained on public data only); "
-        f"DP-SGD for {str(s.get('max_steps')) + ' steps' if s.get('max_steps') else str(s.get('epochs')) + ' epochs'} at batch "
-        f"{s.get('batch_size')}; MEPF generator {s.get('mepf_generator_steps')} steps; {s.get('num_per_class')} synthetic "
+        f"DP-SGD for {shared(('max_steps', 'epochs'), schedule)} at batch {shared(('batch_size',), s.get('batch_size'))}, "
+        f"clipping norm {shared(('max_grad_norm',), s.get('max_grad_norm'))}; "
+        f"MEPF generator {s.get('mepf_generator_steps')} steps; {s.get('num_per_class')} synthetic "
         f"images per class ({s.get('inference_steps')} DDIM steps, guidance {s.get('guidance_scale')}), resized to 28x28 grey. "
         f"Classifiers trained on the synthetic set, tested on {'a ' + str(s.get('test_limit')) + '-image subset of ' if s.get('test_limit') else ''}"
         f"the real Fashion-MNIST test set; FD: {fd_label}. Times are CPU minutes of the process "

@@ -89,3 +89,26 @@ def test_bad_options_refused_before_work(tmp_path):
     with pytest.raises(PrivacyError, match="1/n"):
         bench.main(["--max_train_samples", "1000", "--delta", "1e-3", "--output_dir", str(tmp_path / "o")])
     assert not (tmp_path / "o").exists()
+
+
+def test_merged_report_names_settings_the_runs_do_not_share():
+    load_benchmark()  # puts benchmarks/ on sys.path
+    from _utility_report import markdown
+
+    def run(method, eps, **settings):
+        base = {"delta": 1e-5, "base_model": "dpdiff-tiny", "epochs": 2.5, "batch_size": 512, "max_grad_norm": 0.05,
+                "num_per_class": 300, "inference_steps": 25, "guidance_scale": 2.0, "mepf_generator_steps": 2000}
+        return {"method": method, "target_epsilon": eps, "settings": {**base, **settings},
+                "guarantee": {"epsilon": eps}, "accuracy": {"cnn": 0.5, "logreg": 0.4, "mlp": 0.3},
+                "fd": {"value": 100.0, "description": "FD (EfficientNet-Lite0)"}, "timings": {}}
+
+    runs = {"full_eps10": run("full", 10, max_grad_norm=1.0), "lora_eps10": run("lora", 10, epochs=6.8, batch_size=2048)}
+    text = markdown({"runs": runs, "run_kind": "reduced", "commands": []}, {})
+    paragraph = text.split("\n")[2]
+    assert "DP-SGD for (see each row) at batch (see each row), clipping norm (see each row)" in paragraph
+    assert "2.5 epochs" not in paragraph and "300 synthetic images per class" in paragraph
+    assert "full_eps10 (batch_size=512, epochs=2.5, max_grad_norm=1.0)" in text
+    assert "lora_eps10 (batch_size=2048, epochs=6.8, max_grad_norm=0.05)" in text
+    # runs that share every setting state them once
+    same = markdown({"runs": {"lora_eps10": run("lora", 10)}, "run_kind": "reduced", "commands": []}, {})
+    assert "DP-SGD for 2.5 epochs at batch 512, clipping norm 0.05;" in same
