@@ -104,10 +104,11 @@ def markdown(results: dict, plots: dict) -> str:
     warning = {"smoke": "**SMOKE RUN: every number below comes from a few steps on a handful of images and means nothing.**",
                "reduced": "**Reduced run** (not the complete benchmark): see the settings below.",
                "full": "Complete benchmark."}[kind]
+
     def shared(keys, text):  # a setting the merged runs do not share is named on each row instead
         return "(see each row)" if varying & set(keys) else text
 
-    schedule = str(s.get('max_steps')) + ' steps' if s.get('max_steps') else str(s.get('epochs')) + ' epochs'
+    schedule = f"{s['max_steps']} steps" if s.get("max_steps") else f"{s.get('epochs')} epochs"
     return "\n".join([
         warning, "",
         f"Private data: {'a seeded random subset of ' + str(s['max_train_samples']) + ' images of ' if s.get('max_train_samples') else ''}"
