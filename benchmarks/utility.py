@@ -40,6 +40,7 @@ from dpdiff.errors import ConfigError, DPDiffError, PrivacyError  # noqa: E402
 from dpdiff.evaluation import FD_NAME, evaluate_downstream, feature_statistics, frechet_distance  # noqa: E402
 from dpdiff.evaluation.frechet import fd_description  # noqa: E402
 from dpdiff.io import atomic_path, write_json  # noqa: E402
+from dpdiff.training.arguments import DEFAULT_MAX_GRAD_NORM  # noqa: E402
 
 TRAINED_FILE = "benchmark_trained.json"
 # the defaults are the complete benchmark; changing one of these makes the run "reduced"
@@ -61,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--batch_size", type=int, default=256)
     a("--physical_batch_size", type=int, default=64)
     a("--learning_rate", type=float, default=None, help="DP-SGD learning rate of every diffusion method (default: the method's)")
-    a("--max_grad_norm", type=float, default=0.05, help="per-example clipping norm C of every diffusion method")
+    a("--max_grad_norm", type=float, default=DEFAULT_MAX_GRAD_NORM, help="per-example clipping norm C of every diffusion method")
     a("--prompt_template", default=None, help="caption template of the diffusion methods ({class_name}, {article}, {label})")
     a("--rank", type=int, default=8, help="LoRA rank (lora and nonprivate_lora)")
     a("--lora_target_modules", nargs="+", default=list(DEFAULT_LORA_TARGETS), help="LoRA targets (lora and nonprivate_lora)")

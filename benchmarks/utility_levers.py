@@ -35,6 +35,7 @@ from dpdiff.adapters import DEFAULT_LORA_TARGETS  # noqa: E402
 from dpdiff.data import load_source  # noqa: E402
 from dpdiff.data.transforms import images_to_tensor  # noqa: E402
 from dpdiff.io import atomic_path, write_json  # noqa: E402
+from dpdiff.training.arguments import DEFAULT_MAX_GRAD_NORM  # noqa: E402
 
 DELTA, TEST_IMAGES, SAMPLER_STEPS = 1e-5, 2000, 20
 
@@ -48,7 +49,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     a("--batch_size", type=int, default=128)
     a("--physical_batch_size", type=int, default=64)
     a("--target_epsilon", type=float, default=0.0, help="0: clipping only, no noise (NOT private)")
-    a("--max_grad_norm", type=float, default=0.05, help="C (the library default; 1.0 was the old one, see docs/recipes.md)")
+    a("--max_grad_norm", type=float, default=DEFAULT_MAX_GRAD_NORM, help="C (the library default; see docs/recipes.md)")
     a("--noise_multiplicity", type=int, default=1)
     a("--timestep_bias_strategy", choices=("none", "earlier", "later", "range"), default="none")
     a("--timestep_bias_multiplier", type=float, default=1.0)

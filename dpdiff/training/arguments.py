@@ -27,7 +27,7 @@ def add_finetune_arguments(parser: argparse.ArgumentParser, method: str | None =
     a("--delta", type=float, default=1e-5, help="must be < 1/n")
     a("--force_delta", action="store_true", help="allow delta >= 1/n (a weak guarantee; recorded as such)")
     a("--accountant", choices=("prv", "rdp"), default="prv", help="PRV is tight; RDP is a looser upper bound")
-    a("--max_grad_norm", type=float, default=0.05, help="per-example clipping norm C; small on purpose: with Adam a C that nearly every example exceeds gave far better images (docs/recipes.md)")
+    a("--max_grad_norm", type=float, default=DEFAULT_MAX_GRAD_NORM, help="per-example clipping norm C; small on purpose: with Adam a C that nearly every example exceeds gave far better images (docs/recipes.md)")
     a("--noise_multiplicity", type=int, default=1, help="K (noise, timestep) draws averaged inside each example's gradient")
     a("--timestep_bias_strategy", choices=TIMESTEP_BIAS_STRATEGIES, default="none", help="draw some noise levels more often (the diffusers flags): later = the noisiest, where the class shapes form")
     a("--timestep_bias_multiplier", type=float, default=1.0, help="how much more often the biased timesteps are drawn")
@@ -69,6 +69,8 @@ def add_finetune_arguments(parser: argparse.ArgumentParser, method: str | None =
     return parser
 
 
+# every example clipped on the preset (docs/benchmarks.md, per-example gradient norms): the noise is sized to C
+DEFAULT_MAX_GRAD_NORM = 0.05
 DEFAULT_LEARNING_RATES = {"lora": 2e-3, "attention": 5e-4, "full": 2e-4}
 
 
