@@ -14,6 +14,7 @@ from _docs import update_section
 from dpdiff.data.transforms import images_to_tensor
 from dpdiff.evaluation import load_synthetic
 from dpdiff.io import atomic_path
+from dpdiff.training.arguments import DEFAULT_LEARNING_RATES
 
 METHODS = ("mepf", "attention", "lora", "full")
 REFERENCES = ("real", "nonprivate_lora")
@@ -109,13 +110,16 @@ def markdown(results: dict, plots: dict) -> str:
         return "(see each row)" if varying & set(keys) else text
 
     schedule = f"{s['max_steps']} steps" if s.get("max_steps") else f"{s.get('epochs')} epochs"
+    # None = each method's own default, which the reader should not have to look up in the code
+    lr = s.get("learning_rate") or "each method's default (" + ", ".join(f"{m} {v:g}" for m, v in DEFAULT_LEARNING_RATES.items()) + ")"
     return "\n".join([
         warning, "",
         f"Private data: {'a seeded random subset of ' + str(s['max_train_samples']) + ' images of ' if s.get('max_train_samples') else ''}"
         f"Fashion-MNIST train (60,000 images), "
         f"delta = {s.get('delta')}; base pipeline `{s.get('base_model')}` (pretrained on public data only); "
         f"DP-SGD for {shared(('max_steps', 'epochs'), schedule)} at batch {shared(('batch_size',), s.get('batch_size'))}, "
-        f"clipping norm {shared(('max_grad_norm',), s.get('max_grad_norm'))}; "
+        f"clipping norm {shared(('max_grad_norm',), s.get('max_grad_norm'))}, "
+        f"learning rate {shared(('learning_rate',), lr)} (AdamW); "
         f"MEPF generator {s.get('mepf_generator_steps')} steps; {s.get('num_per_class')} synthetic "
         f"images per class ({s.get('inference_steps')} DDIM steps, guidance {s.get('guidance_scale')}), resized to 28x28 grey. "
         f"Classifiers trained on the synthetic set, tested on {'a ' + str(s.get('test_limit')) + '-image subset of ' if s.get('test_limit') else ''}"

@@ -111,4 +111,6 @@ def test_merged_report_names_settings_the_runs_do_not_share():
     assert "lora_eps10 (batch_size=2048, epochs=6.8, max_grad_norm=0.05)" in text
     # runs that share every setting state them once
     same = markdown({"runs": {"lora_eps10": run("lora", 10)}, "run_kind": "reduced", "commands": []}, {})
-    assert "DP-SGD for 2.5 epochs at batch 512, clipping norm 0.05;" in same
+    assert "DP-SGD for 2.5 epochs at batch 512, clipping norm 0.05, learning rate each method's default (lora 0.002" in same
+    named = markdown({"runs": {"lora_eps10": run("lora", 10, learning_rate=5e-4)}, "run_kind": "reduced", "commands": []}, {})
+    assert "clipping norm 0.05, learning rate 0.0005 (AdamW);" in named
