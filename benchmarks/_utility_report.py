@@ -88,6 +88,8 @@ def markdown(results: dict, plots: dict) -> str:
                if len({json.dumps(q["settings"].get(k)) for q in runs.values()}) > 1}
     for key, r in runs.items():
         own = {k: r["settings"].get(k) for k in sorted(varying)} if r["method"] in ("lora", "attention", "full") else {}
+        if "learning_rate" in own and own["learning_rate"] is None:  # None ran the method's default: name it
+            own["learning_rate"] = DEFAULT_LEARNING_RATES[r["method"]]
         own = {k: v for k, v in own.items() if v is not None and (r["method"] == "lora" or k not in ("rank", "lora_target_modules"))}
         label = key + (" (" + ", ".join(f"{k}={' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in own.items()) + ")" if own else "")
         g = r.get("guarantee") or {}

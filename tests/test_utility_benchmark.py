@@ -102,13 +102,15 @@ def test_merged_report_names_settings_the_runs_do_not_share():
                 "guarantee": {"epsilon": eps}, "accuracy": {"cnn": 0.5, "logreg": 0.4, "mlp": 0.3},
                 "fd": {"value": 100.0, "description": "FD (EfficientNet-Lite0)"}, "timings": {}}
 
-    runs = {"full_eps10": run("full", 10, max_grad_norm=1.0), "lora_eps10": run("lora", 10, epochs=6.8, batch_size=2048)}
+    runs = {"full_eps10": run("full", 10, max_grad_norm=1.0, learning_rate=5e-4),
+            "lora_eps10": run("lora", 10, epochs=6.8, batch_size=2048)}
     text = markdown({"runs": runs, "run_kind": "reduced", "commands": []}, {})
     paragraph = text.split("\n")[2]
-    assert "DP-SGD for (see each row) at batch (see each row), clipping norm (see each row)" in paragraph
+    assert "DP-SGD for (see each row) at batch (see each row), clipping norm (see each row), learning rate (see each row)" in paragraph
     assert "2.5 epochs" not in paragraph and "300 synthetic images per class" in paragraph
-    assert "full_eps10 (batch_size=512, epochs=2.5, max_grad_norm=1.0)" in text
-    assert "lora_eps10 (batch_size=2048, epochs=6.8, max_grad_norm=0.05)" in text
+    assert "full_eps10 (batch_size=512, epochs=2.5, learning_rate=0.0005, max_grad_norm=1.0)" in text
+    # the lora run gave no learning rate: its row names the default it ran with
+    assert "lora_eps10 (batch_size=2048, epochs=6.8, learning_rate=0.002, max_grad_norm=0.05)" in text
     # runs that share every setting state them once
     same = markdown({"runs": {"lora_eps10": run("lora", 10)}, "run_kind": "reduced", "commands": []}, {})
     assert "DP-SGD for 2.5 epochs at batch 512, clipping norm 0.05, learning rate each method's default (lora 0.002" in same
