@@ -17,6 +17,7 @@ from dpdiff.io import atomic_path
 from dpdiff.training.arguments import DEFAULT_LEARNING_RATES
 
 METHODS = ("mepf", "attention", "lora", "full")
+DP_SGD_METHODS = ("attention", "lora", "full")  # the diffusion methods (DP-SGD through dpdiff.training)
 REFERENCES = ("real", "nonprivate_lora")
 CLASSIFIERS = ("cnn", "logreg", "mlp")
 DATASET, RESOLUTION, CHANNELS = "fashion_mnist", 28, 1
@@ -81,13 +82,19 @@ def render_docs(results: dict, docs_dir: Path, md_path: Path) -> None:
 def markdown(results: dict, plots: dict) -> str:
     runs, kind = results["runs"], results["run_kind"]
     s = next(iter(runs.values()))["settings"] if runs else {}
-    cpu = lambda r, ph: f"{r['timings'][ph]['cpu_s'] / 60:.2f}" if (r["timings"].get(ph) or {}).get("cpu_s") is not None else "–"  # noqa: E731
+
+    def cpu(r, ph):  # a resumed training's process timed only the steps after its checkpoint: say so
+        timing = r["timings"].get(ph) or {}
+        if timing.get("cpu_s") is None:
+            return "–"
+        return f"{timing['cpu_s'] / 60:.2f}" + (f" (steps {timing['resumed_at_step']}+ only)" if timing.get("resumed_at_step") else "")
+
     rows = []
     # settings that differ between the merged runs are named on the rows of the diffusion methods they apply to
     varying = {k for r in runs.values() for k in r["settings"]
                if len({json.dumps(q["settings"].get(k)) for q in runs.values()}) > 1}
     for key, r in runs.items():
-        own = {k: r["settings"].get(k) for k in sorted(varying)} if r["method"] in ("lora", "attention", "full") else {}
+        own = {k: r["settings"].get(k) for k in sorted(varying)} if r["method"] in DP_SGD_METHODS else {}
         if "learning_rate" in own and own["learning_rate"] is None:  # None ran the method's default: name it
             own["learning_rate"] = DEFAULT_LEARNING_RATES[r["method"]]
         own = {k: v for k, v in own.items() if v is not None and (r["method"] == "lora" or k not in ("rank", "lora_target_modules"))}

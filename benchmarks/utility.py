@@ -23,7 +23,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,18 +30,18 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))  # a dependency ships a top-level `benchmarks` package
 
 from _docs import BENCHMARKS_MD  # noqa: E402
-from _utility_report import CHANNELS, CLASSIFIERS, DATASET, METHODS, PUBLISHED, REFERENCES, RESOLUTION, load_images, render_docs  # noqa: E402
+from _utility_report import CHANNELS, DATASET, DP_SGD_METHODS, METHODS, PUBLISHED, REFERENCES, RESOLUTION, load_images, render_docs  # noqa: E402
+from _utility_scoring import Evaluator, resolve_device  # noqa: E402
 
 from dpdiff.adapters import DEFAULT_LORA_TARGETS  # noqa: E402
 from dpdiff.data import load_source  # noqa: E402
 from dpdiff.data.transforms import images_to_tensor  # noqa: E402
 from dpdiff.errors import ConfigError, DPDiffError, PrivacyError  # noqa: E402
-from dpdiff.evaluation import FD_NAME, evaluate_downstream, feature_statistics, frechet_distance  # noqa: E402
-from dpdiff.evaluation.frechet import fd_description  # noqa: E402
-from dpdiff.io import atomic_path, write_json  # noqa: E402
+from dpdiff.io import write_json  # noqa: E402
 from dpdiff.training.arguments import DEFAULT_MAX_GRAD_NORM  # noqa: E402
 
 TRAINED_FILE = "benchmark_trained.json"
+STARTED_FILE = "benchmark_started.json"  # an unfinished DP-SGD training with these settings: resumable
 # the defaults are the complete benchmark; changing one of these makes the run "reduced"
 FULL_SCALE = {"max_train_samples": None, "epochs": 10.0, "max_steps": None, "num_per_class": 1000, "eval_epochs": None,
               "test_limit": None, "num_fd_samples": 2000, "mepf_generator_steps": 2000, "inference_steps": 50}
@@ -78,7 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--docs_dir", default=str(ROOT / "docs"), help="where the plots go")
     a("--benchmarks_md", default=str(BENCHMARKS_MD), help="markdown file whose `## Utility` section is replaced")
     a("--report_from", nargs="+", default=None, help="only write the docs section from these results.json files (no runs)")
-    a("--skip_existing", action="store_true", help="keep finished runs of results.json that used the same settings")
+    a("--skip_existing", action="store_true", help="keep finished runs of results.json that used the same settings, "
+      "resume interrupted DP-SGD trainings from their latest checkpoint")
+    a("--checkpointing_steps", type=int, default=0, help="DP-SGD checkpoint every N steps (0: never): a schedule longer "
+      "than one sitting continues with --skip_existing; the privacy ledger continues, never reset")
     a("--smoke", action="store_true", help="label every number as from a smoke run (tests)")
     a("--device", default="auto")
     a("--seed", type=int, default=0)
@@ -95,6 +97,8 @@ def check(args) -> None:
     for name in ("num_per_class", "batch_size", "physical_batch_size", "mepf_generator_steps", "inference_steps", "fd_input_size"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.checkpointing_steps < 0:
+        raise ConfigError(f"--checkpointing_steps must be >= 0 (0: no checkpoints), got {args.checkpointing_steps}")
     for name in ("max_train_samples", "test_limit", "eval_epochs", "max_steps"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ConfigError(f"--{name} must be >= 1, got {getattr(args, name)}")
@@ -123,17 +127,19 @@ def phase(timings: dict, name: str):
     timings[name] = {"cpu_s": round(time.process_time() - cpu, 2), "wall_s": round(time.perf_counter() - wall, 2)}
 
 
-def train_dp_sgd(args, method: str, epsilon: float, out: Path) -> dict:
+def train_dp_sgd(args, method: str, epsilon: float, out: Path, resume: bool = False) -> dict:
     from dpdiff.training.arguments import finetune_args
     from dpdiff.training.loop import finetune
 
     flags = {"method": method, "pretrained_model_name_or_path": args.base_model, "dataset": DATASET,
              "target_epsilon": epsilon, "delta": args.delta, "batch_size": args.batch_size,
-             "physical_batch_size": args.physical_batch_size, "output_dir": out, "checkpointing_steps": 0,
+             "physical_batch_size": args.physical_batch_size, "output_dir": out,
              "num_inference_steps": args.inference_steps, "guidance_scale": args.guidance_scale, "seed": args.seed,
              "max_train_samples": args.max_train_samples, "max_steps": args.max_steps,
              "epochs": None if args.max_steps else args.epochs, "learning_rate": args.learning_rate,
-             "max_grad_norm": args.max_grad_norm, "prompt_template": args.prompt_template, "rank": args.rank, "lora_target_modules": args.lora_target_modules}
+             "max_grad_norm": args.max_grad_norm, "prompt_template": args.prompt_template, "rank": args.rank,
+             "lora_target_modules": args.lora_target_modules, "checkpointing_steps": args.checkpointing_steps,
+             "resume_from_checkpoint": "latest" if resume else None}
     return finetune(finetune_args(**flags, overwrite_output_dir=True)).record
 
 
@@ -217,61 +223,15 @@ def sample_nonprivate(args, pipe, source, synthetic: Path) -> None:
     write_json(synthetic / "class_names.json", list(source.class_names))
 
 
-class Evaluator:
-    """The real test set, the FD reference sample and the extractor, loaded once for every run."""
-
-    def __init__(self, args):
-        from dpdiff.features import load_feature_extractor
-
-        self.args, self.device = args, resolve_device(args)
-        test = load_source(DATASET, "test", limit=args.test_limit, seed=args.seed)
-        self.class_names = list(test.class_names)
-        self.x_test = images_to_tensor(test.dataset["image"], RESOLUTION, CHANNELS)
-        self.y_test = torch.tensor(test.dataset["label"])
-        self.fd_n = min(args.num_fd_samples, len(self.x_test))
-        self.extractor = load_feature_extractor("efficientnet_lite0", input_size=args.fd_input_size, batch_size=64,
-                                                device=self.device)
-        self.fd_real = self._real_statistics()
-
-    def _real_statistics(self) -> tuple:
-        """The reference side of FD, computed once per settings and kept beside the runs: 2,000 images at
-        224 px cost minutes of CPU, and every invocation of a split benchmark needs the same ones."""
-        a = self.args
-        path = Path(a.output_dir) / f"fd-real-{DATASET}-test{a.test_limit or 'all'}-n{self.fd_n}-px{a.fd_input_size}-seed{a.seed}.npz"
-        if path.exists():
-            with np.load(path) as saved:
-                return saved["mu"], saved["sigma"]
-        mu, sigma = feature_statistics(self.x_test[self._pick(len(self.x_test))], self.extractor)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(path) as tmp, open(tmp, "wb") as f:
-            np.savez(f, mu=mu, sigma=sigma)
-        return mu, sigma
-
-    def _pick(self, n: int) -> torch.Tensor:
-        return torch.randperm(n, generator=torch.Generator().manual_seed(self.args.seed))[: self.fd_n]
-
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> dict:
-        scores = evaluate_downstream(images, labels, self.x_test, self.y_test, CLASSIFIERS, epochs=self.args.eval_epochs,
-                                     seed=self.args.seed, class_names=self.class_names, device=self.device)
-        picked = images[self._pick(len(images))]
-        fd = {"value": frechet_distance(*self.fd_real, *feature_statistics(picked, self.extractor)), "metric": FD_NAME,
-              "num_real": self.fd_n, "num_synthetic": len(picked), "description": fd_description(
-                  self.fd_n, len(picked), RESOLUTION, CHANNELS, self.extractor.input_size, "test")}
-        return {"accuracy": {c: scores[c]["accuracy"] for c in CLASSIFIERS}, "fd": fd,
-                "train_count_per_class": scores["train_count_per_class"], "num_classifier_train_images": len(images)}
-
-
-def resolve_device(args) -> str:
-    return ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-
-
 def run_one(args, key: str, method: str, epsilon: float | None, evaluate: Evaluator, out: Path) -> dict:
     run_dir, synthetic = out / "runs" / key, out / "synthetic" / key
     marker = run_dir / TRAINED_FILE  # a finished training: --skip_existing samples and scores it again, no retraining
     trained = json.loads(marker.read_text()) if args.skip_existing and marker.is_file() else None
     if trained is not None and (trained["settings"], trained["method"]) != (settings(args), method):
         trained = None
-    for folder in (synthetic,) if trained else (run_dir, synthetic):
+    started, run_id = run_dir / STARTED_FILE, {"settings": settings(args), "method": method}
+    resume_at = _resumable_step(started, run_id) if args.skip_existing and not trained and method in DP_SGD_METHODS else None
+    for folder in (synthetic,) if trained or resume_at else (run_dir, synthetic):
         shutil.rmtree(folder, ignore_errors=True)  # a rerun starts clean: no stale release or samples
     timings: dict = {}
     entry = {"method": method, "target_epsilon": epsilon, "run_kind": run_kind(args), "settings": settings(args)}
@@ -294,8 +254,12 @@ def run_one(args, key: str, method: str, epsilon: float | None, evaluate: Evalua
         if trained:
             record, timings["train"] = trained["record"], trained["train_timing"]
         else:
+            if method in DP_SGD_METHODS and not resume_at:
+                write_json(started, run_id)
             with phase(timings, "train"):
-                record = train_mepf(args, epsilon, run_dir) if method == "mepf" else train_dp_sgd(args, method, epsilon, run_dir)
+                record = train_mepf(args, epsilon, run_dir) if method == "mepf" else train_dp_sgd(args, method, epsilon, run_dir, bool(resume_at))
+            if resume_at:  # this process timed only the steps after the checkpoint
+                timings["train"]["resumed_at_step"] = resume_at
             write_json(marker, {"settings": settings(args), "method": method, "record": record, "train_timing": timings["train"]})
         with phase(timings, "sample"):
             sample_dataset(run_dir, synthetic, num_per_class=args.num_per_class, seed=args.seed, resolution=RESOLUTION,
@@ -309,10 +273,20 @@ def run_one(args, key: str, method: str, epsilon: float | None, evaluate: Evalua
     return entry
 
 
+def _resumable_step(started: Path, run_id: dict) -> int | None:
+    """The step of the latest checkpoint of an interrupted training with these settings, else None."""
+    from dpdiff.training.checkpoint import list_checkpoints
+
+    if not started.is_file() or json.loads(started.read_text()) != json.loads(json.dumps(run_id)):
+        return None
+    found = list_checkpoints(started.parent)
+    return int(found[-1].name.rsplit("-", 1)[-1]) if found else None
+
+
 def settings(args) -> dict:
-    """What must match for --skip_existing to reuse a finished run (all but what to run and where)."""
+    """What must match for --skip_existing to reuse a finished run (all but what to run, where and how often to save)."""
     where = ("methods", "epsilons", "references", "output_dir", "docs_dir", "benchmarks_md", "skip_existing", "device",
-             "report_from")
+             "report_from", "checkpointing_steps")
     return {k: v for k, v in vars(args).items() if k not in where}
 
 

@@ -206,7 +206,8 @@ def evaluate(args) -> None:
 
     from dpdiff.pipelines import load_pipeline
     from dpdiff.sampling.generate import generate, plan_requests
-    from utility import CHANNELS, RESOLUTION, Evaluator
+    from _utility_report import CHANNELS, RESOLUTION
+    from _utility_scoring import Evaluator
 
     run_dir = Path(args.output_dir) / args.tag
     config = json.loads((run_dir / "config.json").read_text())

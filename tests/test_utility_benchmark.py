@@ -86,6 +86,8 @@ def test_bad_options_refused_before_work(tmp_path):
         bench.main(["--methods", "dpgan", "--output_dir", str(tmp_path / "o")])
     with pytest.raises(ConfigError, match="num_fd_samples"):
         bench.main(["--num_per_class", "3", "--num_fd_samples", "100", "--output_dir", str(tmp_path / "o")])
+    with pytest.raises(ConfigError, match="checkpointing_steps"):
+        bench.main(["--checkpointing_steps", "-1", "--output_dir", str(tmp_path / "o")])
     with pytest.raises(PrivacyError, match="1/n"):
         bench.main(["--max_train_samples", "1000", "--delta", "1e-3", "--output_dir", str(tmp_path / "o")])
     assert not (tmp_path / "o").exists()
@@ -116,3 +118,32 @@ def test_merged_report_names_settings_the_runs_do_not_share():
     assert "DP-SGD for 2.5 epochs at batch 512, clipping norm 0.05, learning rate each method's default (lora 0.002" in same
     named = markdown({"runs": {"lora_eps10": run("lora", 10, learning_rate=5e-4)}, "run_kind": "reduced", "commands": []}, {})
     assert "clipping norm 0.05, learning rate 0.0005 (AdamW);" in named
+
+
+def test_interrupted_training_resumes_from_its_checkpoint_with_the_budget_spent(tiny_pipeline_dir, tmp_path):
+    """A schedule longer than one sitting: --checkpointing_steps + --skip_existing continue the DP-SGD run
+    from its latest checkpoint, ledger included, instead of starting over (or resetting the budget)."""
+    bench = load_benchmark()
+    argv = smoke_argv(tiny_pipeline_dir, tmp_path, "--references", "--max_steps", "4", "--checkpointing_steps", "2")
+    whole = bench.main(argv)["runs"]["lora_eps10"]
+    run = tmp_path / "out" / "runs" / "lora_eps10"
+    checkpoint = run / "checkpoints" / "checkpoint-2"
+    written = checkpoint.stat().st_mtime_ns
+
+    def interrupt():  # what a process killed after its step-2 checkpoint leaves: no release, no results
+        for name in ("benchmark_trained.json", "privacy.json", "pytorch_lora_weights.safetensors"):
+            (run / name).unlink()
+        (tmp_path / "out" / "results.json").unlink()
+
+    interrupt()
+    resumed = bench.main([*argv, "--skip_existing"])["runs"]["lora_eps10"]
+    assert resumed["timings"]["train"]["resumed_at_step"] == 2
+    assert checkpoint.stat().st_mtime_ns == written  # continued from it, not retrained from step 0
+    assert resumed["guarantee"]["steps"] == 4 and resumed["guarantee"]["epsilon"] == pytest.approx(whole["guarantee"]["epsilon"])
+    assert sum(n for _, _, n in json.loads((run / "privacy.json").read_text())["ledger"]["history"]) == 4
+    assert "steps 2+ only" in (tmp_path / "docs" / "benchmarks.md").read_text()
+
+    # a checkpoint of other settings is never continued: the run starts over
+    interrupt()
+    other = bench.main([*argv, "--skip_existing", "--max_grad_norm", "0.1"])["runs"]["lora_eps10"]
+    assert "resumed_at_step" not in other["timings"]["train"] and checkpoint.stat().st_mtime_ns != written

@@ -1,0 +1,65 @@
+"""The scoring protocol of benchmarks/utility.py, shared by every run: the real test set, the FD reference
+statistics (cached beside the runs) and the extractor, loaded once; a call scores one synthetic set."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from _utility_report import CHANNELS, CLASSIFIERS, DATASET, RESOLUTION
+
+from dpdiff.data import load_source
+from dpdiff.data.transforms import images_to_tensor
+from dpdiff.evaluation import FD_NAME, evaluate_downstream, feature_statistics, frechet_distance
+from dpdiff.evaluation.frechet import fd_description
+from dpdiff.io import atomic_path
+
+
+class Evaluator:
+    """The real test set, the FD reference sample and the extractor, loaded once for every run."""
+
+    def __init__(self, args):
+        from dpdiff.features import load_feature_extractor
+
+        self.args, self.device = args, resolve_device(args)
+        test = load_source(DATASET, "test", limit=args.test_limit, seed=args.seed)
+        self.class_names = list(test.class_names)
+        self.x_test = images_to_tensor(test.dataset["image"], RESOLUTION, CHANNELS)
+        self.y_test = torch.tensor(test.dataset["label"])
+        self.fd_n = min(args.num_fd_samples, len(self.x_test))
+        self.extractor = load_feature_extractor("efficientnet_lite0", input_size=args.fd_input_size, batch_size=64,
+                                                device=self.device)
+        self.fd_real = self._real_statistics()
+
+    def _real_statistics(self) -> tuple:
+        """The reference side of FD, computed once per settings and kept beside the runs: 2,000 images at
+        224 px cost minutes of CPU, and every invocation of a split benchmark needs the same ones."""
+        a = self.args
+        path = Path(a.output_dir) / f"fd-real-{DATASET}-test{a.test_limit or 'all'}-n{self.fd_n}-px{a.fd_input_size}-seed{a.seed}.npz"
+        if path.exists():
+            with np.load(path) as saved:
+                return saved["mu"], saved["sigma"]
+        mu, sigma = feature_statistics(self.x_test[self._pick(len(self.x_test))], self.extractor)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.savez(f, mu=mu, sigma=sigma)
+        return mu, sigma
+
+    def _pick(self, n: int) -> torch.Tensor:
+        return torch.randperm(n, generator=torch.Generator().manual_seed(self.args.seed))[: self.fd_n]
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> dict:
+        scores = evaluate_downstream(images, labels, self.x_test, self.y_test, CLASSIFIERS, epochs=self.args.eval_epochs,
+                                     seed=self.args.seed, class_names=self.class_names, device=self.device)
+        picked = images[self._pick(len(images))]
+        fd = {"value": frechet_distance(*self.fd_real, *feature_statistics(picked, self.extractor)), "metric": FD_NAME,
+              "num_real": self.fd_n, "num_synthetic": len(picked), "description": fd_description(
+                  self.fd_n, len(picked), RESOLUTION, CHANNELS, self.extractor.input_size, "test")}
+        return {"accuracy": {c: scores[c]["accuracy"] for c in CLASSIFIERS}, "fd": fd,
+                "train_count_per_class": scores["train_count_per_class"], "num_classifier_train_images": len(images)}
+
+
+def resolve_device(args) -> str:
+    return ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
