@@ -141,6 +141,8 @@ def markdown(results: dict, plots: dict) -> str:
         "Published rows: the papers' own settings (full 60k, GPU-long training), δ = 1e-5.", "",
         *[f"![{k}]({v})" for k, v in plots.items()], "",
         "Commands of these runs:", "", "```bash", *results["commands"], "```", "",
-        "The complete benchmark (all methods, ε ∈ {1, 10}, both references; GPU-sized; resumable):", "",
-        "```bash", "python benchmarks/utility.py --skip_existing", "```",
+        "The complete benchmark (all methods, ε ∈ {1, 10}, both references; GPU-sized). Rerun the same command to "
+        "go on after an interruption: finished runs are kept, an interrupted training continues from its latest "
+        "checkpoint with the ε it had spent:", "",
+        "```bash", "python benchmarks/utility.py --skip_existing --checkpointing_steps 50", "```",
     ])
