@@ -101,14 +101,16 @@ def markdown(results: dict, plots: dict) -> str:
         label = key + (" (" + ", ".join(f"{k}={' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in own.items()) + ")" if own else "")
         g = r.get("guarantee") or {}
         spent = f"{g['epsilon']:.3g}" if g.get("epsilon") is not None else "none (not private)"
+        sigma = f"{g['noise_multiplier']:.3g}" if g.get("noise_multiplier") is not None else "–"
+        steps = g.get("steps") if g.get("steps") is not None else "–"
         acc = " | ".join(f"{100 * r['accuracy'][c]:.1f}" for c in CLASSIFIERS)
         wall = sum(t["wall_s"] for t in r["timings"].values()) / 60
         target = f"{r['target_epsilon']:g}" if r["target_epsilon"] is not None else "–"
-        rows.append(f"| {label} | {target} | {spent} | {acc} | {r['fd']['value']:.2f} | {cpu(r, 'train')} | "
+        rows.append(f"| {label} | {target} | {spent} | {sigma} | {steps} | {acc} | {r['fd']['value']:.2f} | {cpu(r, 'train')} | "
                     f"{cpu(r, 'sample')} | {cpu(r, 'evaluate')} | {wall:.2f} |")
     for p in PUBLISHED:
         acc = " | ".join(f"{p['accuracy'][c]:.1f}" if c in p["accuracy"] else "" for c in CLASSIFIERS)
-        rows.append(f"| {p['name']}, paper | {p['epsilon']} | {p['epsilon']} | {acc} | | | | | |")
+        rows.append(f"| {p['name']}, paper | {p['epsilon']} | {p['epsilon']} | | | {acc} | | | | | |")
     first = next(iter(runs.values()), None)
     fd_label = first["fd"]["description"] if first else ""
     warning = {"smoke": "**SMOKE RUN: every number below comes from a few steps on a handful of images and means nothing.**",
@@ -135,8 +137,8 @@ def markdown(results: dict, plots: dict) -> str:
         f"the real Fashion-MNIST test set; FD: {fd_label}. Times are CPU minutes of the process "
         "(all threads). `real` trains the classifiers on the private training images themselves; `nonprivate_lora` "
         "is the same LoRA schedule WITHOUT clipping or noise (no guarantee: what DP costs).", "",
-        "| run | target ε | spent ε | CNN % | LogReg % | MLP % | FD | train CPU min | sample CPU min | eval CPU min | wall min |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| run | target ε | spent ε | σ | DP steps | CNN % | LogReg % | MLP % | FD | train CPU min | sample CPU min | eval CPU min | wall min |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         *rows, "",
         "Published rows: the papers' own settings (full 60k, GPU-long training), δ = 1e-5.", "",
         *[f"![{k}]({v})" for k, v in plots.items()], "",

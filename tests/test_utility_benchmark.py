@@ -101,7 +101,7 @@ def test_merged_report_names_settings_the_runs_do_not_share():
         base = {"delta": 1e-5, "base_model": "dpdiff-tiny", "epochs": 2.5, "batch_size": 512, "max_grad_norm": 0.05,
                 "num_per_class": 300, "inference_steps": 25, "guidance_scale": 2.0, "mepf_generator_steps": 2000}
         return {"method": method, "target_epsilon": eps, "settings": {**base, **settings},
-                "guarantee": {"epsilon": eps}, "accuracy": {"cnn": 0.5, "logreg": 0.4, "mlp": 0.3},
+                "guarantee": {"epsilon": eps, "noise_multiplier": 0.625, "steps": 200}, "accuracy": {"cnn": 0.5, "logreg": 0.4, "mlp": 0.3},
                 "fd": {"value": 100.0, "description": "FD (EfficientNet-Lite0)"}, "timings": {}}
 
     runs = {"full_eps10": run("full", 10, max_grad_norm=1.0, learning_rate=5e-4),
@@ -113,6 +113,7 @@ def test_merged_report_names_settings_the_runs_do_not_share():
     assert "full_eps10 (batch_size=512, epochs=2.5, learning_rate=0.0005, max_grad_norm=1.0)" in text
     # the lora run gave no learning rate: its row names the default it ran with
     assert "lora_eps10 (batch_size=2048, epochs=6.8, learning_rate=0.002, max_grad_norm=0.05)" in text
+    assert "max_grad_norm=0.05) | 10 | 10 | 0.625 | 200 | 50.0 | 40.0 | 30.0 | 100.00 |" in text  # sigma and steps beside epsilon
     # runs that share every setting state them once
     same = markdown({"runs": {"lora_eps10": run("lora", 10)}, "run_kind": "reduced", "commands": []}, {})
     assert "DP-SGD for 2.5 epochs at batch 512, clipping norm 0.05, learning rate each method's default (lora 0.002" in same
