@@ -40,7 +40,9 @@ def test_no_module_over_400_lines():
 def test_shipped_configs_parse_with_the_recipe_flags():
     from dpdiff.config import parse_with_config
 
-    for name, method in (("finetune_lora.yaml", "lora"), ("finetune_attention.yaml", "attention")):
+    configs = {"finetune_lora.yaml": "lora", "finetune_attention.yaml": "attention", "finetune_lora_fashion_mnist.yaml": "lora"}
+    assert set(configs) == {p.name for p in (ROOT / "recipes" / "configs").glob("finetune_*.yaml")}
+    for name, method in configs.items():
         parser = add_finetune_arguments(argparse.ArgumentParser(), method=method)
         args = parse_with_config(parser, ["--config", str(ROOT / "recipes" / "configs" / name), "--seed", "5"])
         assert args.method == method and args.seed == 5 and args.target_epsilon == 10.0
