@@ -275,12 +275,12 @@ def run_one(args, key: str, method: str, epsilon: float | None, evaluate: Evalua
 
 def _resumable_step(started: Path, run_id: dict) -> int | None:
     """The step of the latest checkpoint of an interrupted training with these settings, else None."""
-    from dpdiff.training.checkpoint import list_checkpoints
+    from dpdiff.training.checkpoint import checkpoint_step, list_checkpoints
 
     if not started.is_file() or json.loads(started.read_text()) != json.loads(json.dumps(run_id)):
         return None
     found = list_checkpoints(started.parent)
-    return int(found[-1].name.rsplit("-", 1)[-1]) if found else None
+    return checkpoint_step(found[-1]) if found else None
 
 
 def settings(args) -> dict:

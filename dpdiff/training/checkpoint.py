@@ -42,12 +42,18 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, trainable: dict[st
     return target
 
 
+def checkpoint_step(path: str | os.PathLike) -> int | None:
+    """The step a `checkpoint-<step>` folder was written at; None for any other name."""
+    m = _NAME.match(Path(path).name)
+    return int(m.group(1)) if m else None
+
+
 def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     """Checkpoint folders by step, oldest first (temporary folders of an interrupted write excluded)."""
     root = Path(output_dir) / CHECKPOINTS
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _NAME.match(p.name)) and p.is_dir()]
+    found = [(step, p) for p in root.iterdir() if (step := checkpoint_step(p)) is not None and p.is_dir()]
     return [p for _, p in sorted(found)]
 
 
