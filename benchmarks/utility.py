@@ -50,7 +50,7 @@ FULL_SCALE = {"max_train_samples": None, "epochs": 10.0, "max_steps": None, "num
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     a = p.add_argument
-    a("--methods", nargs="+", default=list(METHODS), help=f"from {', '.join(METHODS)}")
+    a("--methods", nargs="*", default=list(METHODS), help=f"from {', '.join(METHODS)} (none: only the references)")
     a("--epsilons", nargs="+", type=float, default=[1.0, 10.0])
     a("--references", nargs="*", default=list(REFERENCES), help=f"from {', '.join(REFERENCES)} (none: skip)")
     a("--delta", type=float, default=1e-5)
@@ -90,8 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
 def check(args) -> None:
     """Every refusal before any work."""
     bad = [m for m in args.methods if m not in METHODS] + [r for r in args.references if r not in REFERENCES]
-    if bad or not (args.methods or args.references):
+    if bad:
         raise ConfigError(f"unknown methods/references {bad} (methods: {list(METHODS)}, references: {list(REFERENCES)})")
+    if not (args.methods or args.references):
+        raise ConfigError(f"nothing to run: give --methods (from {list(METHODS)}) or --references (from {list(REFERENCES)})")
     if any(not (e > 0 and e < float("inf")) for e in args.epsilons) or (args.methods and not args.epsilons):
         raise ConfigError(f"--epsilons must be finite positive numbers, got {args.epsilons}")
     for name in ("num_per_class", "batch_size", "physical_batch_size", "mepf_generator_steps", "inference_steps", "fd_input_size"):

@@ -85,6 +85,8 @@ def test_bad_options_refused_before_work(tmp_path):
 
     with pytest.raises(ConfigError, match="unknown"):
         bench.main(["--methods", "dpgan", "--output_dir", str(tmp_path / "o")])
+    with pytest.raises(ConfigError, match="nothing to run"):
+        bench.main(["--methods", "--references", "--output_dir", str(tmp_path / "o")])
     with pytest.raises(ConfigError, match="num_fd_samples"):
         bench.main(["--num_per_class", "3", "--num_fd_samples", "100", "--output_dir", str(tmp_path / "o")])
     with pytest.raises(ConfigError, match="checkpointing_steps"):
