@@ -87,9 +87,9 @@ def main(argv=None) -> None:
         sample_dataset(folder, synthetic, num_per_class=settings["num_per_class"], seed=settings["seed"],
                        resolution=RESOLUTION, guidance_scale=settings["guidance_scale"],
                        num_inference_steps=settings["inference_steps"], batch_size=50)
+        sample_cpu_s = round(time.process_time() - start, 1)
         scores = evaluate(*load_images(synthetic, evaluate.class_names))
-        report[weights] = {"accuracy": scores["accuracy"], "fd": scores["fd"]["value"],
-                           "sample_cpu_s": round(time.process_time() - start, 1)}
+        report[weights] = {"accuracy": scores["accuracy"], "fd": scores["fd"]["value"], "sample_cpu_s": sample_cpu_s}
     write_json(out / f"ema_lever-{args.key}.json", report)
     print(json.dumps(report, indent=1))
 
