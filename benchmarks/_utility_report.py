@@ -90,14 +90,17 @@ def markdown(results: dict, plots: dict) -> str:
         return f"{timing['cpu_s'] / 60:.2f}" + (f" (steps {timing['resumed_at_step']}+ only)" if timing.get("resumed_at_step") else "")
 
     rows = []
-    # settings that differ between the merged runs are named on the rows of the diffusion methods they apply to
+    # settings that differ between the merged runs are named on the rows of the diffusion trainings they apply to
+    # (the non-private LoRA reference included: it runs the same schedule)
     varying = {k for r in runs.values() for k in r["settings"]
                if len({json.dumps(q["settings"].get(k)) for q in runs.values()}) > 1}
     for key, r in runs.items():
-        own = {k: r["settings"].get(k) for k in sorted(varying)} if r["method"] in DP_SGD_METHODS else {}
+        method = "lora" if r["method"] == "nonprivate_lora" else r["method"]
+        own = {k: r["settings"].get(k) for k in sorted(varying)} if method in DP_SGD_METHODS else {}
         if "learning_rate" in own and own["learning_rate"] is None:  # None ran the method's default: name it
-            own["learning_rate"] = DEFAULT_LEARNING_RATES[r["method"]]
-        own = {k: v for k, v in own.items() if v is not None and (r["method"] == "lora" or k not in ("rank", "lora_target_modules"))}
+            own["learning_rate"] = DEFAULT_LEARNING_RATES[method]
+        own = {k: v for k, v in own.items() if v is not None and (method == "lora" or k not in ("rank", "lora_target_modules"))
+               and not (r["method"] == "nonprivate_lora" and k == "max_grad_norm")}  # it clips nothing
         label = key + (" (" + ", ".join(f"{k}={' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in own.items()) + ")" if own else "")
         g = r.get("guarantee") or {}
         spent = f"{g['epsilon']:.3g}" if g.get("epsilon") is not None else "none (not private)"

@@ -107,8 +107,10 @@ def test_merged_report_names_settings_the_runs_do_not_share():
                 "guarantee": {"epsilon": eps, "noise_multiplier": 0.625, "steps": 200}, "accuracy": {"cnn": 0.5, "logreg": 0.4, "mlp": 0.3},
                 "fd": {"value": 100.0, "description": "FD (EfficientNet-Lite0)"}, "timings": {}}
 
+    real = {**run("real", None), "guarantee": None}
     runs = {"full_eps10": run("full", 10, max_grad_norm=1.0, learning_rate=5e-4),
-            "lora_eps10": run("lora", 10, epochs=6.8, batch_size=2048)}
+            "lora_eps10": run("lora", 10, epochs=6.8, batch_size=2048),
+            "nonprivate_lora": {**run("nonprivate_lora", None, batch_size=1024), "guarantee": None}, "real": real}
     text = markdown({"runs": runs, "run_kind": "reduced", "commands": []}, {})
     paragraph = text.split("\n")[2]
     assert "DP-SGD for (see each row) at batch (see each row), clipping norm (see each row), learning rate (see each row)" in paragraph
@@ -117,6 +119,9 @@ def test_merged_report_names_settings_the_runs_do_not_share():
     # the lora run gave no learning rate: its row names the default it ran with
     assert "lora_eps10 (batch_size=2048, epochs=6.8, learning_rate=0.002, max_grad_norm=0.05)" in text
     assert "max_grad_norm=0.05) | 10 | 10 | 0.625 | 200 | 50.0 | 40.0 | 30.0 | 100.00 |" in text  # sigma and steps beside epsilon
+    # the non-private reference trains the same way: its row names its batch too; the real-data row trains nothing
+    assert "| nonprivate_lora (batch_size=1024, epochs=2.5, learning_rate=0.002) | – | none (not private) |" in text
+    assert "| real | – | none (not private) |" in text
     # runs that share every setting state them once
     same = markdown({"runs": {"lora_eps10": run("lora", 10)}, "run_kind": "reduced", "commands": []}, {})
     assert "DP-SGD for 2.5 epochs at batch 512, clipping norm 0.05, learning rate each method's default (lora 0.002" in same
