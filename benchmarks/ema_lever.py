@@ -22,11 +22,10 @@ sys.path.insert(0, str(ROOT / "benchmarks"))  # a dependency ships a top-level `
 
 from _utility_report import RESOLUTION, load_images  # noqa: E402
 from _utility_scoring import Evaluator  # noqa: E402
+from utility import STARTED_FILE  # noqa: E402  (the run's settings, as utility.py recorded them)
 
 from dpdiff.errors import ConfigError  # noqa: E402
 from dpdiff.io import write_json  # noqa: E402
-
-STARTED_FILE = "benchmark_started.json"  # utility.py's record of the run's settings
 
 
 def checkpoint_release(run_dir: Path, settings: dict, target: Path, weights: str) -> int:
@@ -45,6 +44,8 @@ def checkpoint_release(run_dir: Path, settings: dict, target: Path, weights: str
     pipe = load_pipeline(settings["base_model"])
     prepare_trainable(pipe.unet.train(), "lora", rank=settings["rank"], target_modules=settings["lora_target_modules"])
     named = [(n, p) for n, p in pipe.unet.named_parameters() if p.requires_grad]  # the EMA's parameter order
+    if weights == "ema" and not state.get("ema"):
+        raise ConfigError(f"{found[-1]} holds no EMA: the run trained with --ema_decay 0")
     values = [trainable[n] for n, _ in named] if weights == "raw" else state["ema"]["shadow_params"]
     if len(values) != len(named) or any(v.shape != p.shape for v, (_, p) in zip(values, named)):
         raise ConfigError(f"{found[-1]} does not hold the {weights} weights of this run's LoRA settings")
