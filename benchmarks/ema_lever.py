@@ -25,12 +25,13 @@ from _utility_scoring import Evaluator  # noqa: E402
 from utility import STARTED_FILE  # noqa: E402  (the run's settings, as utility.py recorded them)
 
 from dpdiff.errors import ConfigError  # noqa: E402
-from dpdiff.io import write_json  # noqa: E402
+from dpdiff.io import atomic_dir, write_json  # noqa: E402
 
 
-def checkpoint_release(run_dir: Path, settings: dict, target: Path, weights: str) -> int:
-    """A copy of the release whose LoRA weights are the latest checkpoint's raw iterate ("raw") or its EMA
-    ("ema"); returns the checkpoint's step. (No checkpoint is written at the final step: the release is.)"""
+def checkpoint_releases(run_dir: Path, settings: dict, targets: dict[str, Path]) -> int:
+    """Copies of the release whose LoRA weights are the latest checkpoint's raw iterate (targets["raw"]) and
+    its EMA (targets["ema"]), each written atomically; returns the checkpoint's step. Both are checked
+    before anything is written. (No checkpoint is written at the final step: the release is.)"""
     import torch
 
     from dpdiff.adapters import prepare_trainable, save_trained
@@ -41,23 +42,24 @@ def checkpoint_release(run_dir: Path, settings: dict, target: Path, weights: str
     if not found:
         raise ConfigError(f"{run_dir} has no checkpoint: run utility.py with --checkpointing_steps")
     trainable, state, _ = load_checkpoint(found[-1])
+    if not state.get("ema"):
+        raise ConfigError(f"{found[-1]} holds no EMA: the run trained with --ema_decay 0")
     pipe = load_pipeline(settings["base_model"])
     prepare_trainable(pipe.unet.train(), "lora", rank=settings["rank"], target_modules=settings["lora_target_modules"])
     named = [(n, p) for n, p in pipe.unet.named_parameters() if p.requires_grad]  # the EMA's parameter order
-    if weights == "ema" and not state.get("ema"):
-        raise ConfigError(f"{found[-1]} holds no EMA: the run trained with --ema_decay 0")
-    values = [trainable[n] for n, _ in named] if weights == "raw" else state["ema"]["shadow_params"]
-    if len(values) != len(named) or any(v.shape != p.shape for v, (_, p) in zip(values, named)):
-        raise ConfigError(f"{found[-1]} does not hold the {weights} weights of this run's LoRA settings")
-    with torch.no_grad():
-        for value, (_, param) in zip(values, named):
-            param.copy_(value)
-    shutil.rmtree(target, ignore_errors=True)
-    target.mkdir(parents=True)
-    for f in run_dir.iterdir():  # the privacy record of the whole run (conservative for an earlier step)
-        if f.is_file():
-            shutil.copy2(f, target / f.name)
-    save_trained(pipe.unet, target, "lora")  # replaces the released weights copied above
+    values = {"raw": [trainable.get(n) for n, _ in named], "ema": state["ema"]["shadow_params"]}
+    for weights, tensors in values.items():
+        if len(tensors) != len(named) or any(v is None or v.shape != p.shape for v, (_, p) in zip(tensors, named)):
+            raise ConfigError(f"{found[-1]} does not hold the {weights} weights of this run's LoRA settings")
+    for weights, target in targets.items():
+        with torch.no_grad():
+            for value, (_, param) in zip(values[weights], named):
+                param.copy_(value)
+        with atomic_dir(target) as tmp:
+            for f in run_dir.iterdir():  # the privacy record of the whole run (conservative for an earlier step)
+                if f.is_file():
+                    shutil.copy2(f, tmp / f.name)
+            save_trained(pipe.unet, tmp, "lora")  # replaces the released weights copied above
     return checkpoint_step(found[-1])
 
 
@@ -80,9 +82,10 @@ def main(argv=None) -> None:
     evaluate = Evaluator(argparse.Namespace(**{**settings, "device": "cpu", "output_dir": str(out)}))
     report = {"run": args.key, "final_step": released["guarantee"]["steps"],
               "released": {"accuracy": released["accuracy"], "fd": released["fd"]["value"]}}
-    for weights in ("raw", "ema"):
-        folder, synthetic = out / "runs" / f"{args.key}-{weights}", out / "synthetic" / f"{args.key}-{weights}"
-        report["step"] = checkpoint_release(out / "runs" / args.key, settings, folder, weights)
+    folders = {weights: out / "runs" / f"{args.key}-{weights}" for weights in ("raw", "ema")}
+    report["step"] = checkpoint_releases(out / "runs" / args.key, settings, folders)
+    for weights, folder in folders.items():
+        synthetic = out / "synthetic" / f"{args.key}-{weights}"
         start = time.process_time()
         shutil.rmtree(synthetic, ignore_errors=True)
         sample_dataset(folder, synthetic, num_per_class=settings["num_per_class"], seed=settings["seed"],
