@@ -18,7 +18,7 @@ from dpdiff.training.arguments import DEFAULT_LEARNING_RATES
 
 METHODS = ("mepf", "attention", "lora", "full")
 DP_SGD_METHODS = ("attention", "lora", "full")  # the diffusion methods (DP-SGD through dpdiff.training)
-REFERENCES = ("real", "nonprivate_lora")
+REFERENCES = ("real", "vae_reconstruction", "nonprivate_lora")
 CLASSIFIERS = ("cnn", "logreg", "mlp")
 DATASET, RESOLUTION, CHANNELS = "fashion_mnist", 28, 1
 # published Fashion-MNIST 28px, delta=1e-5, train on synthetic / test on real (accuracy %)
@@ -138,7 +138,9 @@ def markdown(results: dict, plots: dict) -> str:
         f"images per class ({s.get('inference_steps')} DDIM steps, guidance {s.get('guidance_scale')}), resized to 28x28 grey. "
         f"Classifiers trained on the synthetic set, tested on {'a ' + str(s.get('test_limit')) + '-image subset of ' if s.get('test_limit') else ''}"
         f"the real Fashion-MNIST test set; FD: {fd_label}. Times are CPU minutes of the process "
-        "(all threads). `real` trains the classifiers on the private training images themselves; `nonprivate_lora` "
+        "(all threads). `real` trains the classifiers on the private training images themselves; `vae_reconstruction` on "
+        "the same images after the base pipeline's frozen VAE (encode, decode): the ceiling of any method that "
+        "generates through that autoencoder; `nonprivate_lora` "
         "is the same LoRA schedule WITHOUT clipping or noise (no guarantee: what DP costs).", "",
         "| run | target ε | spent ε | σ | DP steps | CNN % | LogReg % | MLP % | FD | train CPU min | sample CPU min | eval CPU min | wall min |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",

@@ -1,5 +1,6 @@
-"""Smoke test of benchmarks/utility.py: one DP method with a few steps on 64 private images plus both
-references, end to end (train -> sample -> evaluate -> JSON, plots, markdown), all outside docs/."""
+"""Smoke test of benchmarks/utility.py: one DP method with a few steps on 64 private images plus the three
+references (real, its VAE reconstruction, non-private LoRA), end to end (train -> sample -> evaluate ->
+JSON, plots, markdown), all outside docs/."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ def load_benchmark():
 
 def smoke_argv(base, tmp_path, *extra):
     return [
-        "--methods", "lora", "--epsilons", "10", "--references", "real", "nonprivate_lora",
+        "--methods", "lora", "--epsilons", "10", "--references", "real", "vae_reconstruction", "nonprivate_lora",
         "--base_model", str(base), "--max_train_samples", "64", "--max_steps", "2", "--batch_size", "16",
         "--physical_batch_size", "16", "--num_per_class", "3", "--inference_steps", "2", "--eval_epochs", "1",
         "--test_limit", "100", "--num_fd_samples", "8", "--fd_input_size", "32", "--smoke",
@@ -37,7 +38,7 @@ def test_smoke_run_writes_results_plots_and_section(tiny_pipeline_dir, tmp_path,
     results = bench.main(smoke_argv(tiny_pipeline_dir, tmp_path))
 
     on_disk = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert on_disk["run_kind"] == "smoke" and set(on_disk["runs"]) == {"lora_eps10", "real", "nonprivate_lora"}
+    assert on_disk["run_kind"] == "smoke" and set(on_disk["runs"]) == {"lora_eps10", "real", "vae_reconstruction", "nonprivate_lora"}
     assert on_disk["runs"] == json.loads(json.dumps(results["runs"]))
     for key, run in on_disk["runs"].items():
         assert run["run_kind"] == "smoke", key
@@ -51,6 +52,7 @@ def test_smoke_run_writes_results_plots_and_section(tiny_pipeline_dir, tmp_path,
     assert nonprivate["private"] is False and nonprivate["guarantee"] is None
     assert not (tmp_path / "out" / "runs" / "nonprivate_lora" / "privacy.json").exists()
     assert on_disk["runs"]["real"]["num_classifier_train_images"] == 64  # the real reference trains on the private subset
+    assert on_disk["runs"]["vae_reconstruction"]["num_classifier_train_images"] == 64  # ... and so does its VAE copy
 
     docs = tmp_path / "docs"
     for name in ("utility_accuracy.png", "utility_fd.png", "utility_samples_lora.png", "utility_samples_nonprivate_lora.png"):
@@ -58,6 +60,7 @@ def test_smoke_run_writes_results_plots_and_section(tiny_pipeline_dir, tmp_path,
     section = (docs / "benchmarks.md").read_text()
     assert section.startswith("# Benchmarks") and "## Utility" in section and "SMOKE RUN" in section
     assert "](utility_accuracy.png)" in section and "DPDM" in section and "86.2" in section
+    assert "| vae_reconstruction | – | none (not private) |" in section
     assert (ROOT / "docs" / "benchmarks.md").read_text() == repo_md  # the repo's docs are untouched
 
     # resuming keeps finished runs with the same settings instead of training again
@@ -200,3 +203,16 @@ def test_ema_lever_scores_raw_and_ema_weights_of_one_checkpoint(tiny_pipeline_di
         shutil.rmtree(folder)
     with pytest.raises(ConfigError, match="no checkpoint"):
         lever.main(["--benchmark_dir", str(out), "--key", "lora_eps10"])
+
+
+def test_vae_reconstruction_reference_is_each_private_image_through_the_preset_vae():
+    bench = load_benchmark()
+    args = bench.build_parser().parse_args(["--max_train_samples", "32", "--device", "cpu"])
+    images, labels = bench.vae_reconstructions(args)
+    train = bench.load_source(bench.DATASET, "train", limit=32, seed=args.seed)
+    originals = bench.images_to_tensor(train.dataset["image"], bench.RESOLUTION, bench.CHANNELS)
+    assert images.shape == originals.shape == (32, 1, 28, 28) and labels.tolist() == list(train.dataset["label"])
+    own = ((images - originals) ** 2).mean(dim=(1, 2, 3))
+    others = ((images - originals.roll(1, dims=0)) ** 2).mean(dim=(1, 2, 3))
+    # a lossy copy of its own image (the preset's stated Fashion-MNIST error is ~0.02), far from the next image
+    assert 0 < own.mean() < 0.1 and (own < others).all()
