@@ -51,8 +51,10 @@ def test_smoke_run_writes_results_plots_and_section(tiny_pipeline_dir, tmp_path,
     # the non-private reference states no guarantee and leaves nothing a DP tool would sample or publish
     assert nonprivate["private"] is False and nonprivate["guarantee"] is None
     assert not (tmp_path / "out" / "runs" / "nonprivate_lora" / "privacy.json").exists()
-    assert on_disk["runs"]["real"]["num_classifier_train_images"] == 64  # the real reference trains on the private subset
-    assert on_disk["runs"]["vae_reconstruction"]["num_classifier_train_images"] == 64  # ... and so does its VAE copy
+    # the real reference trains on as many private images per class as each synthetic set has (3), its VAE copy on the same
+    real, recon = on_disk["runs"]["real"], on_disk["runs"]["vae_reconstruction"]
+    assert max(real["train_count_per_class"].values()) == 3 and 25 <= real["num_classifier_train_images"] <= 30
+    assert recon["train_count_per_class"] == real["train_count_per_class"]
 
     docs = tmp_path / "docs"
     for name in ("utility_accuracy.png", "utility_fd.png", "utility_samples_lora.png", "utility_samples_nonprivate_lora.png"):
