@@ -102,6 +102,8 @@ def markdown(results: dict, plots: dict) -> str:
         own = {k: v for k, v in own.items() if v is not None and (method == "lora" or k not in ("rank", "lora_target_modules"))
                and not (r["method"] == "nonprivate_lora" and k == "max_grad_norm")}  # it clips nothing
         label = key + (" (" + ", ".join(f"{k}={' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in own.items()) + ")" if own else "")
+        if r["method"] in ("real", "vae_reconstruction"):  # trained on private images: how many sets its ceiling
+            label += f" ({r['num_classifier_train_images']:,} images)"
         g = r.get("guarantee") or {}
         spent = f"{g['epsilon']:.3g}" if g.get("epsilon") is not None else "none (not private)"
         sigma = f"{g['noise_multiplier']:.3g}" if g.get("noise_multiplier") is not None else "–"
@@ -138,9 +140,10 @@ def markdown(results: dict, plots: dict) -> str:
         f"images per class ({s.get('inference_steps')} DDIM steps, guidance {s.get('guidance_scale')}), resized to 28x28 grey. "
         f"Classifiers trained on the synthetic set, tested on {'a ' + str(s.get('test_limit')) + '-image subset of ' if s.get('test_limit') else ''}"
         f"the real Fashion-MNIST test set; FD: {fd_label}. Times are CPU minutes of the process "
-        "(all threads). `real` trains the classifiers on the private training images themselves; `vae_reconstruction` on "
-        "the same images after the base pipeline's frozen VAE (encode, decode): the ceiling of any method that "
-        "generates through that autoencoder; `nonprivate_lora` "
+        "(all threads). `real` trains the classifiers on private training images (its row says how many: as many per "
+        "class as each synthetic set, the ceiling at that size); `vae_reconstruction` on the same images after the base "
+        "pipeline's frozen VAE (encode, decode): the ceiling of any method that generates through that autoencoder; "
+        "`nonprivate_lora` "
         "is the same LoRA schedule WITHOUT clipping or noise (no guarantee: what DP costs).", "",
         "| run | target ε | spent ε | σ | DP steps | CNN % | LogReg % | MLP % | FD | train CPU min | sample CPU min | eval CPU min | wall min |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",

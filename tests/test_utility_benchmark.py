@@ -62,7 +62,7 @@ def test_smoke_run_writes_results_plots_and_section(tiny_pipeline_dir, tmp_path,
     section = (docs / "benchmarks.md").read_text()
     assert section.startswith("# Benchmarks") and "## Utility" in section and "SMOKE RUN" in section
     assert "](utility_accuracy.png)" in section and "DPDM" in section and "86.2" in section
-    assert "| vae_reconstruction | – | none (not private) |" in section
+    assert f"| vae_reconstruction ({recon['num_classifier_train_images']} images) | – | none (not private) |" in section
     assert (ROOT / "docs" / "benchmarks.md").read_text() == repo_md  # the repo's docs are untouched
 
     # resuming keeps finished runs with the same settings instead of training again
@@ -112,7 +112,7 @@ def test_merged_report_names_settings_the_runs_do_not_share():
                 "guarantee": {"epsilon": eps, "noise_multiplier": 0.625, "steps": 200}, "accuracy": {"cnn": 0.5, "logreg": 0.4, "mlp": 0.3},
                 "fd": {"value": 100.0, "description": "FD (EfficientNet-Lite0)"}, "timings": {}}
 
-    real = {**run("real", None), "guarantee": None}
+    real = {**run("real", None), "guarantee": None, "num_classifier_train_images": 60000}
     runs = {"full_eps10": run("full", 10, max_grad_norm=1.0, learning_rate=5e-4),
             "lora_eps10": run("lora", 10, epochs=6.8, batch_size=2048),
             "nonprivate_lora": {**run("nonprivate_lora", None, batch_size=1024), "guarantee": None}, "real": real}
@@ -126,7 +126,7 @@ def test_merged_report_names_settings_the_runs_do_not_share():
     assert "max_grad_norm=0.05) | 10 | 10 | 0.625 | 200 | 50.0 | 40.0 | 30.0 | 100.00 |" in text  # sigma and steps beside epsilon
     # the non-private reference trains the same way: its row names its batch too; the real-data row trains nothing
     assert "| nonprivate_lora (batch_size=1024, epochs=2.5, learning_rate=0.002) | – | none (not private) |" in text
-    assert "| real | – | none (not private) |" in text
+    assert "| real (60,000 images) | – | none (not private) |" in text  # the size its ceiling holds for
     # runs that share every setting state them once
     same = markdown({"runs": {"lora_eps10": run("lora", 10)}, "run_kind": "reduced", "commands": []}, {})
     assert "DP-SGD for 2.5 epochs at batch 512, clipping norm 0.05, learning rate each method's default (lora 0.002" in same
