@@ -102,7 +102,7 @@ def markdown(results: dict, plots: dict) -> str:
         own = {k: v for k, v in own.items() if v is not None and (method == "lora" or k not in ("rank", "lora_target_modules"))
                and not (r["method"] == "nonprivate_lora" and k == "max_grad_norm")}  # it clips nothing
         label = key + (" (" + ", ".join(f"{k}={' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in own.items()) + ")" if own else "")
-        if r["method"] in ("real", "vae_reconstruction"):  # trained on private images: how many sets its ceiling
+        if r["method"] in ("real", "vae_reconstruction"):  # a ceiling holds for its training-set size: name it
             label += f" ({r['num_classifier_train_images']:,} images)"
         g = r.get("guarantee") or {}
         spent = f"{g['epsilon']:.3g}" if g.get("epsilon") is not None else "none (not private)"
