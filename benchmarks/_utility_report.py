@@ -151,7 +151,7 @@ def markdown(results: dict, plots: dict) -> str:
         "Published rows: the papers' own settings (full 60k, GPU-long training), δ = 1e-5.", "",
         *[f"![{k}]({v})" for k, v in plots.items()], "",
         "Commands of these runs:", "", "```bash", *results["commands"], "```", "",
-        "The complete benchmark (all methods, ε ∈ {1, 10}, both references; GPU-sized). Rerun the same command to "
+        "The complete benchmark (all methods, ε ∈ {1, 10}, the three references, 6,000 synthetic images per class; GPU-sized). Rerun the same command to "
         "go on after an interruption: finished runs are kept, an interrupted training continues from its latest "
         "checkpoint with the ε it had spent:", "",
         "```bash", "python benchmarks/utility.py --skip_existing --checkpointing_steps 50", "```",
