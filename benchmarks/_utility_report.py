@@ -19,6 +19,7 @@ from dpdiff.training.arguments import DEFAULT_LEARNING_RATES
 METHODS = ("mepf", "attention", "lora", "full")
 DP_SGD_METHODS = ("attention", "lora", "full")  # the diffusion methods (DP-SGD through dpdiff.training)
 REFERENCES = ("real", "vae_reconstruction", "nonprivate_lora")
+IMAGE_REFERENCES = ("real", "vae_reconstruction")  # classifiers trained on (copies of) private images: no samples
 CLASSIFIERS = ("cnn", "logreg", "mlp")
 DATASET, RESOLUTION, CHANNELS = "fashion_mnist", 28, 1
 # published Fashion-MNIST 28px, delta=1e-5, train on synthetic / test on real (accuracy %)
@@ -102,7 +103,7 @@ def markdown(results: dict, plots: dict) -> str:
         own = {k: v for k, v in own.items() if v is not None and (method == "lora" or k not in ("rank", "lora_target_modules"))
                and not (r["method"] == "nonprivate_lora" and k == "max_grad_norm")}  # it clips nothing
         label = key + (" (" + ", ".join(f"{k}={' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in own.items()) + ")" if own else "")
-        if r["method"] in ("real", "vae_reconstruction"):  # a ceiling holds for its training-set size: name it
+        if r["method"] in IMAGE_REFERENCES:  # a ceiling holds for its training-set size: name it
             label += f" ({r['num_classifier_train_images']:,} images)"
         g = r.get("guarantee") or {}
         spent = f"{g['epsilon']:.3g}" if g.get("epsilon") is not None else "none (not private)"

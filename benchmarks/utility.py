@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))  # a dependency ships a top-level `benchmarks` package
 
 from _docs import BENCHMARKS_MD  # noqa: E402
-from _utility_report import CHANNELS, DATASET, DP_SGD_METHODS, METHODS, PUBLISHED, REFERENCES, RESOLUTION, load_images, render_docs  # noqa: E402
+from _utility_report import CHANNELS, DATASET, DP_SGD_METHODS, IMAGE_REFERENCES, METHODS, PUBLISHED, REFERENCES, RESOLUTION, load_images, render_docs  # noqa: E402
 from _utility_scoring import Evaluator, resolve_device  # noqa: E402
 
 from dpdiff.adapters import DEFAULT_LORA_TARGETS  # noqa: E402
@@ -306,7 +306,7 @@ def run_one(args, key: str, method: str, epsilon: float | None, evaluate: Evalua
             entry.update(evaluate(*load_images(synthetic, evaluate.class_names)), private=True)
         entry["guarantee"] = {k: record.get(k) for k in ("epsilon", "delta", "accountant", "noise_multiplier", "steps",
                                                          "sample_rate", "num_examples", "neighbouring_relation")}
-    entry.update(timings=timings, synthetic_dir=str(synthetic) if method not in ("real", "vae_reconstruction") else None)
+    entry.update(timings=timings, synthetic_dir=str(synthetic) if method not in IMAGE_REFERENCES else None)
     return entry
 
 
