@@ -18,7 +18,7 @@ from dpdiff.data import load_source
 from dpdiff.data.transforms import images_to_tensor
 from dpdiff.imaging import save_grid, to_pil
 from dpdiff.io import atomic_dir, write_json
-from dpdiff.pipelines.preset import build_tiny_pipeline
+from dpdiff.pipelines.preset import UNET_CONFIG, build_tiny_pipeline, unet_size_overrides
 from dpdiff.training import pretrain
 
 
@@ -35,8 +35,17 @@ def parse_args(argv=None):
     p.add_argument("--eval_examples", type=int, default=1000, help="Fashion-MNIST test images for the VAE check")
     p.add_argument("--samples_grid", default=None, help="PNG of samples for each public class prompt")
     p.add_argument("--recon_grid", default=None, help="PNG: Fashion-MNIST test images (top) and VAE reconstructions")
+    p.add_argument("--unet_block_out_channels", type=int, nargs="+", default=None,
+                   help=f"denoiser widths per level (default {' '.join(map(str, UNET_CONFIG['block_out_channels']))})")
+    p.add_argument("--unet_layers_per_block", type=int, default=None,
+                   help=f"resnet+attention layers per level (default {UNET_CONFIG['layers_per_block']})")
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    try:
+        args.unet_overrides = unet_size_overrides(args.unet_block_out_channels, args.unet_layers_per_block)
+    except ValueError as e:
+        p.error(str(e))
+    return args
 
 
 def main(argv=None):
@@ -44,7 +53,7 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     corpus = pretrain.load_public_corpus(limit=args.limit, seed=args.seed)
     class_prompts = list(dict.fromkeys(corpus.prompts))
-    pipe = build_tiny_pipeline(class_prompts, seed=args.seed)
+    pipe = build_tiny_pipeline(class_prompts, seed=args.seed, **args.unet_overrides)
 
     with pretrain.Timer() as vae_time:
         vae_losses = pretrain.train_vae(pipe.vae, corpus.images, args.vae_steps, args.vae_batch_size, args.vae_learning_rate, seed=args.seed)
@@ -78,6 +87,9 @@ def main(argv=None):
             "num_images": len(corpus.images),
             "vae": {"steps": args.vae_steps, "batch_size": args.vae_batch_size, "learning_rate": args.vae_learning_rate,
                     "final_loss": pretrain.tail_mean(vae_losses), "seconds": round(vae_time.seconds, 1)},
+            "unet_size": {"block_out_channels": list(pipe.unet.config.block_out_channels),
+                          "layers_per_block": pipe.unet.config.layers_per_block,
+                          "parameters": sum(p.numel() for p in pipe.unet.parameters())},
             "unet_and_text_encoder": {"steps": args.unet_steps, "batch_size": args.batch_size, "learning_rate": args.learning_rate,
                                       "final_loss": pretrain.tail_mean(unet_losses), "seconds": round(unet_time.seconds, 1)},
             "latent_scaling_factor": scale,

@@ -76,3 +76,25 @@ def test_non_safetensors_weights_refused(tiny_pipeline_dir, tmp_path):
         f.rename(f.with_suffix(".bin"))
     with pytest.raises(ConfigError, match="safetensors"):
         resolve_model_path(copy)
+
+def test_wider_deeper_preset_unet_keeps_vae_and_text_encoder():
+    """A bigger denoiser is the only thing `unet_size_overrides` changes; bad widths fail before any work."""
+    from dpdiff.pipelines.preset import UNET_CONFIG, build_tiny_pipeline, unet_size_overrides
+
+    prompts = ["a photo of a digit 1"]
+    small = build_tiny_pipeline(prompts, seed=0)
+    big = build_tiny_pipeline(prompts, seed=0, **unet_size_overrides((16, 32, 64), 2))
+    assert tuple(big.unet.config.block_out_channels) == (16, 32, 64) and big.unet.config.layers_per_block == 2
+    assert tuple(small.unet.config.block_out_channels) == tuple(UNET_CONFIG["block_out_channels"])
+    for part in ("vae", "text_encoder"):
+        a, b = getattr(small, part).state_dict(), getattr(big, part).state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    latents = torch.randn(2, 4, 8, 8)
+    out = big.unet(latents, torch.tensor([10, 500]), torch.randn(2, 77, big.unet.config.cross_attention_dim)).sample
+    assert out.shape == latents.shape
+    assert unet_size_overrides() == {}
+    for widths in [(12, 24), (64,), (8, 16, 32, 64, 128)]:
+        with pytest.raises(ValueError, match="multiple of 8|2 to 4 widths"):
+            unet_size_overrides(widths)
+    with pytest.raises(ValueError, match="at least 1"):
+        unet_size_overrides(layers_per_block=0)

@@ -6,6 +6,8 @@ everything dpdiff does here is what it does on a real pipeline."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 from diffusers import (
     AutoencoderKL,
@@ -65,14 +67,37 @@ SCHEDULER_CONFIG = dict(
 )
 
 
+def unet_size_overrides(block_out_channels: tuple[int, ...] | None = None, layers_per_block: int | None = None) -> dict:
+    """UNet config overrides for a wider/deeper preset, checked before any work starts.
+
+    Each width must be a multiple of the GroupNorm groups and the attention heads; one cross-attention
+    down/up block per width (latents are 8x8, so at most 4 levels)."""
+    overrides: dict = {}
+    if block_out_channels is not None:
+        widths = tuple(int(c) for c in block_out_channels)
+        step = math.lcm(UNET_CONFIG["norm_num_groups"], UNET_CONFIG["attention_head_dim"])
+        if not 2 <= len(widths) <= 4 or any(c <= 0 or c % step for c in widths):
+            raise ValueError(f"--unet_block_out_channels {list(widths)}: give 2 to 4 widths, each a positive multiple of {step} "
+                             f"(GroupNorm groups and attention heads), e.g. 64 128")
+        overrides.update(block_out_channels=widths, down_block_types=("CrossAttnDownBlock2D",) * len(widths),
+                         up_block_types=("CrossAttnUpBlock2D",) * len(widths))
+    if layers_per_block is not None:
+        if layers_per_block < 1:
+            raise ValueError(f"--unet_layers_per_block {layers_per_block}: must be at least 1")
+        overrides["layers_per_block"] = int(layers_per_block)
+    return overrides
+
+
 def build_tiny_unet(seed: int = 0, **overrides) -> UNet2DConditionModel:
     """A randomly initialised preset-shaped UNet (tests, benchmarks, pretraining start)."""
     torch.manual_seed(seed)
     return UNet2DConditionModel(**{**UNET_CONFIG, **overrides})
 
 
-def build_tiny_pipeline(prompt_corpus: list[str], seed: int = 0) -> StableDiffusionPipeline:
-    """A randomly initialised preset pipeline; its tokenizer's merges come from `prompt_corpus`."""
+def build_tiny_pipeline(prompt_corpus: list[str], seed: int = 0, **unet_overrides) -> StableDiffusionPipeline:
+    """A randomly initialised preset pipeline; its tokenizer's merges come from `prompt_corpus`.
+
+    `unet_overrides` (see `unet_size_overrides`) change only the denoiser's size, never the VAE or text encoder."""
     tokenizer: CLIPTokenizer = build_tokenizer(prompt_corpus)
     torch.manual_seed(seed)
     vae = AutoencoderKL(**VAE_CONFIG)
@@ -85,7 +110,7 @@ def build_tiny_pipeline(prompt_corpus: list[str], seed: int = 0) -> StableDiffus
         pad_token_id=tokenizer.pad_token_id,
     )
     text_encoder = CLIPTextModel(text_config)
-    unet = build_tiny_unet(seed)
+    unet = build_tiny_unet(seed, **unet_overrides)
     return StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
