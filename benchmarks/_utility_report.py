@@ -98,6 +98,8 @@ def markdown(results: dict, plots: dict) -> str:
     for key, r in runs.items():
         method = "lora" if r["method"] == "nonprivate_lora" else r["method"]
         own = {k: r["settings"].get(k) for k in sorted(varying)} if method in DP_SGD_METHODS else {}
+        if r["method"] == "vae_reconstruction" and "base_model" in varying:  # the ceiling of THAT pipeline's VAE
+            own = {"base_model": r["settings"].get("base_model")}
         if "learning_rate" in own and own["learning_rate"] is None:  # None ran the method's default: name it
             own["learning_rate"] = DEFAULT_LEARNING_RATES[method]
         own = {k: v for k, v in own.items() if v is not None and (method == "lora" or k not in ("rank", "lora_target_modules"))
@@ -133,7 +135,7 @@ def markdown(results: dict, plots: dict) -> str:
         warning, "",
         f"Private data: {'a seeded random subset of ' + str(s['max_train_samples']) + ' images of ' if s.get('max_train_samples') else ''}"
         f"Fashion-MNIST train (60,000 images), "
-        f"delta = {s.get('delta')}; base pipeline `{s.get('base_model')}` (pretrained on public data only); "
+        f"delta = {s.get('delta')}; base pipeline {shared(('base_model',), '`' + str(s.get('base_model')) + '`')} (pretrained on public data only); "
         f"DP-SGD for {shared(('max_steps', 'epochs'), schedule)} at batch {shared(('batch_size',), s.get('batch_size'))}, "
         f"clipping norm {shared(('max_grad_norm',), s.get('max_grad_norm'))}, "
         f"learning rate {shared(('learning_rate',), lr)} (AdamW); "

@@ -127,6 +127,15 @@ def test_merged_report_names_settings_the_runs_do_not_share():
     # the non-private reference trains the same way: its row names its batch too; the real-data row trains nothing
     assert "| nonprivate_lora (batch_size=1024, epochs=2.5, learning_rate=0.002) | – | none (not private) |" in text
     assert "| real (60,000 images) | – | none (not private) |" in text  # the size its ceiling holds for
+    # runs on another base pipeline (e.g. a wider preset) say so, and so does that pipeline's VAE ceiling
+    wide = markdown({"runs": {"lora_eps10": run("lora", 10), "lora_eps10_wide": run("lora", 10, base_model="outputs/wide"),
+                              "vae_reconstruction": {**run("vae_reconstruction", None, base_model="outputs/wide"), "guarantee": None,
+                                                     "num_classifier_train_images": 3000}},
+                     "run_kind": "reduced", "commands": []}, {})
+    assert "base pipeline (see each row)" in wide.split("\n")[2]
+    assert "| lora_eps10_wide (base_model=outputs/wide) |" in wide and "| lora_eps10 (base_model=dpdiff-tiny) |" in wide
+    assert "| vae_reconstruction (base_model=outputs/wide) (3,000 images) |" in wide
+    assert "base pipeline `dpdiff-tiny`" in text  # every run of `text` shares it
     # runs that share every setting state them once
     same = markdown({"runs": {"lora_eps10": run("lora", 10)}, "run_kind": "reduced", "commands": []}, {})
     assert "DP-SGD for 2.5 epochs at batch 512, clipping norm 0.05, learning rate each method's default (lora 0.002" in same
