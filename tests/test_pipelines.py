@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from dpdiff.errors import ConfigError
 from dpdiff.pipelines import PRESET_DIR, PRESET_NAME, load_pipeline, resolve_model_path
+from dpdiff.pipelines.preset import UNET_CONFIG, build_tiny_pipeline, unet_size_overrides
 from dpdiff.pipelines.tokenizer import build_tokenizer
 
 
@@ -79,8 +80,6 @@ def test_non_safetensors_weights_refused(tiny_pipeline_dir, tmp_path):
 
 def test_wider_deeper_preset_unet_keeps_vae_and_text_encoder():
     """A bigger denoiser is the only thing `unet_size_overrides` changes; bad widths fail before any work."""
-    from dpdiff.pipelines.preset import UNET_CONFIG, build_tiny_pipeline, unet_size_overrides
-
     prompts = ["a photo of a digit 1"]
     small = build_tiny_pipeline(prompts, seed=0)
     big = build_tiny_pipeline(prompts, seed=0, **unet_size_overrides((16, 32, 64), 2))
