@@ -36,6 +36,19 @@ def load_images(folder: Path, class_names) -> tuple[torch.Tensor, torch.Tensor]:
     return images_to_tensor(syn.images, RESOLUTION, CHANNELS), torch.as_tensor(syn.labels, dtype=torch.long)
 
 
+def series(runs: dict) -> dict[str, list[dict]]:
+    """The generators, one series per method (and per base pipeline when merged runs used several): a line in
+    the plots and a sample grid each, so runs on a wider preset are never drawn as points of the shipped one's."""
+    bases = {r["settings"].get("base_model") for r in runs.values() if r["method"] not in IMAGE_REFERENCES}
+    out: dict[str, list[dict]] = {}
+    for method in [*METHODS, "nonprivate_lora"]:
+        for r in runs.values():
+            if r["method"] == method:
+                base = Path(str(r["settings"].get("base_model"))).name
+                out.setdefault(method if len(bases) < 2 else f"{method}_{base}", []).append(r)
+    return out
+
+
 def render_docs(results: dict, docs_dir: Path, md_path: Path) -> None:
     """Plots under docs_dir and the `## Utility` section of md_path (links relative to it)."""
     import matplotlib
@@ -44,16 +57,16 @@ def render_docs(results: dict, docs_dir: Path, md_path: Path) -> None:
     from matplotlib import pyplot as plt
 
     runs, kind = results["runs"], results["run_kind"]
-    dp = {k: r for k, r in runs.items() if r["method"] in METHODS}
     refs = {k: r for k, r in runs.items() if r["method"] in REFERENCES}
     tag = {"smoke": " [SMOKE RUN: meaningless numbers]", "reduced": " [reduced run]", "full": ""}[kind]
     plots, value = {}, {"accuracy": lambda r: 100 * r["accuracy"]["cnn"], "fd": lambda r: r["fd"]["value"]}
+    lines = series(runs)
     for metric, ylabel in (("accuracy", "CNN accuracy on real test (%)"), ("fd", "FD (EfficientNet-Lite0)")):
         fig, ax = plt.subplots(figsize=(6, 4))
-        for method in METHODS:
-            points = sorted((r["target_epsilon"], value[metric](r)) for r in dp.values() if r["method"] == method)
+        for name, members in lines.items():
+            points = sorted((r["target_epsilon"], value[metric](r)) for r in members if r["method"] in METHODS)
             if points:
-                ax.plot(*zip(*points), marker="o", label=method)
+                ax.plot(*zip(*points), marker="o", label=name)
         for i, (key, r) in enumerate(refs.items()):
             ax.axhline(value[metric](r), ls="--", color=f"C{5 + i}", label=key)
         for name, marker in zip(dict.fromkeys(p["name"] for p in PUBLISHED), "xP*"):
@@ -68,15 +81,15 @@ def render_docs(results: dict, docs_dir: Path, md_path: Path) -> None:
         plt.close(fig)
     from dpdiff.imaging import save_grid, to_pil
 
-    for method in [*METHODS, "nonprivate_lora"]:
-        mine = sorted((r["target_epsilon"] or 0, r["synthetic_dir"]) for r in runs.values() if r["method"] == method)
+    for name, members in lines.items():
+        mine = sorted((r["target_epsilon"] or 0, r["synthetic_dir"]) for r in members if r.get("synthetic_dir"))
         if mine:  # the largest epsilon: one row per class
             images, labels = load_images(Path(mine[-1][1]), results["class_names"])
             classes = range(len(results["class_names"]))
             k = min(8, *[int((labels == c).sum()) for c in classes])
             pick = [i for c in classes for i in (labels == c).nonzero().flatten()[:k].tolist()]
-            plots[method] = docs_dir / f"utility_samples_{method}.png"
-            save_grid(to_pil(images[pick]), plots[method], nrow=k, scale=2)
+            plots[name] = docs_dir / f"utility_samples_{name}.png"
+            save_grid(to_pil(images[pick]), plots[name], nrow=k, scale=2)
     update_section("Utility", markdown(results, {k: os.path.relpath(v, md_path.parent) for k, v in plots.items()}), md_path)
 
 

@@ -338,21 +338,30 @@ def in_report_order(runs: dict) -> dict:
     return dict(sorted(runs.items(), key=lambda kv: (order.index(kv[1]["method"]), kv[1]["target_epsilon"] or 0)))
 
 
+def merge_runs(parts: list[dict]) -> dict:
+    """The runs of several results files in one dict. Runs of the same name with different settings (e.g.
+    lora_eps10 on the shipped preset and on a wider one) are both kept, the later as NAME_2, ...; the same run twice
+    is an error (it would be counted twice)."""
+    runs: dict = {}
+    for part in parts:
+        for key, run in part.items():
+            same = [k for k in runs if runs[k].get("name", k) == key]
+            if any(runs[k]["settings"] == run["settings"] for k in same):
+                raise ConfigError(f"--report_from: run {key!r} with the same settings is in more than one results file")
+            runs[f"{key}_{len(same) + 1}" if same else key] = {**run, "name": key}
+    return in_report_order(runs)
+
+
 def merge_reports(paths: list[Path], docs_dir: Path, md_path: Path) -> dict:
     """One docs section from the results.json of several invocations (e.g. runs done in parallel)."""
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise ConfigError(f"--report_from: no such results file {missing}")
     parts = [json.loads(p.read_text()) for p in paths]
-    runs = {}
-    for part in parts:
-        clash = set(runs) & set(part["runs"])
-        if clash:
-            raise ConfigError(f"--report_from: runs {sorted(clash)} appear in more than one results file")
-        runs.update(part["runs"])
+    runs = merge_runs([part["runs"] for part in parts])
     kinds = {p["run_kind"] for p in parts}
     merged = {**parts[0], "run_kind": next(k for k in ("smoke", "reduced", "full") if k in kinds),
-              "commands": [c for p in parts for c in p["commands"]], "runs": in_report_order(runs)}
+              "commands": [c for p in parts for c in p["commands"]], "runs": runs}
     render_docs(merged, docs_dir, md_path)
     return merged
 

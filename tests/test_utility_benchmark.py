@@ -143,6 +143,31 @@ def test_merged_report_names_settings_the_runs_do_not_share():
     assert "clipping norm 0.05, learning rate 0.0005 (AdamW);" in named
 
 
+def test_merging_runs_of_the_same_name_on_two_base_pipelines_keeps_both_as_separate_series():
+    bench = load_benchmark()
+    from _utility_report import series
+
+    from dpdiff.errors import ConfigError
+
+    def run(method, eps, base):
+        return {"method": method, "target_epsilon": eps, "settings": {"base_model": base, "batch_size": 512}}
+
+    shipped = {"lora_eps10": run("lora", 10, "dpdiff-tiny"), "lora_eps1": run("lora", 1, "dpdiff-tiny"),
+               "real": run("real", None, "dpdiff-tiny")}
+    wide = {"lora_eps10": run("lora", 10, "outputs/preset-big"), "nonprivate_lora": run("nonprivate_lora", None, "outputs/preset-big")}
+    merged = bench.merge_runs([shipped, wide])
+    assert list(merged) == ["lora_eps1", "lora_eps10", "lora_eps10_2", "real", "nonprivate_lora"]
+    assert merged["lora_eps10_2"]["settings"]["base_model"] == "outputs/preset-big" and merged["lora_eps10_2"]["name"] == "lora_eps10"
+    # one line / sample grid per method and base pipeline: the wider preset's point is not joined to the shipped line
+    lines = series(merged)
+    assert {k: sorted(r["target_epsilon"] or 0 for r in v) for k, v in lines.items()} == {
+        "lora_dpdiff-tiny": [1, 10], "lora_preset-big": [10], "nonprivate_lora_preset-big": [0]}
+    assert set(series(shipped)) == {"lora"}  # one base pipeline: the names stay as they were
+    # the same run in two files would be counted twice
+    with pytest.raises(ConfigError, match="same settings"):
+        bench.merge_runs([shipped, {"lora_eps1": run("lora", 1, "dpdiff-tiny")}])
+
+
 def test_interrupted_training_resumes_from_its_checkpoint_with_the_budget_spent(tiny_pipeline_dir, tmp_path):
     """A schedule longer than one sitting: --checkpointing_steps + --skip_existing continue the DP-SGD run
     from its latest checkpoint, ledger included, instead of starting over (or resetting the budget)."""
