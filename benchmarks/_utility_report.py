@@ -68,7 +68,8 @@ def render_docs(results: dict, docs_dir: Path, md_path: Path) -> None:
             if points:
                 ax.plot(*zip(*points), marker="o", label=name)
         for i, (key, r) in enumerate(refs.items()):
-            ax.axhline(value[metric](r), ls="--", color=f"C{5 + i}", label=key)
+            label = next((name for name, members in lines.items() if any(m is r for m in members)), key)
+            ax.axhline(value[metric](r), ls="--", color=f"C{5 + i}", label=label)
         for name, marker in zip(dict.fromkeys(p["name"] for p in PUBLISHED), "xP*"):
             points = [(p["epsilon"], p["accuracy"]["cnn"]) for p in PUBLISHED if p["name"] == name and "cnn" in p["accuracy"]]
             if metric == "accuracy" and points:
@@ -142,6 +143,8 @@ def markdown(results: dict, plots: dict) -> str:
         return "(see each row)" if varying & set(keys) else text
 
     schedule = f"{s['max_steps']} steps" if s.get("max_steps") else f"{s.get('epochs')} epochs"
+    if varying & {"max_steps", "epochs"} == {"max_steps"}:  # a row with max_steps names it; the others ran the epochs
+        schedule = f"{s.get('epochs')} epochs (or the max_steps a row names)"
     # None = each method's own default, which the reader should not have to look up in the code
     lr = s.get("learning_rate") or "each method's default (" + ", ".join(f"{m} {v:g}" for m, v in DEFAULT_LEARNING_RATES.items()) + ")"
     return "\n".join([
@@ -149,7 +152,7 @@ def markdown(results: dict, plots: dict) -> str:
         f"Private data: {'a seeded random subset of ' + str(s['max_train_samples']) + ' images of ' if s.get('max_train_samples') else ''}"
         f"Fashion-MNIST train (60,000 images), "
         f"delta = {s.get('delta')}; base pipeline {shared(('base_model',), '`' + str(s.get('base_model')) + '`')} (pretrained on public data only); "
-        f"DP-SGD for {shared(('max_steps', 'epochs'), schedule)} at batch {shared(('batch_size',), s.get('batch_size'))}, "
+        f"DP-SGD for {shared(('epochs',), schedule)} at batch {shared(('batch_size',), s.get('batch_size'))}, "
         f"clipping norm {shared(('max_grad_norm',), s.get('max_grad_norm'))}, "
         f"learning rate {shared(('learning_rate',), lr)} (AdamW); "
         f"MEPF generator {s.get('mepf_generator_steps')} steps; {s.get('num_per_class')} synthetic "

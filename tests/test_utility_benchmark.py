@@ -136,6 +136,12 @@ def test_merged_report_names_settings_the_runs_do_not_share():
     assert "| lora_eps10_wide (base_model=outputs/wide) |" in wide and "| lora_eps10 (base_model=dpdiff-tiny) |" in wide
     assert "| vae_reconstruction (base_model=outputs/wide) (3,000 images) |" in wide
     assert "base pipeline `dpdiff-tiny`" in text  # every run of `text` shares it
+    # a short run (max_steps) beside runs of the epochs schedule: the paragraph names the epochs, the row its steps
+    short = markdown({"runs": {"lora_eps10": run("lora", 10, max_steps=None),
+                               "nonprivate_lora": {**run("nonprivate_lora", None, max_steps=200), "guarantee": None}},
+                      "run_kind": "reduced", "commands": []}, {})
+    assert "DP-SGD for 2.5 epochs (or the max_steps a row names) at batch 512" in short
+    assert "| nonprivate_lora (max_steps=200) |" in short and "| lora_eps10 |" in short
     # runs that share every setting state them once
     same = markdown({"runs": {"lora_eps10": run("lora", 10)}, "run_kind": "reduced", "commands": []}, {})
     assert "DP-SGD for 2.5 epochs at batch 512, clipping norm 0.05, learning rate each method's default (lora 0.002" in same
