@@ -39,12 +39,15 @@ def load_images(folder: Path, class_names) -> tuple[torch.Tensor, torch.Tensor]:
 def series(runs: dict) -> dict[str, list[dict]]:
     """The generators, one series per method (and per base pipeline when merged runs used several): a line in
     the plots and a sample grid each, so runs on a wider preset are never drawn as points of the shipped one's."""
-    bases = {r["settings"].get("base_model") for r in runs.values() if r["method"] not in IMAGE_REFERENCES}
+    bases = {str(r["settings"].get("base_model")) for r in runs.values() if r["method"] not in IMAGE_REFERENCES}
+    short = {b: Path(b).name for b in bases}
+    if len(set(short.values())) < len(bases):  # two folders of the same name: the whole path tells them apart
+        short = {b: b.strip("/").replace("/", "_") for b in bases}
     out: dict[str, list[dict]] = {}
     for method in [*METHODS, "nonprivate_lora"]:
         for r in runs.values():
             if r["method"] == method:
-                base = Path(str(r["settings"].get("base_model"))).name
+                base = short[str(r["settings"].get("base_model"))]
                 out.setdefault(method if len(bases) < 2 else f"{method}_{base}", []).append(r)
     return out
 

@@ -169,6 +169,9 @@ def test_merging_runs_of_the_same_name_on_two_base_pipelines_keeps_both_as_separ
     assert {k: sorted(r["target_epsilon"] or 0 for r in v) for k, v in lines.items()} == {
         "lora_dpdiff-tiny": [1, 10], "lora_preset-big": [10], "nonprivate_lora_preset-big": [0]}
     assert set(series(shipped)) == {"lora"}  # one base pipeline: the names stay as they were
+    # two presets in folders of the same name are still two series
+    twins = {"lora_eps10": run("lora", 10, "a/preset"), "lora_eps1": run("lora", 1, "b/preset")}
+    assert set(series(twins)) == {"lora_a_preset", "lora_b_preset"}
     # the same run in two files would be counted twice
     with pytest.raises(ConfigError, match="same settings"):
         bench.merge_runs([shipped, {"lora_eps1": run("lora", 1, "dpdiff-tiny")}])
