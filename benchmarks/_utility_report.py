@@ -64,6 +64,7 @@ def render_docs(results: dict, docs_dir: Path, md_path: Path) -> None:
     tag = {"smoke": " [SMOKE RUN: meaningless numbers]", "reduced": " [reduced run]", "full": ""}[kind]
     plots, value = {}, {"accuracy": lambda r: 100 * r["accuracy"]["cnn"], "fd": lambda r: r["fd"]["value"]}
     lines = series(runs)
+    series_of = {id(r): name for name, members in lines.items() for r in members}
     for metric, ylabel in (("accuracy", "CNN accuracy on real test (%)"), ("fd", "FD (EfficientNet-Lite0)")):
         fig, ax = plt.subplots(figsize=(6, 4))
         for name, members in lines.items():
@@ -71,8 +72,7 @@ def render_docs(results: dict, docs_dir: Path, md_path: Path) -> None:
             if points:
                 ax.plot(*zip(*points), marker="o", label=name)
         for i, (key, r) in enumerate(refs.items()):
-            label = next((name for name, members in lines.items() if any(m is r for m in members)), key)
-            ax.axhline(value[metric](r), ls="--", color=f"C{5 + i}", label=label)
+            ax.axhline(value[metric](r), ls="--", color=f"C{5 + i}", label=series_of.get(id(r), key))
         for name, marker in zip(dict.fromkeys(p["name"] for p in PUBLISHED), "xP*"):
             points = [(p["epsilon"], p["accuracy"]["cnn"]) for p in PUBLISHED if p["name"] == name and "cnn" in p["accuracy"]]
             if metric == "accuracy" and points:
