@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--physical_batch_size", type=int, default=64)
     a("--learning_rate", type=float, default=None, help="DP-SGD learning rate of every diffusion method (default: the method's)")
     a("--max_grad_norm", type=float, default=DEFAULT_MAX_GRAD_NORM, help="per-example clipping norm C of every diffusion method")
+    a("--noise_multiplicity", type=int, default=1, help="K (noise, timestep) draws averaged inside each example's "
+      "gradient before clipping (DP-SGD methods; K times the compute per step, no privacy cost)")
     a("--prompt_template", default=None, help="caption template of the diffusion methods ({class_name}, {article}, {label})")
     a("--rank", type=int, default=8, help="LoRA rank (lora and nonprivate_lora)")
     a("--lora_target_modules", nargs="+", default=list(DEFAULT_LORA_TARGETS), help="LoRA targets (lora and nonprivate_lora)")
@@ -96,7 +98,8 @@ def check(args) -> None:
         raise ConfigError(f"nothing to run: give --methods (from {list(METHODS)}) or --references (from {list(REFERENCES)})")
     if any(not (e > 0 and e < float("inf")) for e in args.epsilons) or (args.methods and not args.epsilons):
         raise ConfigError(f"--epsilons must be finite positive numbers, got {args.epsilons}")
-    for name in ("num_per_class", "batch_size", "physical_batch_size", "mepf_generator_steps", "inference_steps", "fd_input_size"):
+    for name in ("num_per_class", "batch_size", "physical_batch_size", "mepf_generator_steps", "inference_steps", "fd_input_size",
+                 "noise_multiplicity"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.checkpointing_steps < 0:
@@ -139,7 +142,7 @@ def train_dp_sgd(args, method: str, epsilon: float, out: Path, resume: bool = Fa
              "num_inference_steps": args.inference_steps, "guidance_scale": args.guidance_scale, "seed": args.seed,
              "max_train_samples": args.max_train_samples, "max_steps": args.max_steps,
              "epochs": None if args.max_steps else args.epochs, "learning_rate": args.learning_rate,
-             "max_grad_norm": args.max_grad_norm, "prompt_template": args.prompt_template, "rank": args.rank,
+             "max_grad_norm": args.max_grad_norm, "noise_multiplicity": args.noise_multiplicity, "prompt_template": args.prompt_template, "rank": args.rank,
              "lora_target_modules": args.lora_target_modules, "checkpointing_steps": args.checkpointing_steps,
              "resume_from_checkpoint": "latest" if resume else None}
     return finetune(finetune_args(**flags, overwrite_output_dir=True)).record
@@ -320,11 +323,16 @@ def _resumable_step(started: Path, run_id: dict) -> int | None:
     return checkpoint_step(found[-1]) if found else None
 
 
+# flags added after results files were written: left out of `settings` at these values, so older runs still match
+LATER_FLAG_DEFAULTS = {"noise_multiplicity": 1}
+
+
 def settings(args) -> dict:
     """What must match for --skip_existing to reuse a finished run (all but what to run, where and how often to save)."""
     where = ("methods", "epsilons", "references", "output_dir", "docs_dir", "benchmarks_md", "skip_existing", "device",
              "report_from", "checkpointing_steps")
-    return {k: v for k, v in vars(args).items() if k not in where}
+    return {k: v for k, v in vars(args).items()
+            if k not in where and not (k in LATER_FLAG_DEFAULTS and v == LATER_FLAG_DEFAULTS[k])}
 
 
 def jobs(args) -> list[tuple[str, str, float | None]]:

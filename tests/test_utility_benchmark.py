@@ -200,10 +200,12 @@ def test_interrupted_training_resumes_from_its_checkpoint_with_the_budget_spent(
     assert sum(n for _, _, n in json.loads((run / "privacy.json").read_text())["ledger"]["history"]) == 4
     assert "steps 2+ only" in (tmp_path / "docs" / "benchmarks.md").read_text()
 
-    # a checkpoint of other settings is never continued: the run starts over
+    # a checkpoint of other settings is never continued: the run starts over, here with K = 2 draws per example
     interrupt()
-    other = bench.main([*argv, "--skip_existing", "--max_grad_norm", "0.1"])["runs"]["lora_eps10"]
+    other = bench.main([*argv, "--skip_existing", "--noise_multiplicity", "2"])["runs"]["lora_eps10"]
     assert "resumed_at_step" not in other["timings"]["train"] and checkpoint.stat().st_mtime_ns != written
+    assert json.loads((run / "privacy.json").read_text())["noise_multiplicity"] == 2 == other["settings"]["noise_multiplicity"]
+    assert "noise_multiplicity" not in whole["settings"]  # K = 1 is left out: results files from before the flag still match
 
 
 def test_ema_lever_scores_raw_and_ema_weights_of_one_checkpoint(tiny_pipeline_dir, tmp_path):
