@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from _utility_report import CHANNELS, CLASSIFIERS, DATASET, RESOLUTION
@@ -13,8 +12,7 @@ from _utility_report import CHANNELS, CLASSIFIERS, DATASET, RESOLUTION
 from dpdiff.data import load_source
 from dpdiff.data.transforms import images_to_tensor
 from dpdiff.evaluation import FD_NAME, evaluate_downstream, feature_statistics, frechet_distance
-from dpdiff.evaluation.frechet import fd_description
-from dpdiff.io import atomic_path
+from dpdiff.evaluation.frechet import fd_description, load_statistics, save_statistics
 
 
 class Evaluator:
@@ -37,14 +35,14 @@ class Evaluator:
         """The reference side of FD, computed once per settings and kept beside the runs: 2,000 images at
         224 px cost minutes of CPU, and every invocation of a split benchmark needs the same ones."""
         a = self.args
-        path = Path(a.output_dir) / f"fd-real-{DATASET}-test{a.test_limit or 'all'}-n{self.fd_n}-px{a.fd_input_size}-seed{a.seed}.npz"
-        if path.exists():
-            with np.load(path) as saved:
-                return saved["mu"], saved["sigma"]
+        key = {"real": DATASET, "split": "test", "real_limit": a.test_limit, "seed": a.seed, "num_images": self.fd_n,
+               "image_format": [CHANNELS, RESOLUTION, RESOLUTION], "extractor": "efficientnet_lite0", "input_size": a.fd_input_size}
+        path = Path(a.output_dir) / f"fd-real-stats-{DATASET}-test{a.test_limit or 'all'}-n{self.fd_n}-px{a.fd_input_size}-seed{a.seed}.npz"
+        cached = load_statistics(path, key)
+        if cached is not None:
+            return cached
         mu, sigma = feature_statistics(self.x_test[self._pick(len(self.x_test))], self.extractor)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(path) as tmp, open(tmp, "wb") as f:
-            np.savez(f, mu=mu, sigma=sigma)
+        save_statistics(path, key, mu, sigma)
         return mu, sigma
 
     def _pick(self, n: int) -> torch.Tensor:

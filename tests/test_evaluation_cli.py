@@ -50,6 +50,30 @@ def test_imagefolder_end_to_end_with_fd(tmp_path, stand_in, capsys):
     assert "FD (EfficientNet-Lite0), 100 real" in printed and "Ankle boot" in printed and "FID" not in printed
 
 
+def test_real_fd_statistics_are_cached_and_never_reused_for_other_settings(tmp_path, stand_in, capsys):
+    """--fd_real_stats: the second run reuses the real side (same FD to the last digit); a run of other
+    settings is refused before any work instead of scoring against the wrong reference."""
+    pngs, labels, names = stand_in
+    folder = write_folder(tmp_path / "samples", pngs, labels, names)
+    stats, out = tmp_path / "cache" / "real.npz", tmp_path / "r.json"
+    argv = ["evaluate", *QUICK, "--synthetic", str(folder), "--metrics", "fd", "--num_fd_samples", "60",
+            "--fd_input_size", "64", "--fd_real_stats", str(stats), "--output", str(out)]
+    assert main(argv) == 0, capsys.readouterr().err
+    first = json.loads(out.read_text())["fd"]
+    assert first["real_statistics"] == {"file": str(stats), "reused": False} and stats.exists()
+    assert [p.name for p in stats.parent.iterdir()] == ["real.npz"]  # written atomically, no temporary left
+    assert main(argv) == 0, capsys.readouterr().err
+    second = json.loads(out.read_text())["fd"]
+    assert second["real_statistics"]["reused"] is True and second["value"] == first["value"]
+
+    out.unlink()
+    capsys.readouterr()
+    assert main([*argv[:-2], "--fd_input_size", "96", "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "other settings" in err and "input_size: saved 64, now 96" in err and "Traceback" not in err
+    assert not out.exists()
+
+
 def test_saved_dataset_with_classes_in_another_order_is_matched_by_name(tmp_path, stand_in, capsys):
     pngs, labels, names = stand_in
     reordered = names[::-1]  # synthetic label k means reordered[k]

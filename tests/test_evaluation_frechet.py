@@ -7,7 +7,8 @@ import scipy.linalg
 import torch
 
 from dpdiff.errors import ConfigError, DataError
-from dpdiff.evaluation.frechet import FD_NAME, compute_fd, feature_statistics, frechet_distance, inception_fid
+from dpdiff.evaluation.frechet import (FD_NAME, compute_fd, feature_statistics, frechet_distance, inception_fid, load_statistics,
+                                      save_statistics)
 
 
 def test_diagonal_gaussians_match_closed_form():
@@ -72,6 +73,21 @@ def fashion():
 
     src = load_source("fashion_mnist", split="train", limit=400, seed=0)
     return images_to_tensor(src.dataset["image"], resolution=28, channels=1)
+
+
+def test_saved_statistics_round_trip_only_under_their_own_key(tmp_path):
+    rng = np.random.default_rng(1)
+    mu, sigma, key = rng.normal(size=5), np.cov(rng.normal(size=(20, 5)), rowvar=False), {"real": "x", "num_images": 20}
+    path = tmp_path / "stats.npz"
+    assert load_statistics(path, key) is None
+    save_statistics(path, key, mu, sigma)
+    loaded = load_statistics(path, dict(reversed(key.items())))  # the order of the keys does not matter
+    assert np.array_equal(loaded[0], mu) and np.array_equal(loaded[1], sigma)
+    with pytest.raises(ConfigError, match="num_images: saved 20, now 30"):
+        load_statistics(path, {**key, "num_images": 30})
+    path.write_bytes(b"not an npz")
+    with pytest.raises(ConfigError, match="not a feature-statistics file"):
+        load_statistics(path, key)
 
 
 def test_same_set_is_zero_and_same_distribution_beats_noise(extractor, fashion):

@@ -29,6 +29,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num_fd_samples", "--num-fd-samples", dest="num_fd_samples", type=int, default=10000, help="images per side for FD (default 10000)")
     parser.add_argument("--fd_input_size", "--fd-input-size", dest="fd_input_size", type=int, default=224, help="side the FD extractor resizes to (default 224)")
     parser.add_argument("--fd_batch_size", "--fd-batch-size", dest="fd_batch_size", type=int, default=64)
+    parser.add_argument("--fd_real_stats", "--fd-real-stats", dest="fd_real_stats", default=None,
+                        help="a .npz for the real side's FD statistics: written on the first run, reused by later runs with "
+                             "the same real set, split, limit, seed, sample count and input size (minutes of CPU each); "
+                             "it records the settings, not the images: delete it when the real images change")
     parser.add_argument("--epochs", type=int, default=None, help="epochs for every classifier (default: cnn 10, logreg 20, mlp 20)")
     parser.add_argument("--real_limit", "--real-limit", dest="real_limit", type=int, default=None, help="use a seeded subset of the real split (quick runs)")
     parser.add_argument("--seed", type=int, default=0)
@@ -113,13 +117,7 @@ def evaluate(args: argparse.Namespace, metrics: list[str]) -> dict:
         fd_real = x_real[torch.randperm(len(x_real), generator=generator)[:n]]
         fd_syn = x_syn[torch.randperm(len(x_syn), generator=generator)[:n]]
         if "fd" in metrics:
-            from dpdiff.evaluation.frechet import compute_fd
-            from dpdiff.features import load_feature_extractor
-
-            start = time.perf_counter()
-            extractor = load_feature_extractor("efficientnet_lite0", input_size=args.fd_input_size, batch_size=args.fd_batch_size, device=device)
-            results["fd"] = compute_fd(fd_real, fd_syn, extractor, args.fd_batch_size, real_split=args.test_split)
-            results["fd"]["wall_seconds"] = time.perf_counter() - start
+            results["fd"] = _fd(args, fd_real, fd_syn, device)
         if "fid_inception" in metrics:
             from dpdiff.evaluation.frechet import inception_fid
 
@@ -134,6 +132,27 @@ def evaluate(args: argparse.Namespace, metrics: list[str]) -> dict:
         )
         results["downstream"]["protocol"] = f"train on the {len(x_syn)} synthetic images, test on {len(x_real)} real {args.test_split} images"
     return results
+
+
+def _fd(args: argparse.Namespace, fd_real, fd_syn, device) -> dict:
+    """FD (EfficientNet-Lite0); the real side's statistics come from --fd_real_stats when it holds them."""
+    from dpdiff.evaluation.frechet import compute_fd, feature_statistics, load_statistics, save_statistics
+    from dpdiff.features import load_feature_extractor
+
+    key = {"real": args.real, "split": args.test_split, "real_limit": args.real_limit, "seed": args.seed,
+           "num_images": len(fd_real), "image_format": list(fd_real.shape[1:]), "extractor": "efficientnet_lite0",
+           "input_size": args.fd_input_size}
+    cached = load_statistics(args.fd_real_stats, key) if args.fd_real_stats else None  # a mismatch fails before any work
+    start = time.perf_counter()
+    extractor = load_feature_extractor("efficientnet_lite0", input_size=args.fd_input_size, batch_size=args.fd_batch_size, device=device)
+    stats = cached if cached is not None else feature_statistics(fd_real, extractor, args.fd_batch_size)
+    if args.fd_real_stats and cached is None:
+        save_statistics(args.fd_real_stats, key, *stats)
+    fd = compute_fd(fd_real, fd_syn, extractor, args.fd_batch_size, real_split=args.test_split, real_statistics=stats)
+    fd["wall_seconds"] = time.perf_counter() - start
+    if args.fd_real_stats:
+        fd["real_statistics"] = {"file": str(args.fd_real_stats), "reused": cached is not None}
+    return fd
 
 
 def format_results(results: dict) -> str:

@@ -10,6 +10,10 @@ user has torchmetrics + torch-fidelity with weights available.
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -58,6 +62,34 @@ def feature_statistics(images: torch.Tensor, extractor, batch_size: int | None =
     return features.mean(axis=0), np.cov(features, rowvar=False)
 
 
+def load_statistics(path: str | os.PathLike, key: dict) -> tuple[np.ndarray, np.ndarray] | None:
+    """(mu, sigma) saved by `save_statistics` under the same `key` (what the images and the extractor
+    were), or None when `path` does not exist. A file of other settings is an error, never a silent
+    mismatch: an FD against the wrong reference looks like any other number."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as saved:
+            saved_key, mu, sigma = json.loads(str(saved["key"])), saved["mu"], saved["sigma"]
+    except Exception as e:  # not an npz, or one without our fields
+        raise ConfigError(f"{path} is not a feature-statistics file written by dpdiff ({type(e).__name__}: {e}); "
+                          "delete it or give another path") from e
+    if saved_key != key:
+        differ = sorted(k for k in {*key, *saved_key} if key.get(k) != saved_key.get(k))
+        raise ConfigError(f"{path} holds the statistics of other settings ({', '.join(f'{k}: saved {saved_key.get(k)!r}, now {key.get(k)!r}' for k in differ)}); "
+                          "delete it or give another path")
+    return mu, sigma
+
+
+def save_statistics(path: str | os.PathLike, key: dict, mu: np.ndarray, sigma: np.ndarray) -> None:
+    """Write (mu, sigma) with the `key` they belong to, atomically (no half-written cache)."""
+    from dpdiff.io import atomic_path
+
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, key=np.array(json.dumps(key, sort_keys=True)), mu=mu, sigma=sigma)
+
+
 def fd_description(num_real: int, num_synthetic: int, resolution: int, channels: int, input_size: int, real_split: str | None = None) -> str:
     """The label printed next to every FD value, e.g.
     'FD (EfficientNet-Lite0), 10000 real (test) vs 10000 synthetic, 28x28 grey -> 224 bilinear'."""
@@ -66,14 +98,16 @@ def fd_description(num_real: int, num_synthetic: int, resolution: int, channels:
     return f"{FD_NAME}, {num_real} real{split} vs {num_synthetic} synthetic, {resolution}x{resolution} {colour} -> {input_size} bilinear"
 
 
-def compute_fd(real_images: torch.Tensor, synthetic_images: torch.Tensor, extractor, batch_size: int | None = None, real_split: str | None = None) -> dict:
-    """FD between two image tensors of the same format; returns the value and its description."""
+def compute_fd(real_images: torch.Tensor, synthetic_images: torch.Tensor, extractor, batch_size: int | None = None,
+               real_split: str | None = None, real_statistics: tuple | None = None) -> dict:
+    """FD between two image tensors of the same format; returns the value and its description.
+    `real_statistics`: the real side's (mu, sigma) from an earlier run on these same images (not recomputed)."""
     if real_images.shape[1:] != synthetic_images.shape[1:]:
         raise DataError(
             f"real {tuple(real_images.shape[1:])} and synthetic {tuple(synthetic_images.shape[1:])} images differ in format; "
             "convert both with dpdiff.data.transforms.images_to_tensor first"
         )
-    mu_r, sigma_r = feature_statistics(real_images, extractor, batch_size)
+    mu_r, sigma_r = real_statistics if real_statistics is not None else feature_statistics(real_images, extractor, batch_size)
     mu_s, sigma_s = feature_statistics(synthetic_images, extractor, batch_size)
     channels, resolution = real_images.shape[1], real_images.shape[-1]
     return {
