@@ -38,6 +38,7 @@ from dpdiff.data import load_source  # noqa: E402
 from dpdiff.data.transforms import images_to_tensor  # noqa: E402
 from dpdiff.errors import ConfigError, DPDiffError, PrivacyError  # noqa: E402
 from dpdiff.io import write_json  # noqa: E402
+from dpdiff.privacy.diffusion_loss import timestep_weights  # noqa: E402
 from dpdiff.training.arguments import DEFAULT_MAX_GRAD_NORM  # noqa: E402
 
 TRAINED_FILE = "benchmark_trained.json"
@@ -64,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--max_grad_norm", type=float, default=DEFAULT_MAX_GRAD_NORM, help="per-example clipping norm C of every diffusion method")
     a("--noise_multiplicity", type=int, default=1, help="K (noise, timestep) draws averaged inside each example's "
       "gradient before clipping (DP-SGD methods; K times the compute per step, no privacy cost)")
+    a("--timestep_bias_strategy", choices=("none", "earlier", "later"), default="none",
+      help="DP-SGD methods: draw the first (earlier) or last (later, noisiest) --timestep_bias_portion of the "
+      "timesteps --timestep_bias_multiplier times as often (the diffusers flags)")
+    a("--timestep_bias_multiplier", type=float, default=1.0)
+    a("--timestep_bias_portion", type=float, default=0.25)
     a("--prompt_template", default=None, help="caption template of the diffusion methods ({class_name}, {article}, {label})")
     a("--rank", type=int, default=8, help="LoRA rank (lora and nonprivate_lora)")
     a("--lora_target_modules", nargs="+", default=list(DEFAULT_LORA_TARGETS), help="LoRA targets (lora and nonprivate_lora)")
@@ -102,6 +108,10 @@ def check(args) -> None:
                  "noise_multiplicity"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    try:
+        timestep_weights(1000, args.timestep_bias_strategy, args.timestep_bias_multiplier, args.timestep_bias_portion)
+    except ValueError as err:
+        raise ConfigError(f"--{err}") from None
     if args.checkpointing_steps < 0:
         raise ConfigError(f"--checkpointing_steps must be >= 0 (0: no checkpoints), got {args.checkpointing_steps}")
     for name in ("max_train_samples", "test_limit", "eval_epochs", "max_steps"):
@@ -142,7 +152,8 @@ def train_dp_sgd(args, method: str, epsilon: float, out: Path, resume: bool = Fa
              "num_inference_steps": args.inference_steps, "guidance_scale": args.guidance_scale, "seed": args.seed,
              "max_train_samples": args.max_train_samples, "max_steps": args.max_steps,
              "epochs": None if args.max_steps else args.epochs, "learning_rate": args.learning_rate,
-             "max_grad_norm": args.max_grad_norm, "noise_multiplicity": args.noise_multiplicity, "prompt_template": args.prompt_template, "rank": args.rank,
+             "max_grad_norm": args.max_grad_norm, "noise_multiplicity": args.noise_multiplicity,
+             **{k: getattr(args, k) for k in TIMESTEP_BIAS_FLAGS}, "prompt_template": args.prompt_template, "rank": args.rank,
              "lora_target_modules": args.lora_target_modules, "checkpointing_steps": args.checkpointing_steps,
              "resume_from_checkpoint": "latest" if resume else None}
     return finetune(finetune_args(**flags, overwrite_output_dir=True)).record
@@ -324,7 +335,9 @@ def _resumable_step(started: Path, run_id: dict) -> int | None:
 
 
 # flags added after results files were written: left out of `settings` at these values, so older runs still match
-LATER_FLAG_DEFAULTS = {"noise_multiplicity": 1}
+LATER_FLAG_DEFAULTS = {"noise_multiplicity": 1, "timestep_bias_strategy": "none", "timestep_bias_multiplier": 1.0,
+                       "timestep_bias_portion": 0.25}
+TIMESTEP_BIAS_FLAGS = ("timestep_bias_strategy", "timestep_bias_multiplier", "timestep_bias_portion")
 
 
 def settings(args) -> dict:

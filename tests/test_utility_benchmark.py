@@ -96,6 +96,10 @@ def test_bad_options_refused_before_work(tmp_path):
         bench.main(["--num_per_class", "3", "--num_fd_samples", "100", "--output_dir", str(tmp_path / "o")])
     with pytest.raises(ConfigError, match="checkpointing_steps"):
         bench.main(["--checkpointing_steps", "-1", "--output_dir", str(tmp_path / "o")])
+    with pytest.raises(ConfigError, match="timestep_bias_portion must be in"):
+        bench.main(["--timestep_bias_strategy", "later", "--timestep_bias_portion", "2", "--output_dir", str(tmp_path / "o")])
+    with pytest.raises(ConfigError, match="noise_multiplicity"):
+        bench.main(["--noise_multiplicity", "0", "--output_dir", str(tmp_path / "o")])
     with pytest.raises(PrivacyError, match="1/n"):
         bench.main(["--max_train_samples", "1000", "--delta", "1e-3", "--output_dir", str(tmp_path / "o")])
     assert not (tmp_path / "o").exists()
@@ -202,10 +206,13 @@ def test_interrupted_training_resumes_from_its_checkpoint_with_the_budget_spent(
 
     # a checkpoint of other settings is never continued: the run starts over, here with K = 2 draws per example
     interrupt()
-    other = bench.main([*argv, "--skip_existing", "--noise_multiplicity", "2"])["runs"]["lora_eps10"]
+    other = bench.main([*argv, "--skip_existing", "--noise_multiplicity", "2", "--timestep_bias_strategy", "later",
+                        "--timestep_bias_multiplier", "4"])["runs"]["lora_eps10"]
     assert "resumed_at_step" not in other["timings"]["train"] and checkpoint.stat().st_mtime_ns != written
     assert json.loads((run / "privacy.json").read_text())["noise_multiplicity"] == 2 == other["settings"]["noise_multiplicity"]
-    assert "noise_multiplicity" not in whole["settings"]  # K = 1 is left out: results files from before the flag still match
+    assert other["settings"]["timestep_bias_strategy"] == "later" and other["settings"]["timestep_bias_multiplier"] == 4
+    # flags at their defaults are left out: results files from before the flags existed still match
+    assert not {"noise_multiplicity", "timestep_bias_strategy"} & set(whole["settings"])
 
 
 def test_ema_lever_scores_raw_and_ema_weights_of_one_checkpoint(tiny_pipeline_dir, tmp_path):
