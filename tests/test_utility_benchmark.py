@@ -263,7 +263,9 @@ def test_vae_reconstruction_reference_is_each_private_image_through_the_preset_v
     bench = load_benchmark()
     args = bench.build_parser().parse_args(["--max_train_samples", "32", "--device", "cpu"])
     images, labels = bench.vae_reconstructions(args)
-    train = bench.load_source(bench.DATASET, "train", limit=32, seed=args.seed)
+    from dpdiff.data import load_source
+
+    train = load_source(bench.DATASET, "train", limit=32, seed=args.seed)
     originals = bench.images_to_tensor(train.dataset["image"], bench.RESOLUTION, bench.CHANNELS)
     assert images.shape == originals.shape == (32, 1, 28, 28) and labels.tolist() == list(train.dataset["label"])
     own = ((images - originals) ** 2).mean(dim=(1, 2, 3))
