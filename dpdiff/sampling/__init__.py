@@ -11,6 +11,7 @@ from dpdiff.config import add_config_argument, run_command
 from dpdiff.errors import DPDiffError
 
 DTYPES = ("float32", "float16", "bfloat16")
+SCHEDULER_NAMES = ("ddim", "ddpm", "euler", "euler_ancestral", "dpm_solver", "unipc")  # pipeline.SCHEDULERS, without importing diffusers
 _LAZY = {
     "load_finetuned_pipeline": "dpdiff.sampling.pipeline",
     "sample_dataset": "dpdiff.sampling.generate",
@@ -38,7 +39,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num_per_prompt", type=int, default=1, help="images per --prompt")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--guidance_scale", type=float, default=None, help="default: the run's generation_config.json")
-    parser.add_argument("--num_inference_steps", type=int, default=None, help="DDIM steps; default: the run's generation_config.json")
+    parser.add_argument("--num_inference_steps", type=int, default=None, help="sampler steps; default: the run's generation_config.json")
+    parser.add_argument("--scheduler", choices=SCHEDULER_NAMES, default="ddim",
+                        help="the sampler (diffusers scheduler): ddim (deterministic), ddpm / euler_ancestral (fresh noise "
+                             "each step), euler, dpm_solver (DPM-Solver++ 2M), unipc")
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--format", choices=["imagefolder", "datasets"], default="imagefolder")
     parser.add_argument("--resolution", type=int, default=None, help="resize the samples (e.g. 28 for Fashion-MNIST evaluation)")
@@ -76,6 +80,7 @@ def _sample(args: argparse.Namespace) -> int:
         base_model=args.base_model,
         device=device,
         torch_dtype=getattr(torch, args.dtype),
+        scheduler=args.scheduler,
     )
     print(f"wrote {out} ({args.format}); see {out}/sampling.json for counts and the privacy guarantee")
     return 0

@@ -102,13 +102,15 @@ def sample_dataset(
     base_model: str | None = None,
     device: str | torch.device = "cpu",
     torch_dtype: torch.dtype = torch.float32,
+    scheduler: str = "ddim",
 ) -> Path:
     """Write a synthetic dataset (image, label, prompt) sampled from a fine-tuned or MEPF run.
 
     imagefolder: `train/*.png` + `train/metadata.jsonl` (file_name, label, prompt), readable by
     `datasets.load_dataset("imagefolder", data_dir=output)`; datasets: `Dataset.save_to_disk`.
     guidance_scale/num_inference_steps default to the run's generation_config.json. Images come
-    back in the data's channels (grey if the private data was) and, with `resolution`, resized."""
+    back in the data's channels (grey if the private data was) and, with `resolution`, resized.
+    `scheduler`: a key of dpdiff.sampling.pipeline.SCHEDULERS (diffusion runs)."""
     if format not in FORMATS:
         raise ConfigError(f"format must be one of {list(FORMATS)}, got {format!r}")
     if batch_size <= 0:
@@ -117,6 +119,9 @@ def sample_dataset(
         raise ConfigError(f"--resolution must be positive, got {resolution}")
     if num_inference_steps is not None and num_inference_steps <= 0:
         raise ConfigError(f"--num_inference_steps must be positive, got {num_inference_steps}")
+    from dpdiff.sampling.pipeline import check_scheduler
+
+    check_scheduler(scheduler)
     if torch_dtype == torch.float16 and torch.device(device).type == "cpu":
         raise ConfigError("float16 sampling needs a GPU; use --dtype float32 (or bfloat16) on the CPU")
     output = Path(output)
@@ -143,13 +148,13 @@ def sample_dataset(
         labels, texts = [r.label for r in requests], [r.prompt for r in requests]
         from dpdiff.sampling.pipeline import pipeline_for_run
 
-        pipe = pipeline_for_run(run, base_model=base_model, device=device, torch_dtype=torch_dtype)
+        pipe = pipeline_for_run(run, base_model=base_model, device=device, torch_dtype=torch_dtype, scheduler=scheduler)
         channels = int(gen["channels"])
         pngs = (
             encode_png(convert(im, channels, resolution))
             for im in generate(pipe, requests, guidance, steps, batch_size)
         )
-        settings = {"guidance_scale": guidance, "num_inference_steps": steps, "scheduler": "DDIM", "dtype": str(torch_dtype).removeprefix("torch."), "base_model": base_model or gen["base_model"]}
+        settings = {"guidance_scale": guidance, "num_inference_steps": steps, "scheduler": type(pipe.scheduler).__name__, "dtype": str(torch_dtype).removeprefix("torch."), "base_model": base_model or gen["base_model"]}
 
     summary = {
         "model": str(run_dir),
