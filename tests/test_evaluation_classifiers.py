@@ -74,6 +74,22 @@ def test_seeded_runs_repeat_and_leave_global_rng_alone(fashion):
     assert torch.equal(before, after)
 
 
+def test_repeats_report_the_mean_and_spread_over_seeds_starting_with_the_single_run(fashion):
+    x, y, xt, yt, names = fashion
+    single = evaluate_downstream(x[:600], y[:600], xt, yt, classifiers=("mlp",), epochs=2, seed=5, class_names=names)["mlp"]
+    three = evaluate_downstream(x[:600], y[:600], xt, yt, classifiers=("mlp",), epochs=2, seed=5, class_names=names, repeats=3)["mlp"]
+    runs = three["accuracy_runs"]
+    assert len(runs) == 3 and three["repeats"] == 3 and "accuracy_std" not in single and single["repeats"] == 1
+    assert runs[0] == single["accuracy"]  # repeat 0 is the single run: old numbers stay comparable
+    assert len(set(runs)) > 1  # other seeds, other classifiers
+    assert three["accuracy"] == pytest.approx(sum(runs) / 3) and three["accuracy_std"] == pytest.approx(float(torch.tensor(runs).std()))
+    # per class: the mean of the runs, so the test-count-weighted mean over classes is the overall mean
+    weighted = sum(three["per_class_accuracy"][n] * three["test_count_per_class"][n] for n in names) / len(yt)
+    assert weighted == pytest.approx(three["accuracy"])
+    with pytest.raises(ConfigError, match="repeats must be a positive integer"):
+        evaluate_downstream(x[:10], y[:10], xt, yt, classifiers=("mlp",), class_names=names, repeats=0)
+
+
 def test_rgb_32px_inputs_work():
     model = build_classifier("cnn", channels=3, resolution=32, num_classes=4)
     assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 4)

@@ -80,12 +80,19 @@ def test_saved_dataset_with_classes_in_another_order_is_matched_by_name(tmp_path
     relabelled = [reordered.index(names[l]) for l in labels]
     write_datasets(tmp_path / "ds", iter(pngs), relabelled, [""] * len(pngs), reordered)
     out = tmp_path / "r.json"
-    rc = main(["evaluate", *QUICK, "--synthetic", str(tmp_path / "ds"), "--metrics", "logreg", "--output", str(out)])
+    rc = main(["evaluate", *QUICK, "--synthetic", str(tmp_path / "ds"), "--metrics", "logreg", "--repeats", "2", "--output", str(out)])
     assert rc == 0, capsys.readouterr().err
     results = json.loads(out.read_text())
     # a label mix-up would score near 0; matching by name keeps the real-data accuracy
     assert results["downstream"]["logreg"]["accuracy"] > 0.6
     assert results["downstream"]["train_count_per_class"] == {n: labels.count(k) for k, n in enumerate(names)}
+    # --repeats: the mean of two seeded classifiers, their spread printed under it
+    logreg = results["downstream"]["logreg"]
+    assert logreg["repeats"] == 2 and logreg["accuracy"] == pytest.approx(sum(logreg["accuracy_runs"]) / 2)
+    printed = capsys.readouterr().out
+    assert "mean over 2 seeds of each classifier" in printed and f"{logreg['accuracy_std']:.4f}" in printed
+    assert main(["evaluate", *QUICK, "--synthetic", str(tmp_path / "ds"), "--repeats", "0"]) == 2
+    assert "--repeats must be at least 1" in capsys.readouterr().err
 
 
 def test_label_outside_the_real_classes_is_one_clear_error(tmp_path, stand_in, capsys):

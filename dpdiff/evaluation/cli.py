@@ -34,6 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "the same real set, split, limit, seed, sample count and input size (minutes of CPU each); "
                              "it records the settings, not the images: delete it when the real images change")
     parser.add_argument("--epochs", type=int, default=None, help="epochs for every classifier (default: cnn 10, logreg 20, mlp 20)")
+    parser.add_argument("--repeats", type=int, default=1, help="train each classifier this many times from other seeds and "
+                        "report mean and std (one CNN moves by ~1 point with its seed alone)")
     parser.add_argument("--real_limit", "--real-limit", dest="real_limit", type=int, default=None, help="use a seeded subset of the real split (quick runs)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="cpu, cuda, ... (auto: cuda if available)")
@@ -68,6 +70,8 @@ def check_arguments(args: argparse.Namespace) -> list[str]:
             raise ConfigError(f"{flag} must be at least {minimum}, got {value}")
     if args.epochs is not None and args.epochs < 1:
         raise ConfigError(f"--epochs must be at least 1, got {args.epochs}")
+    if args.repeats < 1:
+        raise ConfigError(f"--repeats must be at least 1, got {args.repeats}")
     if args.real_limit is not None and args.real_limit < 1:
         raise ConfigError(f"--real_limit must be positive, got {args.real_limit}")
     if "fid_inception" in metrics:
@@ -128,7 +132,7 @@ def evaluate(args: argparse.Namespace, metrics: list[str]) -> dict:
 
         results["downstream"] = evaluate_downstream(
             x_syn, y_syn, x_real, y_real, classifiers=classifiers, epochs=args.epochs, seed=args.seed,
-            class_names=real.class_names, device=device,
+            class_names=real.class_names, device=device, repeats=args.repeats,
         )
         results["downstream"]["protocol"] = f"train on the {len(x_syn)} synthetic images, test on {len(x_real)} real {args.test_split} images"
     return results
@@ -165,11 +169,15 @@ def format_results(results: dict) -> str:
     downstream = results.get("downstream")
     if downstream:
         models = [m for m in ("cnn", "logreg", "mlp") if m in downstream]
-        lines.append(f"downstream accuracy ({downstream['protocol']}):")
+        repeats = max(downstream[m].get("repeats", 1) for m in models)
+        mean_of = f"; mean over {repeats} seeds of each classifier" if repeats > 1 else ""
+        lines.append(f"downstream accuracy ({downstream['protocol']}{mean_of}):")
         names = results["class_names"]
         width = max(len("overall"), *(len(n) for n in names))
         lines.append(f"  {'class':<{width}}  {'train n':>7}  " + "  ".join(f"{m:>7}" for m in models))
         lines.append(f"  {'overall':<{width}}  {results['num_synthetic']:>7}  " + "  ".join(f"{downstream[m]['accuracy']:>7.4f}" for m in models))
+        if any("accuracy_std" in downstream[m] for m in models):
+            lines.append(f"  {'(std)':<{width}}  {'':>7}  " + "  ".join(f"{downstream[m].get('accuracy_std', 0.0):>7.4f}" for m in models))
         for name in names:
             cells = [downstream[m]["per_class_accuracy"][name] for m in models]
             lines.append(f"  {name:<{width}}  {downstream['train_count_per_class'][name]:>7}  "
