@@ -128,7 +128,8 @@ def markdown(results: dict, plots: dict) -> str:
         spent = f"{g['epsilon']:.3g}" if g.get("epsilon") is not None else "none (not private)"
         sigma = f"{g['noise_multiplier']:.3g}" if g.get("noise_multiplier") is not None else "–"
         steps = g.get("steps") if g.get("steps") is not None else "–"
-        acc = " | ".join(f"{100 * r['accuracy'][c]:.1f}" for c in CLASSIFIERS)
+        std = r.get("accuracy_std") or {}  # --eval_repeats: the mean over the classifier seeds, ± their std
+        acc = " | ".join(f"{100 * r['accuracy'][c]:.1f}" + (f" ± {100 * std[c]:.1f}" if c in std else "") for c in CLASSIFIERS)
         wall = sum(t["wall_s"] for t in r["timings"].values()) / 60
         target = f"{r['target_epsilon']:g}" if r["target_epsilon"] is not None else "–"
         rows.append(f"| {label} | {target} | {spent} | {sigma} | {steps} | {acc} | {r['fd']['value']:.2f} | {cpu(r, 'train')} | "
@@ -150,6 +151,10 @@ def markdown(results: dict, plots: dict) -> str:
         schedule = f"{s.get('epochs')} epochs (or the max_steps a row names)"
     # None = each method's own default, which the reader should not have to look up in the code
     lr = s.get("learning_rate") or "each method's default (" + ", ".join(f"{m} {v:g}" for m, v in DEFAULT_LEARNING_RATES.items()) + ")"
+    n = s.get("eval_repeats") or 1
+    repeats = f" (each accuracy the mean over {n} classifier seeds ± their std)" if n > 1 else ""
+    if "eval_repeats" in varying:
+        repeats = " (an accuracy with ± is the mean over several classifier seeds ± their std)"
     return "\n".join([
         warning, "",
         f"Private data: {'a seeded random subset of ' + str(s['max_train_samples']) + ' images of ' if s.get('max_train_samples') else ''}"
@@ -161,7 +166,7 @@ def markdown(results: dict, plots: dict) -> str:
         f"MEPF generator {s.get('mepf_generator_steps')} steps; {s.get('num_per_class')} synthetic "
         f"images per class ({s.get('inference_steps')} DDIM steps, guidance {s.get('guidance_scale')}), resized to 28x28 grey. "
         f"Classifiers trained on the synthetic set, tested on {'a ' + str(s.get('test_limit')) + '-image subset of ' if s.get('test_limit') else ''}"
-        f"the real Fashion-MNIST test set; FD: {fd_label}. Times are CPU minutes of the process "
+        f"the real Fashion-MNIST test set{repeats}; FD: {fd_label}. Times are CPU minutes of the process "
         "(all threads). `real` trains the classifiers on private training images (its row says how many: as many per "
         "class as each synthetic set, the ceiling at that size); `vae_reconstruction` on the same images after the base "
         "pipeline's frozen VAE (encode, decode): the ceiling of any method that generates through that autoencoder; "

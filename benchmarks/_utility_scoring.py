@@ -50,12 +50,14 @@ class Evaluator:
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> dict:
         scores = evaluate_downstream(images, labels, self.x_test, self.y_test, CLASSIFIERS, epochs=self.args.eval_epochs,
-                                     seed=self.args.seed, class_names=self.class_names, device=self.device)
+                                     seed=self.args.seed, class_names=self.class_names, device=self.device,
+                                     repeats=self.args.eval_repeats)
         picked = images[self._pick(len(images))]
         fd = {"value": frechet_distance(*self.fd_real, *feature_statistics(picked, self.extractor)), "metric": FD_NAME,
               "num_real": self.fd_n, "num_synthetic": len(picked), "description": fd_description(
                   self.fd_n, len(picked), RESOLUTION, CHANNELS, self.extractor.input_size, "test")}
-        return {"accuracy": {c: scores[c]["accuracy"] for c in CLASSIFIERS}, "fd": fd,
+        spread = {"accuracy_std": {c: scores[c]["accuracy_std"] for c in CLASSIFIERS}} if self.args.eval_repeats > 1 else {}
+        return {"accuracy": {c: scores[c]["accuracy"] for c in CLASSIFIERS}, **spread, "fd": fd,
                 "train_count_per_class": scores["train_count_per_class"], "num_classifier_train_images": len(images)}
 
 

@@ -78,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--inference_steps", type=int, default=FULL_SCALE["inference_steps"], help="DDIM steps when sampling")
     a("--guidance_scale", type=float, default=2.0)
     a("--eval_epochs", type=int, default=None, help="epochs of every classifier (default: cnn 10, logreg 20, mlp 20)")
+    a("--eval_repeats", type=int, default=1, help="train each classifier from this many seeds and report the mean "
+      "(± std in the table); repeat 0 is the single run's seed")
     a("--test_limit", type=int, default=None, help="seeded subset of the 10k real test images")
     a("--num_fd_samples", type=int, default=FULL_SCALE["num_fd_samples"], help="images per side for FD")
     a("--fd_input_size", type=int, default=224)
@@ -105,7 +107,7 @@ def check(args) -> None:
     if any(not (e > 0 and e < float("inf")) for e in args.epsilons) or (args.methods and not args.epsilons):
         raise ConfigError(f"--epsilons must be finite positive numbers, got {args.epsilons}")
     for name in ("num_per_class", "batch_size", "physical_batch_size", "mepf_generator_steps", "inference_steps", "fd_input_size",
-                 "noise_multiplicity"):
+                 "noise_multiplicity", "eval_repeats"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name} must be >= 1, got {getattr(args, name)}")
     try:
@@ -239,7 +241,7 @@ def _resumable_step(started: Path, run_id: dict) -> int | None:
 
 
 # flags added after results files were written: left out of `settings` at these values, so older runs still match
-LATER_FLAG_DEFAULTS = {"noise_multiplicity": 1, "timestep_bias_strategy": "none", "timestep_bias_multiplier": 1.0,
+LATER_FLAG_DEFAULTS = {"noise_multiplicity": 1, "eval_repeats": 1, "timestep_bias_strategy": "none", "timestep_bias_multiplier": 1.0,
                        "timestep_bias_portion": 0.25}
 TIMESTEP_BIAS_FLAGS = ("timestep_bias_strategy", "timestep_bias_multiplier", "timestep_bias_portion")
 

@@ -146,6 +146,12 @@ def test_merged_report_names_settings_the_runs_do_not_share():
                       "run_kind": "reduced", "commands": []}, {})
     assert "DP-SGD for 2.5 epochs (or the max_steps a row names) at batch 512" in short
     assert "| nonprivate_lora (max_steps=200) |" in short and "| lora_eps10 |" in short
+    # --eval_repeats: the cells are means over the classifier seeds with their spread, and the paragraph says so
+    spread = {**run("lora", 10, eval_repeats=3), "accuracy_std": {"cnn": 0.0104, "logreg": 0.002, "mlp": 0.005}}
+    repeated = markdown({"runs": {"lora_eps10": spread}, "run_kind": "reduced", "commands": []}, {})
+    assert "| 50.0 ± 1.0 | 40.0 ± 0.2 | 30.0 ± 0.5 |" in repeated and "mean over 3 classifier seeds ± their std" in repeated
+    mixed = markdown({"runs": {"lora_eps10": spread, "lora_eps1": run("lora", 1)}, "run_kind": "reduced", "commands": []}, {})
+    assert "an accuracy with ± is the mean over several classifier seeds" in mixed and "| 50.0 | 40.0 | 30.0 |" in mixed
     # runs that share every setting state them once
     same = markdown({"runs": {"lora_eps10": run("lora", 10)}, "run_kind": "reduced", "commands": []}, {})
     assert "DP-SGD for 2.5 epochs at batch 512, clipping norm 0.05, learning rate each method's default (lora 0.002" in same
@@ -207,12 +213,13 @@ def test_interrupted_training_resumes_from_its_checkpoint_with_the_budget_spent(
     # a checkpoint of other settings is never continued: the run starts over, here with K = 2 draws per example
     interrupt()
     other = bench.main([*argv, "--skip_existing", "--noise_multiplicity", "2", "--timestep_bias_strategy", "later",
-                        "--timestep_bias_multiplier", "4"])["runs"]["lora_eps10"]
+                        "--timestep_bias_multiplier", "4", "--eval_repeats", "2"])["runs"]["lora_eps10"]
     assert "resumed_at_step" not in other["timings"]["train"] and checkpoint.stat().st_mtime_ns != written
     assert json.loads((run / "privacy.json").read_text())["noise_multiplicity"] == 2 == other["settings"]["noise_multiplicity"]
     assert other["settings"]["timestep_bias_strategy"] == "later" and other["settings"]["timestep_bias_multiplier"] == 4
+    assert set(other["accuracy_std"]) == {"cnn", "logreg", "mlp"} and "accuracy_std" not in whole  # --eval_repeats 2
     # flags at their defaults are left out: results files from before the flags existed still match
-    assert not {"noise_multiplicity", "timestep_bias_strategy"} & set(whole["settings"])
+    assert not {"noise_multiplicity", "timestep_bias_strategy", "eval_repeats"} & set(whole["settings"])
 
 
 def test_ema_lever_scores_raw_and_ema_weights_of_one_checkpoint(tiny_pipeline_dir, tmp_path):
