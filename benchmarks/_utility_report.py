@@ -37,18 +37,22 @@ def load_images(folder: Path, class_names) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def series(runs: dict) -> dict[str, list[dict]]:
-    """The generators, one series per method (and per base pipeline when merged runs used several): a line in
-    the plots and a sample grid each, so runs on a wider preset are never drawn as points of the shipped one's."""
-    bases = {str(r["settings"].get("base_model")) for r in runs.values() if r["method"] not in IMAGE_REFERENCES}
+    """The generators, one series per method (and per base pipeline and per timestep bias when merged runs
+    used several): a line in the plots and a sample grid each, so runs on a wider preset or with another
+    training recipe are never drawn as points of the shipped one's."""
+    generators = [r for r in runs.values() if r["method"] not in IMAGE_REFERENCES]
+    bases = {str(r["settings"].get("base_model")) for r in generators}
     short = {b: Path(b).name for b in bases}
     if len(set(short.values())) < len(bases):  # two folders of the same name: the whole path tells them apart
         short = {b: b.strip("/").replace("/", "_") for b in bases}
+    biases = {r["settings"].get("timestep_bias_strategy", "none") for r in generators}
     out: dict[str, list[dict]] = {}
     for method in [*METHODS, "nonprivate_lora"]:
         for r in runs.values():
             if r["method"] == method:
-                base = short[str(r["settings"].get("base_model"))]
-                out.setdefault(method if len(bases) < 2 else f"{method}_{base}", []).append(r)
+                name = method if len(bases) < 2 else f"{method}_{short[str(r['settings'].get('base_model'))]}"
+                bias = r["settings"].get("timestep_bias_strategy", "none")
+                out.setdefault(name + (f"_bias-{bias}" if len(biases) > 1 and bias != "none" else ""), []).append(r)
     return out
 
 

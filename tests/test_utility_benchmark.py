@@ -179,6 +179,10 @@ def test_merging_runs_of_the_same_name_on_two_base_pipelines_keeps_both_as_separ
     assert {k: sorted(r["target_epsilon"] or 0 for r in v) for k, v in lines.items()} == {
         "lora_dpdiff-tiny": [1, 10], "lora_preset-big": [10], "nonprivate_lora_preset-big": [0]}
     assert set(series(shipped)) == {"lora"}  # one base pipeline: the names stay as they were
+    # a timestep-biased run is its own series beside the uniform ones (older results files lack the setting: none)
+    biased = {**shipped, "lora_eps10_2": {**run("lora", 10, "dpdiff-tiny"),
+                                          "settings": {"base_model": "dpdiff-tiny", "timestep_bias_strategy": "later"}}}
+    assert {k: len(v) for k, v in series(biased).items()} == {"lora": 2, "lora_bias-later": 1}
     # two presets in folders of the same name are still two series
     twins = {"lora_eps10": run("lora", 10, "a/preset"), "lora_eps1": run("lora", 1, "b/preset")}
     assert set(series(twins)) == {"lora_a_preset", "lora_b_preset"}
