@@ -320,3 +320,5 @@ def test_mepf_run_samples_through_sample_dataset(tmp_path):
     assert read_folder(out) == read_folder(sample_dataset(run_dir, tmp_path / "again", num_per_class=2, seed=0))
     with pytest.raises(ConfigError, match="num_per_class"):
         sample_dataset(run_dir, tmp_path / "o", prompts=["a"])
+    with pytest.raises(ConfigError, match="no sampler: drop --scheduler dpm_solver"):
+        sample_dataset(run_dir, tmp_path / "o", num_per_class=1, scheduler="dpm_solver")

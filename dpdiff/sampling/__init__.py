@@ -8,7 +8,7 @@ import argparse
 import importlib
 
 from dpdiff.config import add_config_argument, run_command
-from dpdiff.errors import DPDiffError
+from dpdiff.errors import ConfigError, DPDiffError
 
 DTYPES = ("float32", "float16", "bfloat16")
 SCHEDULER_NAMES = ("ddim", "ddpm", "euler", "euler_ancestral", "dpm_solver", "unipc")  # pipeline.SCHEDULERS, without importing diffusers
@@ -21,6 +21,12 @@ _LAZY = {
     "resolve_run": "dpdiff.sampling.records",
     "RunRecord": "dpdiff.sampling.records",
 }
+
+
+def check_scheduler(name: str) -> None:
+    """Refuse an unknown `--scheduler` before any model is loaded."""
+    if name not in SCHEDULER_NAMES:
+        raise ConfigError(f"unknown scheduler {name!r}; choose from {', '.join(SCHEDULER_NAMES)}")
 
 
 def __getattr__(name: str):
@@ -86,4 +92,4 @@ def _sample(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["add_arguments", "run", *_LAZY]
+__all__ = ["add_arguments", "check_scheduler", "run", *_LAZY]

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from dpdiff.errors import ConfigError
 from dpdiff.io import atomic_dir, write_json
+from dpdiff.sampling import check_scheduler
 from dpdiff.sampling.records import RunRecord, read_run, resolve_run
 
 FORMATS = ("imagefolder", "datasets")
@@ -119,8 +120,6 @@ def sample_dataset(
         raise ConfigError(f"--resolution must be positive, got {resolution}")
     if num_inference_steps is not None and num_inference_steps <= 0:
         raise ConfigError(f"--num_inference_steps must be positive, got {num_inference_steps}")
-    from dpdiff.sampling.pipeline import check_scheduler
-
     check_scheduler(scheduler)
     if torch_dtype == torch.float16 and torch.device(device).type == "cpu":
         raise ConfigError("float16 sampling needs a GPU; use --dtype float32 (or bfloat16) on the CPU")
@@ -136,6 +135,8 @@ def sample_dataset(
     if run.method == "mepf":
         if prompts:
             raise ConfigError("a DP-MEPF generator is class-conditional: use --num_per_class, not --prompt")
+        if scheduler != "ddim":
+            raise ConfigError(f"a DP-MEPF generator draws in one pass, it has no sampler: drop --scheduler {scheduler}")
         if num_per_class is None or num_per_class <= 0:
             raise ConfigError(f"--num_per_class must be a positive integer, got {num_per_class!r}")
         images, labels, names, texts = mepf_images(run, num_per_class, seed)

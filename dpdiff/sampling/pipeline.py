@@ -15,6 +15,7 @@ from diffusers import UNet2DConditionModel
 
 from dpdiff.errors import ConfigError
 from dpdiff.pipelines.loading import load_pipeline
+from dpdiff.sampling import check_scheduler
 from dpdiff.sampling.records import LORA_FILE, UNET_DIR, RunRecord, read_run, resolve_run
 
 # `--scheduler` names -> diffusers classes; each is built from the base pipeline's noise-schedule config
@@ -46,11 +47,6 @@ def load_finetuned_pipeline(
     check_scheduler(scheduler)
     run = read_run(resolve_run(run_dir_or_hub_id))
     return pipeline_for_run(run, base_model=base_model, device=device, torch_dtype=torch_dtype, scheduler=scheduler)
-
-
-def check_scheduler(name: str) -> None:
-    if name not in SCHEDULERS:
-        raise ConfigError(f"unknown scheduler {name!r}; choose from {', '.join(SCHEDULERS)}")
 
 
 def pipeline_for_run(run: RunRecord, base_model: str | None = None, device="cpu", torch_dtype=torch.float32,
