@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))  # a dependency ships a top-level `
 
 from _utility_report import RESOLUTION, load_images  # noqa: E402
 from _utility_scoring import Evaluator  # noqa: E402
-from utility import STARTED_FILE  # noqa: E402  (the run's settings, as utility.py recorded them)
+from utility import LATER_FLAG_DEFAULTS, STARTED_FILE  # noqa: E402  (the run's settings, as utility.py recorded them)
 
 from dpdiff.errors import ConfigError  # noqa: E402
 from dpdiff.io import atomic_dir, write_json  # noqa: E402
@@ -79,7 +79,8 @@ def main(argv=None) -> None:
 
     from dpdiff.sampling import sample_dataset
 
-    evaluate = Evaluator(argparse.Namespace(**{**settings, "device": "cpu", "output_dir": str(out)}))
+    # settings left out at their defaults (flags newer than the run's file) come back at those defaults
+    evaluate = Evaluator(argparse.Namespace(**{**LATER_FLAG_DEFAULTS, **settings, "device": "cpu", "output_dir": str(out)}))
     report = {"run": args.key, "final_step": released["guarantee"]["steps"],
               "released": {"accuracy": released["accuracy"], "fd": released["fd"]["value"]}}
     folders = {weights: out / "runs" / f"{args.key}-{weights}" for weights in ("raw", "ema")}
