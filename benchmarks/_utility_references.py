@@ -18,7 +18,8 @@ from dpdiff.io import write_json
 
 def train_nonprivate_lora(args, out: Path):
     """The non-private reference, built from the library parts WITHOUT the DP engine: shuffled
-    mini-batches, no clipping, no noise, the same schedule/learning rate/EMA as the DP LoRA run.
+    mini-batches, no clipping, no noise, the same schedule/learning rate/EMA/timestep draws as the DP
+    LoRA run (K = 1: without clipping, K draws per example are just a larger batch).
     It has no privacy guarantee, so it writes no privacy.json and can never be sampled or published
     as a DP run; its samples come straight from the in-memory pipeline."""
     from diffusers.training_utils import EMAModel
@@ -27,7 +28,7 @@ def train_nonprivate_lora(args, out: Path):
     from dpdiff.pipelines import load_pipeline
     from dpdiff.pipelines.preset import training_scheduler
     from dpdiff.privacy.accounting import steps_for
-    from dpdiff.privacy.diffusion_loss import draw_diffusion_inputs, example_generator, per_row_loss
+    from dpdiff.privacy.diffusion_loss import draw_diffusion_inputs, example_generator, per_row_loss, timestep_weights
     from dpdiff.training.arguments import DEFAULT_LEARNING_RATES
     from dpdiff.training.latent_cache import build_latent_cache
     from torch.utils.data import default_collate
@@ -42,6 +43,8 @@ def train_nonprivate_lora(args, out: Path):
     params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate or DEFAULT_LEARNING_RATES["lora"], weight_decay=0.0)
     ema, scheduler = EMAModel(params, decay=0.999), training_scheduler(pipe)
+    num_timesteps = scheduler.config.num_train_timesteps
+    weights = timestep_weights(num_timesteps, args.timestep_bias_strategy, args.timestep_bias_multiplier, args.timestep_bias_portion)
     n, batch = len(cache), min(args.batch_size, len(cache))
     steps = steps_for(batch / n, epochs=None if args.max_steps else args.epochs, max_steps=args.max_steps)  # as DP-SGD
     order, generator = torch.empty(0, dtype=torch.long), torch.Generator().manual_seed(args.seed)
@@ -53,7 +56,7 @@ def train_nonprivate_lora(args, out: Path):
         batch_items = default_collate([cache[i] for i in idx])
         latents, hidden = batch_items["latents"].to(device), batch_items["encoder_hidden_states"].to(device)
         gens = [example_generator(args.seed, step, i) for i in idx]
-        rows, noise, t = draw_diffusion_inputs(latents, 1, scheduler.config.num_train_timesteps, gens)
+        rows, noise, t = draw_diffusion_inputs(latents, 1, num_timesteps, gens, weights)  # the DP runs' timestep draws
         loss = per_row_loss(unet, scheduler, rows, hidden, noise, t).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

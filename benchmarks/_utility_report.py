@@ -124,7 +124,7 @@ def markdown(results: dict, plots: dict) -> str:
         if "learning_rate" in own and own["learning_rate"] is None:  # None ran the method's default: name it
             own["learning_rate"] = DEFAULT_LEARNING_RATES[method]
         own = {k: v for k, v in own.items() if v is not None and (method == "lora" or k not in ("rank", "lora_target_modules"))
-               and not (r["method"] == "nonprivate_lora" and k == "max_grad_norm")}  # it clips nothing
+               and not (r["method"] == "nonprivate_lora" and k in ("max_grad_norm", "noise_multiplicity"))}  # it clips nothing, K = 1
         label = key + (" (" + ", ".join(f"{k}={' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in own.items()) + ")" if own else "")
         if r["method"] in IMAGE_REFERENCES:  # a ceiling holds for its training-set size: name it
             label += f" ({r['num_classifier_train_images']:,} images)"

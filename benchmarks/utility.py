@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--noise_multiplicity", type=int, default=1, help="K (noise, timestep) draws averaged inside each example's "
       "gradient before clipping (DP-SGD methods; K times the compute per step, no privacy cost)")
     a("--timestep_bias_strategy", choices=("none", "earlier", "later"), default="none",
-      help="DP-SGD methods: draw the first (earlier) or last (later, noisiest) --timestep_bias_portion of the "
+      help="DP-SGD methods and the non-private reference: draw the first (earlier) or last (later, noisiest) --timestep_bias_portion of the "
       "timesteps --timestep_bias_multiplier times as often (the diffusers flags)")
     a("--timestep_bias_multiplier", type=float, default=1.0)
     a("--timestep_bias_portion", type=float, default=0.25)
