@@ -12,7 +12,7 @@ from _utility_report import CHANNELS, CLASSIFIERS, DATASET, RESOLUTION
 from dpdiff.data import load_source
 from dpdiff.data.transforms import images_to_tensor
 from dpdiff.evaluation import FD_NAME, evaluate_downstream, feature_statistics, frechet_distance
-from dpdiff.evaluation.frechet import fd_description, load_statistics, save_statistics
+from dpdiff.evaluation.frechet import cached_statistics, fd_description
 
 
 class Evaluator:
@@ -38,12 +38,7 @@ class Evaluator:
         key = {"real": DATASET, "split": "test", "real_limit": a.test_limit, "seed": a.seed, "num_images": self.fd_n,
                "image_format": [CHANNELS, RESOLUTION, RESOLUTION], "extractor": "efficientnet_lite0", "input_size": a.fd_input_size}
         path = Path(a.output_dir) / f"fd-real-stats-{DATASET}-test{a.test_limit or 'all'}-n{self.fd_n}-px{a.fd_input_size}-seed{a.seed}.npz"
-        cached = load_statistics(path, key)
-        if cached is not None:
-            return cached
-        mu, sigma = feature_statistics(self.x_test[self._pick(len(self.x_test))], self.extractor)
-        save_statistics(path, key, mu, sigma)
-        return mu, sigma
+        return cached_statistics(self.x_test[self._pick(len(self.x_test))], self.extractor, path, key)[0]
 
     def _pick(self, n: int) -> torch.Tensor:
         return torch.randperm(n, generator=torch.Generator().manual_seed(self.args.seed))[: self.fd_n]

@@ -140,22 +140,22 @@ def evaluate(args: argparse.Namespace, metrics: list[str]) -> dict:
 
 def _fd(args: argparse.Namespace, fd_real, fd_syn, device) -> dict:
     """FD (EfficientNet-Lite0); the real side's statistics come from --fd_real_stats when it holds them."""
-    from dpdiff.evaluation.frechet import compute_fd, feature_statistics, load_statistics, save_statistics
+    from dpdiff.evaluation.frechet import cached_statistics, compute_fd, load_statistics
     from dpdiff.features import load_feature_extractor
 
     key = {"real": args.real, "split": args.test_split, "real_limit": args.real_limit, "seed": args.seed,
            "num_images": len(fd_real), "image_format": list(fd_real.shape[1:]), "extractor": "efficientnet_lite0",
            "input_size": args.fd_input_size}
-    cached = load_statistics(args.fd_real_stats, key) if args.fd_real_stats else None  # a mismatch fails before any work
+    if args.fd_real_stats:
+        load_statistics(args.fd_real_stats, key)  # a file of other settings fails here, before the extractor loads
     start = time.perf_counter()
     extractor = load_feature_extractor("efficientnet_lite0", input_size=args.fd_input_size, batch_size=args.fd_batch_size, device=device)
-    stats = cached if cached is not None else feature_statistics(fd_real, extractor, args.fd_batch_size)
-    if args.fd_real_stats and cached is None:
-        save_statistics(args.fd_real_stats, key, *stats)
+    stats, reused = (cached_statistics(fd_real, extractor, args.fd_real_stats, key, args.fd_batch_size)
+                     if args.fd_real_stats else (None, False))
     fd = compute_fd(fd_real, fd_syn, extractor, args.fd_batch_size, real_split=args.test_split, real_statistics=stats)
     fd["wall_seconds"] = time.perf_counter() - start
     if args.fd_real_stats:
-        fd["real_statistics"] = {"file": str(args.fd_real_stats), "reused": cached is not None}
+        fd["real_statistics"] = {"file": str(args.fd_real_stats), "reused": reused}
     return fd
 
 

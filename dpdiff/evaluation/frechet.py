@@ -90,6 +90,16 @@ def save_statistics(path: str | os.PathLike, key: dict, mu: np.ndarray, sigma: n
         np.savez(f, key=np.array(json.dumps(key, sort_keys=True)), mu=mu, sigma=sigma)
 
 
+def cached_statistics(images: torch.Tensor, extractor, path, key: dict, batch_size: int | None = None) -> tuple[tuple, bool]:
+    """((mu, sigma), reused): from `path` when it holds them under `key`, else computed and saved there."""
+    cached = load_statistics(path, key)
+    if cached is not None:
+        return cached, True
+    stats = feature_statistics(images, extractor, batch_size)
+    save_statistics(path, key, *stats)
+    return stats, False
+
+
 def fd_description(num_real: int, num_synthetic: int, resolution: int, channels: int, input_size: int, real_split: str | None = None) -> str:
     """The label printed next to every FD value, e.g.
     'FD (EfficientNet-Lite0), 10000 real (test) vs 10000 synthetic, 28x28 grey -> 224 bilinear'."""

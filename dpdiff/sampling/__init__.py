@@ -11,7 +11,17 @@ from dpdiff.config import add_config_argument, run_command
 from dpdiff.errors import ConfigError, DPDiffError
 
 DTYPES = ("float32", "float16", "bfloat16")
-SCHEDULER_NAMES = ("ddim", "ddpm", "euler", "euler_ancestral", "dpm_solver", "unipc")  # pipeline.SCHEDULERS, without importing diffusers
+# `--scheduler` names -> diffusers class names (strings: the CLI needs no diffusers import); each is built
+# from the base pipeline's noise-schedule config in dpdiff.sampling.pipeline
+SCHEDULERS = {
+    "ddim": "DDIMScheduler",  # deterministic, the default
+    "ddpm": "DDPMScheduler",  # ancestral: fresh noise at every step
+    "euler": "EulerDiscreteScheduler",
+    "euler_ancestral": "EulerAncestralDiscreteScheduler",
+    "dpm_solver": "DPMSolverMultistepScheduler",  # DPM-Solver++(2M): good images in 10-20 steps
+    "unipc": "UniPCMultistepScheduler",
+}
+SCHEDULER_NAMES = tuple(SCHEDULERS)
 _LAZY = {
     "load_finetuned_pipeline": "dpdiff.sampling.pipeline",
     "sample_dataset": "dpdiff.sampling.generate",

@@ -15,18 +15,9 @@ from diffusers import UNet2DConditionModel
 
 from dpdiff.errors import ConfigError
 from dpdiff.pipelines.loading import load_pipeline
-from dpdiff.sampling import check_scheduler
+from dpdiff.sampling import SCHEDULERS, check_scheduler
 from dpdiff.sampling.records import LORA_FILE, UNET_DIR, RunRecord, read_run, resolve_run
 
-# `--scheduler` names -> diffusers classes; each is built from the base pipeline's noise-schedule config
-SCHEDULERS = {
-    "ddim": "DDIMScheduler",  # deterministic, the default
-    "ddpm": "DDPMScheduler",  # ancestral: fresh noise at every step
-    "euler": "EulerDiscreteScheduler",
-    "euler_ancestral": "EulerAncestralDiscreteScheduler",
-    "dpm_solver": "DPMSolverMultistepScheduler",  # DPM-Solver++(2M): good images in 10-20 steps
-    "unipc": "UniPCMultistepScheduler",
-}
 DEFAULT_SCHEDULER = "ddim"
 
 # a swapped-in UNet must fit the base's VAE latents and text encoder
@@ -44,7 +35,6 @@ def load_finetuned_pipeline(
 
     `base_model` overrides the one recorded in generation_config.json (e.g. a local copy of it);
     `scheduler`: a key of SCHEDULERS."""
-    check_scheduler(scheduler)
     run = read_run(resolve_run(run_dir_or_hub_id))
     return pipeline_for_run(run, base_model=base_model, device=device, torch_dtype=torch_dtype, scheduler=scheduler)
 
