@@ -13,7 +13,7 @@ from _docs import update_section
 
 from dpdiff.data.transforms import images_to_tensor
 from dpdiff.evaluation import load_synthetic
-from dpdiff.io import atomic_path
+from dpdiff.io import atomic_path, write_json
 from dpdiff.training.arguments import DEFAULT_LEARNING_RATES
 
 METHODS = ("mepf", "attention", "lora", "full")
@@ -56,8 +56,13 @@ def series(runs: dict) -> dict[str, list[dict]]:
     return out
 
 
+RESULTS_FILE = "utility_results.json"  # beside the plots: the section can be rebuilt from the repository alone
+
+
 def render_docs(results: dict, docs_dir: Path, md_path: Path) -> None:
-    """Plots under docs_dir and the `## Utility` section of md_path (links relative to it)."""
+    """Plots under docs_dir and the `## Utility` section of md_path (links relative to it), and the results it
+    shows as docs_dir/utility_results.json, so `--report_from` that file (plus new runs) rebuilds it from a clean
+    clone. A sample grid whose synthetic set is gone (outputs/ is not in git) keeps the PNG it made before."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -91,13 +96,16 @@ def render_docs(results: dict, docs_dir: Path, md_path: Path) -> None:
 
     for name, members in lines.items():
         mine = sorted((r["target_epsilon"] or 0, r["synthetic_dir"]) for r in members if r.get("synthetic_dir"))
-        if mine:  # the largest epsilon: one row per class
+        if mine and not Path(mine[-1][1]).is_dir() and (docs_dir / f"utility_samples_{name}.png").is_file():
+            plots[name] = docs_dir / f"utility_samples_{name}.png"
+        elif mine:  # the largest epsilon: one row per class
             images, labels = load_images(Path(mine[-1][1]), results["class_names"])
             classes = range(len(results["class_names"]))
             k = min(8, *[int((labels == c).sum()) for c in classes])
             pick = [i for c in classes for i in (labels == c).nonzero().flatten()[:k].tolist()]
             plots[name] = docs_dir / f"utility_samples_{name}.png"
             save_grid(to_pil(images[pick]), plots[name], nrow=k, scale=2)
+    write_json(docs_dir / RESULTS_FILE, results)
     update_section("Utility", markdown(results, {k: os.path.relpath(v, md_path.parent) for k, v in plots.items()}), md_path)
 
 

@@ -86,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--output_dir", default="outputs/utility-bench", help="runs, synthetic sets and results.json")
     a("--docs_dir", default=str(ROOT / "docs"), help="where the plots go")
     a("--benchmarks_md", default=str(BENCHMARKS_MD), help="markdown file whose `## Utility` section is replaced")
-    a("--report_from", nargs="+", default=None, help="only write the docs section from these results.json files (no runs)")
+    a("--report_from", nargs="+", default=None, help="only write the docs section from these results.json files (no runs); "
+      "docs/utility_results.json holds what the section shows now: pass it with new results to add rows")
     a("--skip_existing", action="store_true", help="keep finished runs of results.json that used the same settings, "
       "resume interrupted DP-SGD trainings from their latest checkpoint")
     a("--checkpointing_steps", type=int, default=0, help="DP-SGD checkpoint every N steps (0: never): a schedule longer "
@@ -272,10 +273,11 @@ def merge_runs(parts: list[dict]) -> dict:
     runs: dict = {}
     for part in parts:
         for key, run in part.items():
-            same = [k for k in runs if runs[k].get("name", k) == key]
+            name = run.get("name", key)  # a merged file (docs/utility_results.json) merges again to the same keys
+            same = [k for k in runs if runs[k]["name"] == name]
             if any(runs[k]["settings"] == run["settings"] for k in same):
-                raise ConfigError(f"--report_from: run {key!r} with the same settings is in more than one results file")
-            runs[f"{key}_{len(same) + 1}" if same else key] = {**run, "name": key}
+                raise ConfigError(f"--report_from: run {name!r} with the same settings is in more than one results file")
+            runs[f"{name}_{len(same) + 1}" if same else name] = {**run, "name": name}
     return in_report_order(runs)
 
 

@@ -83,6 +83,15 @@ def test_smoke_run_writes_results_plots_and_section(tiny_pipeline_dir, tmp_path,
     assert len(list((tmp_path / "out").glob("fd-real-*.npz"))) == 1
     assert again["runs"]["lora_eps10"]["fd"]["value"] == pytest.approx(dp["fd"]["value"], rel=1e-6)
 
+    # the section is rebuilt from what the docs folder holds (utility_results.json), the synthetic sets gone as in a
+    # clean clone: the same table, and the sample grid it made before is kept rather than failing on a missing folder
+    docs_md, grid = (docs / "benchmarks.md").read_text(), (docs / "utility_samples_lora.png").read_bytes()
+    shown = json.loads((docs / "utility_results.json").read_text())
+    assert shown["runs"] == json.loads(json.dumps(again["runs"])) and shown["commands"] == again["commands"]
+    shutil.rmtree(again["runs"]["lora_eps10"]["synthetic_dir"])
+    bench.main(["--report_from", str(docs / "utility_results.json"), "--docs_dir", str(docs), "--benchmarks_md", str(docs / "benchmarks.md")])
+    assert (docs / "benchmarks.md").read_text() == docs_md and (docs / "utility_samples_lora.png").read_bytes() == grid
+
 
 def test_bad_options_refused_before_work(tmp_path):
     bench = load_benchmark()
@@ -186,6 +195,8 @@ def test_merging_runs_of_the_same_name_on_two_base_pipelines_keeps_both_as_separ
     # two presets in folders of the same name are still two series
     twins = {"lora_eps10": run("lora", 10, "a/preset"), "lora_eps1": run("lora", 1, "b/preset")}
     assert set(series(twins)) == {"lora_a_preset", "lora_b_preset"}
+    # a merged file merges again to the same keys (docs/utility_results.json plus new runs)
+    assert list(bench.merge_runs([merged])) == list(merged) and bench.merge_runs([merged])["lora_eps10_2"] == merged["lora_eps10_2"]
     # the same run in two files would be counted twice
     with pytest.raises(ConfigError, match="same settings"):
         bench.merge_runs([shipped, {"lora_eps1": run("lora", 1, "dpdiff-tiny")}])
