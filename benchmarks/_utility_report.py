@@ -193,5 +193,8 @@ def markdown(results: dict, plots: dict) -> str:
         "The complete benchmark (all methods, ε ∈ {1, 10}, the three references, 6,000 synthetic images per class; GPU-sized). Rerun the same command to "
         "go on after an interruption: finished runs are kept, an interrupted training continues from its latest "
         "checkpoint with the ε it had spent:", "",
-        "```bash", "python benchmarks/utility.py --skip_existing --checkpointing_steps 50", "```",
+        "```bash", "python benchmarks/utility.py --skip_existing --checkpointing_steps 50", "```", "",
+        f"`docs/{RESULTS_FILE}` holds the results this section shows. To add a run without rerunning these, pass it "
+        "with the new run's results (a run with other settings under a name already there is added as NAME_2; the same run twice is refused):", "",
+        "```bash", f"python benchmarks/utility.py --report_from docs/{RESULTS_FILE} outputs/NEW/results.json", "```",
     ])
