@@ -1,7 +1,7 @@
 """Share a run on the Hugging Face hub: the weights, their privacy record and the model card.
 
-What is uploaded is an allow-list (weights, privacy.json, generation_config.json, README.md, the
-synthetic grid and the epsilon plot), not "the folder minus some junk": a latent cache or a grid of
+What is uploaded is an allow-list (weights, privacy.json, generation_config.json, training_config.yaml,
+README.md, the synthetic grid and the epsilon plot), not "the folder minus some junk": a latent cache or a grid of
 real images left in the output folder must never reach the hub by accident. Checkpoints and temp
 files are never uploaded.
 
@@ -27,6 +27,7 @@ UPLOAD_PATTERNS = (
     CARD_FILE,
     PRIVACY_FILE,
     GENERATION_FILE,
+    "training_config.yaml",  # the run's flags (training/outputs.py; never the token)
     LORA_FILE,
     f"{UNET_DIR}/*",
     "dpdiff_trainable.json",  # names of the trained parameters (adapters.py)

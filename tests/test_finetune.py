@@ -17,6 +17,7 @@ import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from safetensors.torch import load_file
 
+from dpdiff.config import parse_with_config
 from dpdiff.errors import ConfigError, PrivacyError
 from dpdiff.privacy.accounting import epsilon_for
 from dpdiff.training.arguments import add_finetune_arguments
@@ -51,11 +52,16 @@ def unet_output(unet, seed=0):
 
 def test_lora_run_leaves_adapter_that_stock_pipeline_loads(tiny_pipeline_dir, tmp_path):
     out = tmp_path / "run"
-    result = finetune(parse(small_run_flags(tiny_pipeline_dir, out, rank=4, lora_alpha=8,
-                                            prompt_template="{class_name}, item {label}")))
+    args = parse(small_run_flags(tiny_pipeline_dir, out, rank=4, lora_alpha=8, prompt_template="{class_name}, item {label}",
+                                 timestep_bias_strategy="later", timestep_bias_multiplier=4))
+    result = finetune(args)
     for name in ("pytorch_lora_weights.safetensors", "privacy.json", "README.md", "generation_config.json",
-                 "samples.png", "epsilon_curve.png"):
+                 "training_config.yaml", "samples.png", "epsilon_curve.png"):
         assert (out / name).is_file(), name
+    # the run's flags, resolved defaults included: `--config` of the file alone parses back to this run
+    replay = parse_with_config(add_finetune_arguments(argparse.ArgumentParser()), ["--config", str(out / "training_config.yaml")])
+    assert replay.learning_rate == 2e-3 and replay.timestep_bias_strategy == "later" and replay.rank == 4
+    assert {k: v for k, v in vars(replay).items() if k != "config"} == vars(args)
     privacy = json.loads((out / "privacy.json").read_text())
     assert privacy["steps"] == 4 and privacy["method"] == "lora" and privacy["num_examples"] == 64
     assert privacy["sample_rate"] == 16 / 64

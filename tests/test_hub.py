@@ -46,6 +46,7 @@ def run_dir(tmp_path):
         "class_prompts": ["a photo of a t-shirt", "a photo of a trouser"], "resolution": 32, "channels": 1,
         "guidance_scale": 2.0, "num_inference_steps": 25,
     }))
+    (d / "training_config.yaml").write_text("method: lora\nrank: 4\n")
     Image.new("RGB", (36, 36), (90, 90, 90)).save(d / "samples.png")
     Image.new("RGB", (64, 48), (255, 255, 255)).save(d / "epsilon_curve.png")
     (d / "checkpoints" / "step_100").mkdir(parents=True)
@@ -96,7 +97,8 @@ def test_weak_delta_is_flagged(run_dir):
 
 def test_upload_allow_list_leaves_out_checkpoints_caches_and_temp_files(run_dir):
     uploaded, left_out = files_to_upload(run_dir)
-    assert set(uploaded) == {"privacy.json", "generation_config.json", "pytorch_lora_weights.safetensors", "samples.png", "epsilon_curve.png"}  # no README yet
+    assert set(uploaded) == {"privacy.json", "generation_config.json", "training_config.yaml", "pytorch_lora_weights.safetensors",
+                             "samples.png", "epsilon_curve.png"}  # no README yet
     assert "latent_cache.safetensors" in left_out and "checkpoints/step_100/state.safetensors" in left_out
 
 

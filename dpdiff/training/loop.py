@@ -153,7 +153,7 @@ def _finetune(args: argparse.Namespace) -> FinetuneResult:
         raise PrivacyError(f"spent epsilon {record['epsilon']} exceeds the target {plan.target_epsilon}; refusing to export")
     if main:
         save_trained(pipeline.unet, output_dir, args.method)
-        outputs.write_records(output_dir, record, outputs.generation_config(args, source, resolution, channels))
+        outputs.write_records(output_dir, record, outputs.generation_config(args, source, resolution, channels), outputs.training_config(args))
         _sample_grid(pipeline, source, args, output_dir / "samples.png")
         plot_epsilon_curve(ledger, output_dir / "epsilon_curve.png", title=f"{args.method}: epsilon spent (delta={plan.delta:g})")
         from dpdiff.hub import push_to_hub, write_model_card
