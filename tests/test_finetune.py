@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from dpdiff.config import parse_with_config
 from dpdiff.errors import ConfigError, PrivacyError
 from dpdiff.privacy.accounting import epsilon_for
-from dpdiff.training.arguments import add_finetune_arguments
+from dpdiff.training.arguments import add_finetune_arguments, replayable_flags
 from dpdiff.training.loop import finetune
 from helpers import to_argv
 
@@ -83,6 +83,15 @@ def test_lora_run_leaves_adapter_that_stock_pipeline_loads(tiny_pipeline_dir, tm
     loaded = unet_output(stock.unet)
     assert torch.allclose(loaded, trained, atol=1e-5), (loaded - trained).abs().max()
     assert (loaded - base).abs().max() > 1e-4
+
+
+def test_replayable_flags_are_the_recipe_flags_only(tmp_path):
+    args = parse(["--output_dir", str(tmp_path), "--hub_token", "hf_x", "--push_to_hub", "--lora_target_modules", "to_q", "conv1"])
+    args.command, args.output_dir = "finetune", tmp_path  # `dpdiff finetune` adds its subcommand; a caller may pass a Path
+    flags = replayable_flags(args)
+    assert "command" not in flags and "hub_token" not in flags and "push_to_hub" not in flags
+    assert flags["output_dir"] == str(tmp_path) and flags["lora_target_modules"] == ["to_q", "conv1"]
+    assert "learning_rate" not in flags  # None (not resolved yet) is left to the default
 
 
 def test_attention_run_saves_unet(tiny_pipeline_dir, tmp_path):

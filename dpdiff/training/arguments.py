@@ -81,3 +81,20 @@ def finetune_args(**flags) -> argparse.Namespace:
 
     parser = add_finetune_arguments(argparse.ArgumentParser(), method=flags.get("method"))
     return args_from_dict(parser, flags, source="finetune_args")
+
+
+# flags about this process rather than the training (and the token, which is never written anywhere)
+NOT_REPLAYED = frozenset({"config", "hub_token", "resume_from_checkpoint", "overwrite_output_dir", "push_to_hub", "help"})
+
+
+def replayable_flags(args: argparse.Namespace) -> dict:
+    """The fine-tuning flags of `args` under their own names, resolved defaults included (the method's learning
+    rate): a `--config` file that trains again the same way. Attributes that are not flags (a CLI's subcommand)
+    and NOT_REPLAYED are left out; every value is a YAML scalar or list."""
+    def plain(value):
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return value if isinstance(value, (str, int, float, bool)) else str(value)
+
+    flags = {a.dest for a in add_finetune_arguments(argparse.ArgumentParser())._actions} - NOT_REPLAYED
+    return {k: plain(v) for k, v in vars(args).items() if k in flags and v is not None}

@@ -31,7 +31,7 @@ from dpdiff.privacy.diffusion_loss import timestep_weights
 from dpdiff.privacy.engine import DPDiffusionEngine
 from dpdiff.privacy.ledger import PrivacyLedger, plot_epsilon_curve
 from dpdiff.training import checkpoint, outputs
-from dpdiff.training.arguments import DEFAULT_LEARNING_RATES
+from dpdiff.training.arguments import DEFAULT_LEARNING_RATES, replayable_flags
 from dpdiff.training.latent_cache import build_latent_cache
 
 logger = logging.getLogger(__name__)
@@ -153,7 +153,7 @@ def _finetune(args: argparse.Namespace) -> FinetuneResult:
         raise PrivacyError(f"spent epsilon {record['epsilon']} exceeds the target {plan.target_epsilon}; refusing to export")
     if main:
         save_trained(pipeline.unet, output_dir, args.method)
-        outputs.write_records(output_dir, record, outputs.generation_config(args, source, resolution, channels), outputs.training_config(args))
+        outputs.write_records(output_dir, record, outputs.generation_config(args, source, resolution, channels), replayable_flags(args))
         _sample_grid(pipeline, source, args, output_dir / "samples.png")
         plot_epsilon_curve(ledger, output_dir / "epsilon_curve.png", title=f"{args.method}: epsilon spent (delta={plan.delta:g})")
         from dpdiff.hub import push_to_hub, write_model_card

@@ -2,7 +2,7 @@
 
 `privacy.json` is the guarantee (what the model card and the sampler read); `generation_config.json`
 says how to sample; `training_config.yaml` holds the run's flags, so `--config` of it trains again the
-same way (with fresh DP noise). All are written atomically."""
+same way. All are written atomically."""
 
 from __future__ import annotations
 
@@ -23,8 +23,6 @@ NEIGHBOURING_RELATION = (
 )
 MIN_FREE_BYTES = 200 * 2**20  # weights + checkpoints of a small adapter, with room to spare
 TRAINING_CONFIG = "training_config.yaml"
-# flags that say how to run this process, not what was trained (and the token, which is never written)
-NOT_REPLAYED = {"config", "hub_token", "resume_from_checkpoint", "overwrite_output_dir", "push_to_hub"}
 
 
 def prepare_output_dir(output_dir: str | os.PathLike, overwrite: bool, resuming: bool) -> Path:
@@ -117,15 +115,8 @@ def generation_config(args, source, resolution: int, channels: int) -> dict:
     }
 
 
-def training_config(args) -> dict:
-    """The resolved flags (defaults filled in, e.g. the method's learning rate) under their own names."""
-    def plain(value):
-        return list(value) if isinstance(value, tuple) else str(value) if isinstance(value, os.PathLike) else value
-    return {k: plain(v) for k, v in vars(args).items() if k not in NOT_REPLAYED and not k.startswith("_") and v is not None}
-
-
 def write_records(output_dir: Path, privacy: dict, generation: dict, training: dict) -> None:
     write_json(output_dir / "privacy.json", privacy)
     write_json(output_dir / "generation_config.json", generation)
-    header = "# the flags of this run: `--config` this file trains again the same way, with fresh DP noise\n"
+    header = "# the flags of this run: `--config` this file trains again the same way (fresh DP noise unless privacy_seed is set)\n"
     write_text(output_dir / TRAINING_CONFIG, header + yaml.safe_dump(training, sort_keys=True))
