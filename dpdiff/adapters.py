@@ -1,21 +1,22 @@
-"""Which parameters of a diffusers UNet train under DP-SGD, and how the result is saved.
+"""Which parameters of a diffusers denoiser (UNet or transformer) train under DP-SGD, and how the result is saved.
 
 Only the trainable parameters receive per-sample gradients and noise, so the choice of subset
 decides both the privacy/utility trade-off (fewer parameters -> less total noise) and the cost.
 
 - ``lora``      peft LoRA adapters on attention projections (DP-LoRA); exported in the diffusers
-                LoRA format so the stock ``pipeline.load_lora_weights`` reloads it.
-- ``attention`` the UNet's ``Transformer2DModel`` blocks from a chosen depth on (DP-LDM).
-- ``full``      every UNet parameter (baseline).
+                LoRA format so the family's stock pipeline reloads it (``load_lora_weights``).
+- ``attention`` the attention (transformer) blocks from a chosen depth on (DP-LDM): a UNet's
+                ``Transformer2DModel`` blocks, a DiT's transformer blocks.
+- ``full``      every denoiser parameter (baseline).
 
-``train_condition_embedder`` also trains the time/class embedding modules of the UNet fully.
+``train_condition_embedder`` also trains the time/class/text embedding modules fully. What each of
+these means for a model family (targets, blocks, embedders, export) comes from `dpdiff.families`.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -23,13 +24,15 @@ import torch
 from torch import nn
 
 from dpdiff.errors import ConfigError
+from dpdiff.families import family_for_denoiser, family_for_pipeline
+from dpdiff.families.base import LORA_WEIGHTS_NAME
+from dpdiff.families.stable_diffusion import StableDiffusionFamily
 from dpdiff.io import atomic_dir, atomic_path, write_json
 
 METHODS = ("lora", "attention", "full")
-DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+DEFAULT_LORA_TARGETS = StableDiffusionFamily.default_lora_targets
 # UNet children that embed the timestep / class / extra conditions (present ones are trained)
-CONDITION_EMBEDDERS = ("time_embedding", "class_embedding", "add_embedding", "encoder_hid_proj")
-LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+CONDITION_EMBEDDERS = StableDiffusionFamily.condition_embedders
 EXTRA_WEIGHTS_NAME = "condition_embedder.safetensors"
 MANIFEST_NAME = "dpdiff_trainable.json"
 
@@ -63,19 +66,9 @@ def unwrap_model(model: nn.Module) -> nn.Module:
         model = inner
 
 
-def attention_blocks(unet: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The UNet's transformer blocks in network-depth order (down, mid, up).
-
-    Registration order in diffusers is down, up, mid, so `named_modules` order is not depth order."""
-    blocks = []
-    for prefix in ("down_blocks", "mid_block", "up_blocks"):
-        part = getattr(unet, prefix, None)
-        if part is None:
-            continue
-        for name, module in part.named_modules(prefix=prefix):
-            if type(module).__name__ == "Transformer2DModel":
-                blocks.append((name, module))
-    return blocks
+def attention_blocks(model: nn.Module, family=None) -> list[tuple[str, nn.Module]]:
+    """The blocks `--method attention` trains, in network-depth order (a UNet: down, mid, up)."""
+    return (family or family_for_denoiser(model)).attention_blocks(model)
 
 
 def prepare_trainable(
@@ -87,22 +80,27 @@ def prepare_trainable(
     target_modules: list[str] | tuple[str, ...] | None = None,
     attention_start_index: int = 0,
     train_condition_embedder: bool = False,
+    family=None,
 ) -> TrainableSummary:
-    """Freeze everything, then unfreeze (or add) the subset `method` names. Validates first."""
+    """Freeze everything, then unfreeze (or add) the subset `method` names. Validates first.
+
+    `unet`: the denoiser of any supported family (UNet or transformer); `family` defaults to the one
+    of its class and supplies the default LoRA targets, the attention blocks and the embedders."""
     if method not in METHODS:
         raise ConfigError(f"unknown trainable method {method!r}; choose one of {list(METHODS)}")
+    family = family or family_for_denoiser(unet)
     check_per_sample_safe(unet)
     unet.requires_grad_(False)
     lora_config = None
     if method == "lora":
-        lora_config = _add_lora(unet, rank, lora_alpha, target_modules)
+        lora_config = _add_lora(unet, rank, lora_alpha, target_modules or family.default_lora_targets)
     elif method == "attention":
-        blocks = attention_blocks(unet)
+        blocks = family.attention_blocks(unet)
         if not blocks:
-            raise ConfigError("this UNet has no Transformer2DModel attention blocks; use method 'lora' or 'full'")
+            raise ConfigError(f"this {type(unet).__name__} has no attention blocks to train; use method 'lora' or 'full'")
         if not 0 <= attention_start_index < len(blocks):
             raise ConfigError(
-                f"attention_start_index={attention_start_index} is out of range: this UNet has {len(blocks)} "
+                f"attention_start_index={attention_start_index} is out of range: this model has {len(blocks)} "
                 f"attention blocks (0..{len(blocks) - 1}, in depth order: {[n for n, _ in blocks]})"
             )
         for _, block in blocks[attention_start_index:]:
@@ -110,9 +108,10 @@ def prepare_trainable(
     else:
         unet.requires_grad_(True)
     if train_condition_embedder:
-        embedders = [getattr(unet, n) for n in CONDITION_EMBEDDERS if getattr(unet, n, None) is not None]
+        embedders = [getattr(unet, n) for n in family.condition_embedders if getattr(unet, n, None) is not None]
         if not embedders:
-            raise ConfigError(f"train_condition_embedder=True but this UNet has none of {list(CONDITION_EMBEDDERS)}")
+            raise ConfigError(f"train_condition_embedder=True but this {type(unet).__name__} has none of "
+                              f"{list(family.condition_embedders)}")
         for module in embedders:
             module.requires_grad_(True)
     names = [n for n, p in unet.named_parameters() if p.requires_grad]
@@ -129,7 +128,7 @@ def check_per_sample_safe(unet: nn.Module) -> None:
     """Refuse models on which per-example clipping would not bound one example's influence."""
     if getattr(unet, "is_gradient_checkpointing", False):
         raise ConfigError(
-            "gradient checkpointing is enabled on this UNet; with per-sample gradients (Opacus hooks/functorch) "
+            "gradient checkpointing is enabled on this model; with per-sample gradients (Opacus hooks/functorch) "
             "it silently drops the per-sample gradients of checkpointed blocks. Call "
             "`unet.disable_gradient_checkpointing()` and lower physical_batch_size to save memory instead"
         )
@@ -149,13 +148,13 @@ def _add_lora(unet, rank, lora_alpha, target_modules) -> dict:
 
     if rank < 1:
         raise ConfigError(f"LoRA rank must be >= 1, got {rank}")
-    targets = list(target_modules) if target_modules else list(DEFAULT_LORA_TARGETS)
+    targets = list(target_modules)
     names = [n for n, _ in unet.named_modules() if n]
     missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
     if missing:
         # what a user can pass: the trailing names of the layers peft can adapt (Linear/Conv)
         layers = sorted({_trailing_name(n) for n, m in unet.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))})
-        raise ConfigError(f"LoRA target module(s) {missing} match no module of this UNet. Layer names that exist: {layers}")
+        raise ConfigError(f"LoRA target module(s) {missing} match no module of this {type(unet).__name__}. Layer names that exist: {layers}")
     config = LoraConfig(
         r=rank,
         lora_alpha=float(lora_alpha if lora_alpha is not None else rank),
@@ -171,48 +170,43 @@ def _trailing_name(name: str) -> str:
     return ".".join(parts[-2:]) if parts[-1].isdigit() else parts[-1]
 
 
-def save_trained(unet: nn.Module, output_dir: str | os.PathLike, method: str) -> list[Path]:
-    """Write the trained subset of `unet` (wrapped or not) into `output_dir`; returns the files written.
+def save_trained(unet: nn.Module, output_dir: str | os.PathLike, method: str, family=None) -> list[Path]:
+    """Write the trained subset of the denoiser `unet` (wrapped or not) into `output_dir`; returns the files written.
 
-    lora      -> `pytorch_lora_weights.safetensors` (stock `pipeline.load_lora_weights`), plus
+    lora      -> `pytorch_lora_weights.safetensors` where the family's stock pipeline loads it
+                 (`load_lora_weights`; PixArt/DiT: `transformer.load_lora_adapter`), plus
                  `condition_embedder.safetensors` if the embedder trained too;
-    attention/full -> `unet/` (stock `UNet2DConditionModel.from_pretrained(dir, subfolder="unet")`).
+    attention/full -> `unet/` or `transformer/` (the family's denoiser folder: stock `from_pretrained`).
     Every file is replaced atomically; other files in `output_dir` (e.g. the privacy record) stay."""
     if method not in METHODS:
         raise ConfigError(f"unknown trainable method {method!r}; choose one of {list(METHODS)}")
     unet = unwrap_model(unet)
+    family = family or family_for_denoiser(unet)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     written = []
     if method == "lora":
-        written += _save_lora(unet, output_dir)
+        written += _save_lora(unet, output_dir, family)
     else:
-        with atomic_dir(output_dir / "unet") as tmp:
+        with atomic_dir(output_dir / family.denoiser_attr) as tmp:
             unet.save_pretrained(tmp, safe_serialization=True)
-        written.append(output_dir / "unet")
+        written.append(output_dir / family.denoiser_attr)
     trainable = [n for n, p in unet.named_parameters() if p.requires_grad]
-    write_json(output_dir / MANIFEST_NAME, {"method": method, "trainable_names": trainable})
+    write_json(output_dir / MANIFEST_NAME, {"method": method, "family": family.name, "trainable_names": trainable})
     return written + [output_dir / MANIFEST_NAME]
 
 
-def _save_lora(unet, output_dir: Path) -> list[Path]:
-    from diffusers import StableDiffusionPipeline
+def _save_lora(unet, output_dir: Path, family) -> list[Path]:
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save_file
 
     config = getattr(unet, "peft_config", {}).get("default")
     if config is None:
-        raise ConfigError("method 'lora' but the UNet carries no LoRA adapter; call prepare_trainable(..., 'lora') first")
+        raise ConfigError("method 'lora' but the denoiser carries no LoRA adapter; call prepare_trainable(..., 'lora') first")
     # the PEFT key format: the older diffusers format (convert_state_dict_to_diffusers) reloads wrongly
     # once proj_in/proj_out carry LoRA (tested: those weights are silently dropped or misplaced)
     layers = get_peft_model_state_dict(unet)
-    written = []
-    with tempfile.TemporaryDirectory(prefix=".lora.", dir=output_dir) as tmp:
-        StableDiffusionPipeline.save_lora_weights(
-            tmp, unet_lora_layers=layers, unet_lora_adapter_metadata=config.to_dict(), safe_serialization=True
-        )
-        os.replace(Path(tmp) / LORA_WEIGHTS_NAME, output_dir / LORA_WEIGHTS_NAME)
-    written.append(output_dir / LORA_WEIGHTS_NAME)
+    written = [family.save_lora(unet, output_dir, layers, config.to_dict())]
     extra = {n: p.detach().contiguous().cpu() for n, p in unet.named_parameters() if p.requires_grad and "lora_" not in n}
     if extra:
         with atomic_path(output_dir / EXTRA_WEIGHTS_NAME) as tmp:
@@ -222,7 +216,7 @@ def _save_lora(unet, output_dir: Path) -> list[Path]:
 
 
 def load_trained(pipeline, output_dir: str | os.PathLike) -> None:
-    """Apply what `save_trained` wrote to `pipeline` in place (LoRA, embedder weights or UNet)."""
+    """Apply what `save_trained` wrote to `pipeline` in place (LoRA, embedder weights or denoiser)."""
     from safetensors.torch import load_file
 
     output_dir = Path(output_dir)
@@ -230,23 +224,23 @@ def load_trained(pipeline, output_dir: str | os.PathLike) -> None:
     if not manifest.is_file():
         raise ConfigError(f"{output_dir} has no {MANIFEST_NAME}; it was not written by dpdiff.adapters.save_trained")
     method = json.loads(manifest.read_text())["method"]
+    family = family_for_pipeline(pipeline)
+    denoiser = family.denoiser(pipeline)
     if method == "lora":
-        pipeline.load_lora_weights(output_dir)
+        family.load_lora(pipeline, output_dir)
         extra = output_dir / EXTRA_WEIGHTS_NAME
         if extra.is_file():
-            _load_named(pipeline.unet, load_file(str(extra)))
+            _load_named(denoiser, load_file(str(extra)))
     else:
-        from diffusers import UNet2DConditionModel
-
-        trained = UNet2DConditionModel.from_pretrained(output_dir, subfolder="unet")
-        pipeline.unet.load_state_dict(trained.state_dict())
+        trained = type(denoiser).from_pretrained(output_dir, subfolder=family.denoiser_attr)
+        denoiser.load_state_dict(trained.state_dict())
 
 
-def _load_named(unet: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    params = dict(unet.named_parameters())
+def _load_named(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
     unknown = sorted(set(tensors) - set(params))
     if unknown:
-        raise ConfigError(f"saved weights name parameters this UNet lacks: {unknown[:5]}")
+        raise ConfigError(f"saved weights name parameters this {type(model).__name__} lacks: {unknown[:5]}")
     with torch.no_grad():
         for name, value in tensors.items():
             params[name].copy_(value)

@@ -19,7 +19,8 @@ from typing import Sequence
 
 from dpdiff.errors import ConfigError, PrivacyError
 from dpdiff.model_card import CARD_FILE, PLOT_IMAGES, REAL_DATA_NAME, SAMPLE_IMAGES, build_model_card, predictable_noise, write_model_card
-from dpdiff.sampling.records import GENERATION_FILE, HUB_ID, LORA_FILE, PRIVACY_FILE, UNET_DIR, read_run
+from dpdiff.sampling.records import GENERATION_FILE, HUB_ID, LORA_FILE, PRIVACY_FILE, TRANSFORMER_DIR, UNET_DIR, read_run
+from dpdiff.training.outputs import TRAINING_CONFIG
 
 logger = logging.getLogger(__name__)
 
@@ -27,9 +28,10 @@ UPLOAD_PATTERNS = (
     CARD_FILE,
     PRIVACY_FILE,
     GENERATION_FILE,
-    "training_config.yaml",  # the run's flags (training/outputs.py; never the token)
+    TRAINING_CONFIG,  # the run's flags (never the token)
     LORA_FILE,
     f"{UNET_DIR}/*",
+    f"{TRANSFORMER_DIR}/*",
     "dpdiff_trainable.json",  # names of the trained parameters (adapters.py)
     "generator/*",  # DP-MEPF: the generator, the DP release it was trained on, its flags
     "release.safetensors",

@@ -17,6 +17,7 @@ from typing import Any, Sequence
 from huggingface_hub import ModelCard, ModelCardData
 
 from dpdiff.errors import PrivacyError
+from dpdiff.families import family_named
 from dpdiff.io import write_text
 from dpdiff.sampling.records import HUB_ID, RunRecord, read_run
 
@@ -157,14 +158,15 @@ def card_tags(method: str) -> list[str]:
 
 def summary_line(run: RunRecord, base: str) -> str:
     p = run.privacy
+    model = "UNet" if family_named(run.generation.get("family", "sd")).denoiser_attr == "unet" else "transformer"
     how = {
-        "lora": "LoRA adapters on the UNet's attention projections",
-        "attention": "the UNet's attention blocks",
-        "full": "every UNet parameter",
+        "lora": f"LoRA adapters on the {model}'s attention projections",
+        "attention": f"the {model}'s attention blocks",
+        "full": f"every {model} parameter",
         "mepf": "a generator matched to a DP mean embedding of perceptual features",
     }[run.method]
     if run.method == "lora" and p.get("lora_target_modules"):
-        how = f"LoRA adapters (rank {p.get('lora_rank')}) on the UNet layers {', '.join(f'`{t}`' for t in p['lora_target_modules'])}"
+        how = f"LoRA adapters (rank {p.get('lora_rank')}) on the {model} layers {', '.join(f'`{t}`' for t in p['lora_target_modules'])}"
     data = p.get("dataset", "a private dataset")
     n = p.get("num_examples")
     size = f" ({n} examples)" if n is not None else ""
@@ -264,17 +266,19 @@ def usage_snippet(run: RunRecord, base: str, repo: str) -> str:
             "from huggingface_hub import snapshot_download\nfrom dpdiff.mepf import sample_mepf\n"
             f'images, labels, class_names = sample_mepf(snapshot_download("{repo}"), num_per_class=10, seed=0)'
         )
+    family = family_named(gen.get("family", "sd"))
     prompt = (run.class_prompts or ["a photo"])[0]
-    call = f'image = pipe("{prompt}", num_inference_steps={gen.get("num_inference_steps", 50)}, guidance_scale={gen.get("guidance_scale", 1.0)}).images[0]'
+    call = family.usage_call(prompt, gen.get("num_inference_steps", 50), gen.get("guidance_scale", 1.0))
     if base == "dpdiff-tiny":
         load_base = 'from dpdiff.pipelines.loading import load_pipeline\npipe = load_pipeline("dpdiff-tiny")  # the base ships with dpdiff'
     else:
         load_base = f'from diffusers import DiffusionPipeline\npipe = DiffusionPipeline.from_pretrained("{base}")'
     if run.method == "lora":
-        return f'{load_base}\npipe.load_lora_weights("{repo}")\n{call}'
+        return f'{load_base}\n{family.usage_load_lora(repo)}\n{call}'
+    denoiser_class, attr = family.denoiser_classes[0], family.denoiser_attr
     return (
-        f'{load_base}\nfrom diffusers import UNet2DConditionModel\n'
-        f'pipe.unet = UNet2DConditionModel.from_pretrained("{repo}", subfolder="unet")\n{call}'
+        f'{load_base}\nfrom diffusers import {denoiser_class}\n'
+        f'pipe.{attr} = {denoiser_class}.from_pretrained("{repo}", subfolder="{attr}")\n{call}'
     )
 
 

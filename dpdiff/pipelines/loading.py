@@ -1,4 +1,4 @@
-"""Resolve and load a base pipeline: the built-in preset, a local SD-format folder or a hub id.
+"""Resolve and load a base pipeline: the built-in preset, a local diffusers folder or a hub id.
 
 The hub path is the stock `DiffusionPipeline.from_pretrained`; local folders are checked first so
 that a folder that is not a diffusers pipeline gives one clear error instead of a stack trace."""
@@ -14,10 +14,11 @@ from diffusers import DiffusionPipeline
 from diffusers.utils import deprecation_utils
 
 from dpdiff.errors import ConfigError
+from dpdiff.families import family_for_pipeline_class
 
 PRESET_NAME = "dpdiff-tiny"
 PRESET_DIR = Path(__file__).resolve().parent.parent / "presets" / "tiny-sd"
-REQUIRED_COMPONENTS = ("unet", "vae", "scheduler")
+REQUIRED_COMPONENTS = ("unet", "vae", "scheduler")  # of the SD family; each family names its denoiser
 
 
 def resolve_model_path(name_or_path: str | os.PathLike) -> str:
@@ -50,10 +51,12 @@ def validate_pipeline_folder(path: Path) -> None:
         components = json.loads(index.read_text())
     except json.JSONDecodeError as e:
         raise ConfigError(f"{index} is not valid JSON ({e}); the pipeline folder is corrupt") from e
-    missing = [c for c in REQUIRED_COMPONENTS if c not in components or not (path / c).is_dir()]
+    family = family_for_pipeline_class(str(components.get("_class_name")))  # unsupported: one clear error
+    required = (family.denoiser_attr, "vae", "scheduler")
+    missing = [c for c in required if c not in components or not (path / c).is_dir()]
     if missing:
-        raise ConfigError(f"pipeline folder {path} lacks the component(s) {missing}; a latent-diffusion pipeline needs {list(REQUIRED_COMPONENTS)}")
-    for component in REQUIRED_COMPONENTS:
+        raise ConfigError(f"pipeline folder {path} lacks the component(s) {missing}; a {family.name!r} pipeline needs {list(required)}")
+    for component in required:
         files = os.listdir(path / component)
         if component != "scheduler" and not any(f.endswith(".safetensors") for f in files):
             raise ConfigError(
@@ -65,9 +68,27 @@ def validate_pipeline_folder(path: Path) -> None:
 def load_pipeline(name_or_path: str | os.PathLike = PRESET_NAME, torch_dtype: torch.dtype = torch.float32, **kwargs):
     """The stock diffusers pipeline class for the folder/hub id, loaded from safetensors only."""
     path = resolve_model_path(name_or_path)
-    kwargs.setdefault("safety_checker", None)
-    kwargs.setdefault("requires_safety_checker", False)
+    class_name = _local_class_name(path)
+    if class_name is None or "safety_checker" in _expected_components(class_name):
+        kwargs.setdefault("safety_checker", None)
+        kwargs.setdefault("requires_safety_checker", False)
     # newer diffusers name it `dtype` (and warn on `torch_dtype`); older releases only know `torch_dtype`
     dtype_kw = "dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype"
     kwargs[dtype_kw] = torch_dtype
+    if class_name is None:  # a hub id: refuse an unsupported family before the weights download
+        family_for_pipeline_class(str(DiffusionPipeline.load_config(path).get("_class_name")))
     return DiffusionPipeline.from_pretrained(path, use_safetensors=True, **kwargs)
+
+
+def _local_class_name(path: str) -> str | None:
+    index = Path(path) / "model_index.json"
+    return str(json.loads(index.read_text()).get("_class_name")) if index.is_file() else None
+
+
+def _expected_components(class_name: str) -> set[str]:
+    import inspect
+
+    import diffusers
+
+    pipeline_class = getattr(diffusers, class_name, None)
+    return set(inspect.signature(pipeline_class.__init__).parameters) if pipeline_class else set()

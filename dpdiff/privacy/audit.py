@@ -226,7 +226,7 @@ def run_audit(args: argparse.Namespace) -> AuditResult:
     private = build_latent_cache(pipeline, source, resolution, args.cond_dropout, args.seed)
     latents = encode_images(pipeline.vae, make_canary_images(m, resolution, audit_seed, args.canary_kind), resolution,
                             show_progress=False)
-    embeddings = private.prompt_embeddings
+    embeddings = private.conditions["encoder_hidden_states"]
     norm = args.canary_scale * float(embeddings[:-1].norm(dim=-1).mean())
     directions = canary_directions(embeddings, m)
     contexts = canary_contexts(directions, embeddings.shape[1], norm)[members]
@@ -294,7 +294,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--method", choices=METHODS, default="attention", help="must train the cross-attention to_k/to_v (attention, full, or lora on them)")
     a("--rank", type=int, default=8)
     a("--lora_alpha", type=float, default=None)
-    a("--lora_target_modules", nargs="+", default=["to_q", "to_k", "to_v", "to_out.0"])
+    a("--lora_target_modules", nargs="+", default=None)
     a("--attention_start_index", type=int, default=0)
     a("--target_epsilon", type=float, default=10.0, help="the claim under audit; sigma is planned as in finetune")
     a("--non_private", action="store_true", help="no noise (epsilon = inf): shows the attack's power; pair with a large --max_grad_norm")

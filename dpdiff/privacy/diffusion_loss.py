@@ -90,7 +90,14 @@ def per_row_loss(
     noise: torch.Tensor,
     timesteps: torch.Tensor,
 ) -> torch.Tensor:
-    """Denoising MSE of each row, averaged over latent elements: shape [rows]."""
+    """Denoising MSE of each row of a UNet conditioned on `encoder_hidden_states`: shape [rows]."""
+    return denoising_loss(lambda noisy, t: model(noisy, t, encoder_hidden_states=encoder_hidden_states).sample,
+                          noise_scheduler, latents, noise, timesteps)
+
+
+def denoising_loss(predict, noise_scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """DDPM noising with the scheduler's prediction type; `predict(noisy, timesteps)` is the denoiser
+    call. Each row's MSE averaged over latent elements: shape [rows]."""
     prediction_type = noise_scheduler.config.prediction_type
     if prediction_type == "epsilon":
         target = noise
@@ -101,7 +108,7 @@ def per_row_loss(
     else:
         raise ValueError(f"unknown prediction_type {prediction_type!r}; expected one of {PREDICTION_TYPES}")
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-    prediction = model(noisy, timesteps, encoder_hidden_states=encoder_hidden_states).sample
+    prediction = predict(noisy, timesteps)
     return (prediction.float() - target.float()).pow(2).flatten(1).mean(dim=1)
 
 

@@ -17,6 +17,7 @@ states, so a checkpoint must be kept as private as the data."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import secrets
 import warnings
@@ -31,11 +32,13 @@ from torch.utils.data import Dataset, default_collate
 
 from dpdiff.adapters import check_per_sample_safe, unwrap_model
 from dpdiff.errors import ConfigError, DataError, PrivacyError
-from dpdiff.privacy.diffusion_loss import draw_diffusion_inputs, example_generator, fold_multiplicity, per_row_loss
+from dpdiff.privacy.diffusion_loss import example_generator, fold_multiplicity
 
 GRAD_SAMPLE_MODES = ("auto", "hooks", "ew", "functorch")
+PRECISIONS = ("no", "bf16", "fp16")  # Accelerate's --mixed_precision values
+FP16_LOSS_SCALE = 2.0**12  # static: a scale adapted to overflows would be chosen by the private data
 CLIPPING_MODES = ("flat", "per_layer")
-REQUIRED_KEYS = ("latents", "encoder_hidden_states")
+REQUIRED_KEYS = ("latents", "encoder_hidden_states")  # of the SD family; a family names its own
 
 
 @dataclass
@@ -50,13 +53,19 @@ class StepStats:
     # share of the examples whose gradient norm exceeded C (flat clipping; nan otherwise or if none).
     # The noise is sized to C: when most gradients are far below C, most of the noise is wasted.
     clipped_fraction: float = float("nan")
+    # examples whose low-precision gradient overflowed: their contribution is zeroed (a per-example
+    # function of that example alone, so the sensitivity stays C); always 0 in fp32
+    nonfinite_examples: int = 0
 
 
 class DPDiffusionEngine:
     """Owns the DP wrapping of `unet` + `optimizer` and the private `dataset`; `step()` is one DP-SGD step.
 
-    `dataset[i]` must be a dict with `latents` [C, h, w] (already VAE-scaled) and
-    `encoder_hidden_states` [T, D] (frozen text encoder output): a per-example latent cache."""
+    `dataset[i]` must be a dict with `latents` [C, h, w] (already VAE-scaled) and the conditioning
+    tensors the model family names (`family.condition_keys`; SD: `encoder_hidden_states` [T, D]):
+    a per-example latent cache. `family` (default: the one of the denoiser's class) calls the
+    denoiser; `objective` (default: the family's for `noise_scheduler`) draws the noise and timesteps
+    and computes each row's loss. The engine itself never asks which family it runs."""
 
     def __init__(
         self,
@@ -77,22 +86,33 @@ class DPDiffusionEngine:
         seed: int = 0,
         privacy_seed: int | None = None,
         distributed: bool = False,
+        family=None,
+        objective=None,
+        precision: str = "no",
     ):
+        from dpdiff.families import family_for_denoiser
+
         self.model = unwrap_model(unet)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.family = family if family is not None else family_for_denoiser(self.model)
         _validate(self.model, self.params, optimizer, dataset, batch_size, physical_batch_size, noise_multiplier,
-                  max_grad_norm, noise_multiplicity, grad_sample_mode, clipping, secure_mode, privacy_seed, distributed)
+                  max_grad_norm, noise_multiplicity, grad_sample_mode, clipping, secure_mode, privacy_seed, distributed,
+                  self.family, precision)
         self.noise_scheduler = noise_scheduler
+        self.objective = objective if objective is not None else self.family.objective(noise_scheduler)
+        self.condition_keys = tuple(self.family.condition_keys)
         self.dataset = dataset
         self.batch_size = int(batch_size)
         self.physical_batch_size = int(physical_batch_size)
         self.noise_multiplier = float(noise_multiplier)
         self.max_grad_norm = float(max_grad_norm)
         self.noise_multiplicity = int(noise_multiplicity)
-        self.timestep_weights = _checked_timestep_weights(timestep_weights, noise_scheduler.config.num_train_timesteps)
-        self.grad_sample_mode = resolve_grad_sample_mode(self.model, grad_sample_mode)  # what ran: recorded
+        self.timestep_weights = _checked_timestep_weights(timestep_weights, self.objective.num_train_timesteps)
+        self.grad_sample_mode = resolve_grad_sample_mode(self.model, grad_sample_mode, precision)  # what ran: recorded
         self.clipping = clipping
         self.secure_mode = secure_mode
+        self.precision = precision
+        self._nonfinite = 0
         self.distributed = distributed
         self.sample_rate = self.batch_size / len(dataset)
         self.steps_taken = 0
@@ -164,12 +184,14 @@ class DPDiffusionEngine:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         self.steps_taken += 1
+        nonfinite, self._nonfinite = self._nonfinite, 0
         return StepStats(
             loss=loss_sum / len(indices) if indices else float("nan"),
             num_examples=len(indices),
             num_micro_batches=max(len(chunks), 1),
             step=self.steps_taken,
             clipped_fraction=clipped / len(indices) if indices and self.clipping == "flat" else float("nan"),
+            nonfinite_examples=nonfinite,
         )
 
     def _per_example_norms(self, num_examples: int) -> torch.Tensor:
@@ -181,46 +203,85 @@ class DPDiffusionEngine:
         """Forward + backward one micro-batch; leaves one folded per-example gradient per example."""
         batch = default_collate([self.dataset[i] for i in indices])
         latents = batch["latents"].to(self.device)
-        hidden = batch["encoder_hidden_states"].to(self.device)
-        return self.per_example_backward(latents, hidden, indices=indices)
+        conditions = {key: batch[key].to(self.device) for key in self.condition_keys}
+        return self.per_example_backward(latents, conditions, indices=indices)
 
     def per_example_backward(
         self,
         latents: torch.Tensor,
-        encoder_hidden_states: torch.Tensor,
+        conditions: dict | torch.Tensor,
         noise: torch.Tensor | None = None,
         timesteps: torch.Tensor | None = None,
         indices: list[int] | None = None,
     ) -> torch.Tensor:
         """Per-example losses [b] after backward; `p.grad_sample` then holds [b, ...] per parameter.
 
-        `noise`/`timesteps` ([b*K, ...], rows of example i at i*K..i*K+K-1) default to the draws keyed
-        by (seed, step, dataset index) of each example."""
+        `conditions`: the family's conditioning tensors by name ([b, ...] each; a bare tensor is the
+        `encoder_hidden_states` of UNet families). `noise`/`timesteps` ([b*K, ...], rows of example i
+        at i*K..i*K+K-1) default to the draws keyed by (seed, step, dataset index) of each example."""
         b, k = latents.shape[0], self.noise_multiplicity
+        if isinstance(conditions, torch.Tensor):
+            conditions = {"encoder_hidden_states": conditions}
         if noise is None or timesteps is None:
             keys = indices if indices is not None else range(b)
             generators = [example_generator(self.seed, self.steps_taken, i) for i in keys]
-            _, noise, timesteps = draw_diffusion_inputs(
-                latents, k, self.noise_scheduler.config.num_train_timesteps, generators, self.timestep_weights
-            )
+            noise, timesteps = self.objective.draw(latents, k, generators, self.timestep_weights)
         rows = latents.repeat_interleave(k, dim=0)
-        hidden = encoder_hidden_states.repeat_interleave(k, dim=0)
-        losses = per_row_loss(self.module, self.noise_scheduler, rows, hidden, noise, timesteps)
+        row_conditions = {name: value.repeat_interleave(k, dim=0) for name, value in conditions.items()}
+        module, family = self.module, self.family
+        with self._autocast():
+            losses = self.objective.per_row_loss(
+                lambda noisy, t: family.predict(module, noisy, t, row_conditions), rows, noise, timesteps
+            )
         # mean over all b*K rows: with loss_reduction="mean" Opacus stores each row's own gradient
+        scale = FP16_LOSS_SCALE if self.precision == "fp16" else 1.0
         with warnings.catch_warnings():
             # Opacus' hooks fire on module outputs because the cached inputs need no grad: expected
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
-            losses.mean().backward()
+            (losses.mean() * scale).backward()
+        self._grad_samples_to_fp32(scale)
         fold_multiplicity(self.params, b, k)
+        self._zero_nonfinite(b)
         return losses.detach().view(b, k).mean(dim=1)
+
+    def _autocast(self):
+        """Forward (and so backward) in bf16/fp16 under autocast; weights, per-example gradients, clipping,
+        noise and the step stay fp32 (master weights), so the noise is never rounded away."""
+        if self.precision == "no":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    def _grad_samples_to_fp32(self, scale: float) -> None:
+        """Low precision: per-sample gradients back to fp32 and unscaled, before K-folding and clipping."""
+        if self.precision != "no":
+            for p in self.params:
+                if p.grad_sample is not None:
+                    p.grad_sample = p.grad_sample.float() / scale
+
+    def _zero_nonfinite(self, num_examples: int) -> None:
+        """Low precision: an example whose gradient overflowed contributes zeros instead of NaN/inf
+        (which clipping cannot bound); the decision looks at that example's gradient only."""
+        if self.precision == "no":
+            return
+        grads = [p for p in self.params if p.grad_sample is not None]
+        bad = torch.zeros(num_examples, dtype=torch.bool, device=self.device)
+        for p in grads:
+            bad |= ~torch.isfinite(p.grad_sample.reshape(num_examples, -1)).all(dim=1)
+        if bool(bad.any()):
+            for p in grads:
+                p.grad_sample[bad] = 0.0
+            self._nonfinite += int(bad.sum())
 
     def _accumulate_nothing(self) -> None:
         """An empty batch: Opacus cannot run on zero rows, so run one all-zero dummy example and zero
         its per-sample gradient exactly. The step then releases noise only (and, distributed, this
         rank still joins the all-reduce so the others do not hang)."""
-        latents = torch.zeros_like(self.dataset[0]["latents"]).unsqueeze(0).to(self.device)
-        hidden = torch.zeros_like(self.dataset[0]["encoder_hidden_states"]).unsqueeze(0).to(self.device)
-        self.per_example_backward(latents, hidden, indices=[len(self.dataset)])
+        first = self.dataset[0]
+        latents = torch.zeros_like(first["latents"]).unsqueeze(0).to(self.device)
+        conditions = {key: torch.zeros_like(torch.as_tensor(first[key])).unsqueeze(0).to(self.device)
+                      for key in self.condition_keys}
+        self.per_example_backward(latents, conditions, indices=[len(self.dataset)])
         for p in self.params:
             p.grad_sample = torch.zeros_like(p.grad_sample)
 
@@ -291,22 +352,25 @@ def trains_convolution(model: nn.Module) -> bool:
     return any(isinstance(m, nn.Conv2d) and any(p.requires_grad for p in m.parameters(recurse=False)) for m in model.modules())
 
 
-def resolve_grad_sample_mode(model: nn.Module, grad_sample_mode: str) -> str:
+def resolve_grad_sample_mode(model: nn.Module, grad_sample_mode: str, precision: str = "no") -> str:
     """'auto': expanded weights ('ew', ~12% faster on the preset, same per-example gradients) unless a
-    convolution trains, where torch's expanded-weights conv backward fails; then Opacus hooks."""
+    convolution trains, where torch's expanded-weights conv backward fails, or the forward runs under
+    autocast, which expanded weights cannot follow (dtype mismatch); then Opacus hooks."""
     if grad_sample_mode != "auto":
         return grad_sample_mode
-    return "hooks" if trains_convolution(model) else "ew"
+    return "hooks" if trains_convolution(model) or precision != "no" else "ew"
 
 
 def _validate(model, params, optimizer, dataset, batch_size, physical_batch_size, noise_multiplier, max_grad_norm,
-              noise_multiplicity, grad_sample_mode, clipping, secure_mode, privacy_seed, distributed) -> None:
+              noise_multiplicity, grad_sample_mode, clipping, secure_mode, privacy_seed, distributed, family, precision) -> None:
     """Every refusal happens here, before any work or any private data is touched."""
     if grad_sample_mode not in GRAD_SAMPLE_MODES:
         raise ConfigError(
             f"grad_sample_mode {grad_sample_mode!r} is not supported; choose one of {list(GRAD_SAMPLE_MODES)} "
             "(ghost clipping is not offered: its cost grows with the square of the latent size)"
         )
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision {precision!r} is not supported; choose one of {list(PRECISIONS)} (Accelerate's --mixed_precision)")
     if clipping not in CLIPPING_MODES:
         raise ConfigError(f"clipping {clipping!r} is not supported; choose one of {list(CLIPPING_MODES)}")
     if grad_sample_mode == "ew" and trains_convolution(model):
@@ -314,6 +378,9 @@ def _validate(model, params, optimizer, dataset, batch_size, physical_batch_size
             "grad_sample_mode='ew' cannot train convolutions here (torch's expanded-weights conv backward fails on "
             "the UNet's non-contiguous gradients); use grad_sample_mode='hooks' or 'auto' (the default)"
         )
+    if grad_sample_mode == "ew" and precision != "no":
+        raise ConfigError(f"grad_sample_mode='ew' cannot run under {precision} autocast (torch's expanded weights mix "
+                          "dtypes); use grad_sample_mode='hooks' or 'auto' (the default)")
     if clipping == "per_layer" and distributed:
         raise ConfigError("per_layer clipping is not supported with distributed=True; use clipping='flat'")
     if not params:
@@ -355,14 +422,15 @@ def _validate(model, params, optimizer, dataset, batch_size, physical_batch_size
             "(`accelerate launch --multi_gpu --num_processes N ...`; `--cpu` alone starts ONE process)"
         )
     first = dataset[0]
-    if not isinstance(first, dict) or any(k not in first for k in REQUIRED_KEYS):
+    required = ["latents", *family.condition_keys]
+    if not isinstance(first, dict) or any(k not in first for k in required):
         raise DataError(
-            f"private dataset items must be dicts with keys {list(REQUIRED_KEYS)} (a latent cache); "
-            f"got {type(first).__name__} with keys {sorted(first) if isinstance(first, dict) else None}"
+            f"private dataset items must be dicts with keys {required} (a latent cache of the {family.name!r} model "
+            f"family); got {type(first).__name__} with keys {sorted(first) if isinstance(first, dict) else None}"
         )
-    in_channels = getattr(getattr(model, "config", None), "in_channels", None)
+    in_channels = family.latent_channels(model) if hasattr(model, "config") else None
     if in_channels is not None and first["latents"].shape[0] != in_channels:
         raise DataError(
-            f"cached latents have {first['latents'].shape[0]} channels but the UNet expects {in_channels}; "
+            f"cached latents have {first['latents'].shape[0]} channels but the denoiser expects {in_channels}; "
             "the latent cache was built with another VAE"
         )

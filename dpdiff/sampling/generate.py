@@ -181,20 +181,19 @@ def sample_dataset(
 
 
 def generate(pipe, requests: list[Request], guidance_scale: float, num_inference_steps: int, batch_size: int):
-    """Yield PIL images in request order, one tqdm bar over all of them."""
+    """Yield PIL images in request order, one tqdm bar over all of them (the family's stock pipeline call:
+    prompts, or class labels for a class-conditional family)."""
+    from dpdiff.families import family_for_pipeline
+
+    family = family_for_pipeline(pipe)
     with tqdm(total=len(requests), desc="sampling", unit="img") as bar:
         for start in range(0, len(requests), batch_size):
             batch = requests[start : start + batch_size]
             generators = [torch.Generator("cpu").manual_seed(r.seed) for r in batch]
             with torch.inference_mode():
-                out = pipe(
-                    prompt=[r.prompt for r in batch],
-                    generator=generators,
-                    guidance_scale=guidance_scale,
-                    num_inference_steps=num_inference_steps,
-                    output_type="pil",
-                )
-            yield from out.images
+                images = family.generate(pipe, [r.prompt for r in batch], [r.label for r in batch], generator=generators,
+                                         num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
+            yield from images
             bar.update(len(batch))
 
 

@@ -11,17 +11,18 @@ import os
 
 import torch
 import diffusers
-from diffusers import UNet2DConditionModel
 
 from dpdiff.errors import ConfigError
+from dpdiff.families import family_for_pipeline
 from dpdiff.pipelines.loading import load_pipeline
 from dpdiff.sampling import SCHEDULERS, check_scheduler
-from dpdiff.sampling.records import LORA_FILE, UNET_DIR, RunRecord, read_run, resolve_run
+from dpdiff.sampling.records import RunRecord, read_run, resolve_run
 
 DEFAULT_SCHEDULER = "ddim"
 
-# a swapped-in UNet must fit the base's VAE latents and text encoder
-UNET_INTERFACE = ("in_channels", "out_channels", "sample_size", "cross_attention_dim")
+# a swapped-in denoiser must fit the base's VAE latents and text encoder(s)
+UNET_INTERFACE = ("in_channels", "out_channels", "sample_size", "cross_attention_dim", "caption_channels",
+                  "joint_attention_dim", "pooled_projection_dim", "num_embeds_ada_norm")
 
 
 def load_finetuned_pipeline(
@@ -49,12 +50,18 @@ def pipeline_for_run(run: RunRecord, base_model: str | None = None, device="cpu"
         pipe = load_pipeline(base, torch_dtype=torch_dtype)
     except ConfigError as e:
         raise ConfigError(f"{e} (base model of the run {run.path}; pass --base_model to point at a copy of it)") from e
+    family = family_for_pipeline(pipe)
     if run.method == "lora":
-        pipe.load_lora_weights(str(run.path), weight_name=LORA_FILE)
+        family.load_lora(pipe, run.path)
     else:
-        unet = UNet2DConditionModel.from_pretrained(run.path / UNET_DIR, dtype=torch_dtype, use_safetensors=True)
-        check_unet_fits(pipe.unet, unet, base, run)
-        pipe.register_modules(unet=unet)
+        folder = run.path / family.denoiser_attr
+        if not folder.is_dir():
+            raise ConfigError(f"{run.path} has no {family.denoiser_attr}/ folder, which a {run.method} run of a "
+                              f"{family.name!r} pipeline ({base!r}) leaves; pass the --base_model the run was trained from")
+        base_denoiser = family.denoiser(pipe)
+        denoiser = type(base_denoiser).from_pretrained(folder, dtype=torch_dtype, use_safetensors=True)
+        check_unet_fits(base_denoiser, denoiser, base, run)
+        pipe.register_modules(**{family.denoiser_attr: denoiser})
     pipe.scheduler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)  # sample_dataset shows one bar over all images
     return pipe.to(device)
@@ -64,6 +71,6 @@ def check_unet_fits(base_unet, unet, base: str, run: RunRecord) -> None:
     wrong = {k: (base_unet.config.get(k), unet.config.get(k)) for k in UNET_INTERFACE if base_unet.config.get(k) != unet.config.get(k)}
     if wrong:
         raise ConfigError(
-            f"the UNet of {run.path} does not fit the base model {base!r} (base vs run: {wrong}); "
+            f"the {type(unet).__name__} of {run.path} does not fit the base model {base!r} (base vs run: {wrong}); "
             "pass the --base_model the run was trained from"
         )

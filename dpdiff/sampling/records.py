@@ -22,6 +22,8 @@ PRIVACY_FILE = "privacy.json"
 GENERATION_FILE = "generation_config.json"
 LORA_FILE = "pytorch_lora_weights.safetensors"
 UNET_DIR = "unet"
+TRANSFORMER_DIR = "transformer"
+DENOISER_DIRS = (UNET_DIR, TRANSFORMER_DIR)  # where attention/full runs keep the trained denoiser
 METHODS = ("lora", "attention", "full", "mepf")
 DP_SGD_METHODS = ("lora", "attention", "full")
 
@@ -136,10 +138,11 @@ def check_weights(path: Path, method: str) -> None:
     if method == "lora" and not (path / LORA_FILE).is_file():
         raise IntegrityError(f"{path} is a lora run but has no {LORA_FILE}")
     if method in ("attention", "full"):
-        unet = path / UNET_DIR
-        if not (unet / "config.json").is_file() or not any(p.suffix == ".safetensors" for p in unet.glob("*")):
-            raise IntegrityError(f"{path} is a {method} run but {unet} has no config.json + .safetensors weights")
-    files = [path / LORA_FILE] if method == "lora" else sorted((path / UNET_DIR).glob("*.safetensors")) if method in ("attention", "full") else []
+        folders = [path / d for d in DENOISER_DIRS if (path / d).is_dir()]
+        denoiser = folders[0] if folders else path / UNET_DIR
+        if not (denoiser / "config.json").is_file() or not any(p.suffix == ".safetensors" for p in denoiser.glob("*")):
+            raise IntegrityError(f"{path} is a {method} run but {denoiser} has no config.json + .safetensors weights")
+    files = [path / LORA_FILE] if method == "lora" else sorted(denoiser.glob("*.safetensors")) if method in ("attention", "full") else []
     for weights in files:
         check_safetensors(weights)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 
 from dpdiff.pipelines.loading import PRESET_NAME
+from dpdiff.families.objectives import WEIGHTING_SCHEMES
 from dpdiff.privacy.diffusion_loss import TIMESTEP_BIAS_STRATEGIES
 
 METHODS = ("lora", "attention", "full")
@@ -34,6 +35,7 @@ def add_finetune_arguments(parser: argparse.ArgumentParser, method: str | None =
     a("--timestep_bias_portion", type=float, default=0.25, help="earlier/later: the fraction of timesteps that is biased")
     a("--timestep_bias_begin", type=int, default=0, help="range: first biased timestep")
     a("--timestep_bias_end", type=int, default=None, help="range: end of the biased timesteps (exclusive; default: the last)")
+    a("--weighting_scheme", choices=WEIGHTING_SCHEMES, default="none", help="flow-matching families (SD3, Flux, Sana): how training timesteps are drawn (the diffusers flag; none = uniform)")
     a("--clipping", choices=("flat", "per_layer"), default="flat", help="one norm over all trained parameters, or an equal split per tensor")
     a("--grad_sample_mode", choices=("auto", "hooks", "ew", "functorch"), default="auto", help="how Opacus computes per-example gradients (same result); auto: ew unless a convolution trains, else hooks")
     a("--secure_mode", action="store_true", help="cryptographically secure noise (Opacus secure_mode)")
@@ -48,9 +50,9 @@ def add_finetune_arguments(parser: argparse.ArgumentParser, method: str | None =
     # what trains
     a("--rank", type=int, default=8, help="LoRA rank")
     a("--lora_alpha", type=float, default=None, help="LoRA alpha (default: rank)")
-    a("--lora_target_modules", nargs="+", default=["to_q", "to_k", "to_v", "to_out.0"], help="module names that get LoRA adapters (a name matching nothing is an error)")
+    a("--lora_target_modules", nargs="+", default=None, help="module names that get LoRA adapters (default: the model family's attention projections, e.g. to_q to_k to_v to_out.0; a name matching nothing is an error)")
     a("--attention_start_index", type=int, default=0, help="attention method: train attention blocks from this index on")
-    a("--train_condition_embedder", action="store_true", help="also train the UNet's time/class embedding fully")
+    a("--train_condition_embedder", action="store_true", help="also train the denoiser's time/class/text embedding modules fully")
     # outputs
     a("--output_dir", default="dpdiff-output", help="where the adapter, privacy.json, model card and plots go")
     a("--overwrite_output_dir", action="store_true", help="replace the results of an earlier run in --output_dir")

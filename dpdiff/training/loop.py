@@ -7,6 +7,7 @@ Accelerate sets up the device, the process group and the trackers; the DP step i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 from dataclasses import dataclass
@@ -22,10 +23,10 @@ from dpdiff.adapters import prepare_trainable, save_trained
 from dpdiff.data import load_source
 from dpdiff.data.sources import check_prompt_template
 from dpdiff.errors import ConfigError, PrivacyError
+from dpdiff.families import family_for_pipeline
 from dpdiff.imaging import save_grid
 from dpdiff.io import removed_if_left_empty
 from dpdiff.pipelines import load_pipeline
-from dpdiff.pipelines.preset import training_scheduler
 from dpdiff.privacy import accounting
 from dpdiff.privacy.diffusion_loss import timestep_weights
 from dpdiff.privacy.engine import DPDiffusionEngine
@@ -112,39 +113,45 @@ def _finetune(args: argparse.Namespace) -> FinetuneResult:
     plan = accounting.plan(args.target_epsilon, args.delta, len(source), args.batch_size, epochs=args.epochs,
                            max_steps=args.max_steps, accountant=args.accountant, force_delta=args.force_delta)
     pipeline = load_pipeline(args.pretrained_model_name_or_path).to(accelerator.device)
-    noise_scheduler = training_scheduler(pipeline)
-    weights = _timestep_weights(args, noise_scheduler.config.num_train_timesteps)
+    family = family_for_pipeline(pipeline)
+    denoiser = family.denoiser(pipeline)
+    noise_scheduler = family.training_scheduler(pipeline)
+    objective = family.objective(noise_scheduler, weighting_scheme=args.weighting_scheme)
+    weights = _timestep_weights(args, objective.num_train_timesteps)
     pipeline.set_progress_bar_config(disable=True)
-    resolution = pipeline.unet.config.sample_size * pipeline.vae_scale_factor
+    resolution = family.resolution(pipeline)
     channels = 1 if source.dataset[0]["image"].mode in ("1", "L", "I", "I;16", "F") else 3
-    pipeline.unet.train()  # per-sample gradients need training mode (the UNet has no dropout/batch norm)
-    summary = prepare_trainable(pipeline.unet, args.method, rank=args.rank, lora_alpha=args.lora_alpha,
+    denoiser.train()  # per-sample gradients need training mode (the denoisers have no dropout/batch norm in use)
+    summary = prepare_trainable(denoiser, args.method, rank=args.rank, lora_alpha=args.lora_alpha,
                                 target_modules=args.lora_target_modules, attention_start_index=args.attention_start_index,
-                                train_condition_embedder=args.train_condition_embedder)
-    pipeline.vae.requires_grad_(False)
-    pipeline.text_encoder.requires_grad_(False)
+                                train_condition_embedder=args.train_condition_embedder, family=family)
+    for component in family.frozen_components(pipeline):
+        component.requires_grad_(False)
     if main:
-        logger.info("%s: %d trainable / %d parameters; plan %s", args.method, summary.trainable_params, summary.total_params, plan)
+        logger.info("%s %s: %d trainable / %d parameters; plan %s", family.name, args.method, summary.trainable_params,
+                    summary.total_params, plan)
 
-    cache = build_latent_cache(pipeline, source, resolution, args.cond_dropout, args.seed, show_progress=main)
-    params = [p for p in pipeline.unet.parameters() if p.requires_grad]
+    cache = build_latent_cache(pipeline, source, resolution, args.cond_dropout, args.seed, show_progress=main, family=family)
+    encoders = _Encoders(pipeline, family, accelerator.device)
+    encoders.offload()  # the frozen text encoders did their work; free the accelerator for the denoiser
+    params = [p for p in denoiser.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=0.0)
     engine = DPDiffusionEngine(
-        pipeline.unet, noise_scheduler, optimizer, cache,
+        denoiser, noise_scheduler, optimizer, cache, family=family, objective=objective,
         batch_size=args.batch_size, physical_batch_size=args.physical_batch_size,
         noise_multiplier=plan.noise_multiplier, max_grad_norm=args.max_grad_norm,
         noise_multiplicity=args.noise_multiplicity, timestep_weights=weights, grad_sample_mode=args.grad_sample_mode, clipping=args.clipping,
         secure_mode=args.secure_mode, seed=args.seed, privacy_seed=args.privacy_seed,
-        distributed=accelerator.num_processes > 1,
+        distributed=accelerator.num_processes > 1, precision=accelerator.mixed_precision,
     )
     ema = EMAModel(params, decay=args.ema_decay) if args.ema_decay > 0 else None
     ledger = PrivacyLedger(plan.delta, plan.accountant)
     if resume_path is not None:
-        _restore(resume_path, pipeline.unet, engine, ema, ledger)
+        _restore(resume_path, denoiser, engine, ema, ledger)
 
     if args.report_to:
         accelerator.init_trackers("dpdiff", config=_tracker_config(args))
-    _train(args, accelerator, pipeline, engine, cache, ema, ledger, plan, output_dir, source)
+    _train(args, accelerator, pipeline, engine, cache, ema, ledger, plan, output_dir, source, encoders)
 
     if ema is not None:
         ema.copy_to(params)  # the released weights are the EMA (post-processing: no privacy cost)
@@ -152,9 +159,11 @@ def _finetune(args: argparse.Namespace) -> FinetuneResult:
     if record["epsilon"] > plan.target_epsilon * (1 + 1e-6):
         raise PrivacyError(f"spent epsilon {record['epsilon']} exceeds the target {plan.target_epsilon}; refusing to export")
     if main:
-        save_trained(pipeline.unet, output_dir, args.method)
-        outputs.write_records(output_dir, record, outputs.generation_config(args, source, resolution, channels), replayable_flags(args))
-        _sample_grid(pipeline, source, args, output_dir / "samples.png")
+        save_trained(denoiser, output_dir, args.method, family=family)
+        outputs.write_records(output_dir, record, outputs.generation_config(args, source, resolution, channels, family),
+                              replayable_flags(args))
+        with encoders.loaded():
+            _sample_grid(pipeline, family, source, args, resolution, output_dir / "samples.png")
         plot_epsilon_curve(ledger, output_dir / "epsilon_curve.png", title=f"{args.method}: epsilon spent (delta={plan.delta:g})")
         from dpdiff.hub import push_to_hub, write_model_card
 
@@ -167,7 +176,7 @@ def _finetune(args: argparse.Namespace) -> FinetuneResult:
     return FinetuneResult(record, pipeline, output_dir)
 
 
-def _train(args, accelerator, pipeline, engine, cache, ema, ledger, plan, output_dir: Path, source) -> None:
+def _train(args, accelerator, pipeline, engine, cache, ema, ledger, plan, output_dir: Path, source, encoders) -> None:
     main = accelerator.is_main_process
     start = ledger.steps
     every = max(1, plan.steps // 50)
@@ -190,9 +199,11 @@ def _train(args, accelerator, pipeline, engine, cache, ema, ledger, plan, output
             accelerator.log({"loss": stats.loss, "epsilon": epsilon, "examples": stats.num_examples,
                              "clipped_fraction": stats.clipped_fraction}, step=done)
         if args.checkpointing_steps and done % args.checkpointing_steps == 0 and done < plan.steps:
-            _checkpoint(args, accelerator, pipeline.unet, engine, ema, ledger, output_dir, done)
+            _checkpoint(args, accelerator, engine.model, engine, ema, ledger, output_dir, done)
         if main and args.validation_steps and done % args.validation_steps == 0 and done < plan.steps:
-            _with_ema(ema, engine.params, lambda: _sample_grid(pipeline, source, args, output_dir / f"samples-{done}.png"))
+            grid = output_dir / f"samples-{done}.png"
+            with encoders.loaded():
+                _with_ema(ema, engine.params, lambda: _sample_grid(pipeline, engine.family, source, args, encoders.resolution, grid))
     if ledger.steps != engine.steps_taken:
         raise RuntimeError(f"ledger counted {ledger.steps} steps but the engine took {engine.steps_taken}")
 
@@ -261,16 +272,42 @@ def _with_ema(ema, params, fn):
         ema.restore(params)
 
 
+class _Encoders:
+    """Moves the family's frozen text encoders off the accelerator once the latent cache holds their
+    outputs (the T5 of SD3/Flux is larger than many denoisers), and back while a sample grid is drawn."""
+
+    def __init__(self, pipeline, family, device):
+        self.pipeline, self.device = pipeline, torch.device(device)
+        self.names = family.text_encoder_names(pipeline)
+        self.resolution = family.resolution(pipeline)
+
+    def offload(self) -> None:
+        if self.device.type != "cpu":
+            for name in self.names:
+                getattr(self.pipeline, name).to("cpu")
+            torch.cuda.empty_cache() if torch.cuda.is_available() else None
+
+    @contextlib.contextmanager
+    def loaded(self):
+        for name in self.names:
+            getattr(self.pipeline, name).to(self.device)
+        try:
+            yield
+        finally:
+            self.offload()
+
+
 @torch.no_grad()
-def _sample_grid(pipeline, source, args, path: Path) -> None:
+def _sample_grid(pipeline, family, source, args, resolution: int, path: Path) -> None:
     """Synthetic samples only: a row per class, generated from the current weights."""
     prompts = [p for p in source.class_prompts for _ in range(SAMPLES_PER_CLASS)]
+    labels = [c for c in range(len(source.class_prompts)) for _ in range(SAMPLES_PER_CLASS)]
     generator = torch.Generator().manual_seed(args.seed)
-    size = pipeline.unet.config.sample_size * pipeline.vae_scale_factor
     images = []
     for i in range(0, len(prompts), 40):
-        images += pipeline(prompts[i : i + 40], num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
-                           height=size, width=size, generator=generator, output_type="pil").images
+        images += family.generate(pipeline, prompts[i : i + 40], labels[i : i + 40], generator=generator,
+                                  num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+                                  resolution=resolution)
     save_grid(images, path, nrow=SAMPLES_PER_CLASS, scale=2)
 
 

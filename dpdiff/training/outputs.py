@@ -47,7 +47,7 @@ def prepare_output_dir(output_dir: str | os.PathLike, overwrite: bool, resuming:
     if free < MIN_FREE_BYTES:
         raise ConfigError(f"only {free / 2**20:.0f} MiB free under {path}; dpdiff needs at least {MIN_FREE_BYTES / 2**20:.0f} MiB")
     if overwrite and not resuming:
-        for name in ("privacy.json", "generation_config.json", TRAINING_CONFIG, "README.md", "pytorch_lora_weights.safetensors", "unet", "checkpoints"):
+        for name in ("privacy.json", "generation_config.json", TRAINING_CONFIG, "README.md", "pytorch_lora_weights.safetensors", "unet", "transformer", "checkpoints"):
             target = path / name
             if target.is_dir():
                 shutil.rmtree(target)
@@ -85,6 +85,8 @@ def privacy_record(args, plan, ledger, engine, summary, num_examples: int) -> di
         "neighbouring_relation": NEIGHBOURING_RELATION,
         "unit_of_privacy": "one training image together with its label/caption",
         "method": args.method,
+        "family": engine.family.name,
+        "objective": engine.objective.describe(),
         "trainable_parameters": summary.trainable_params,
         "total_parameters": summary.total_params,
         **({"lora_rank": summary.lora_config["r"], "lora_target_modules": sorted(summary.lora_config["target_modules"])}
@@ -93,6 +95,7 @@ def privacy_record(args, plan, ledger, engine, summary, num_examples: int) -> di
         "dataset": args.dataset + (f" (seeded subset of {num_examples})" if args.max_train_samples else ""),
         "world_size": engine.world_size,
         "grad_sample_mode": engine.grad_sample_mode,
+        "precision": engine.precision,
         "secure_mode": bool(args.secure_mode),
         "privacy_seed": args.privacy_seed,
         "noise_source": "OS entropy" if args.privacy_seed is None else "fixed seed (NOT private: tests only)",
@@ -102,10 +105,11 @@ def privacy_record(args, plan, ledger, engine, summary, num_examples: int) -> di
     }
 
 
-def generation_config(args, source, resolution: int, channels: int) -> dict:
+def generation_config(args, source, resolution: int, channels: int, family=None) -> dict:
     return {
         "base_model": args.pretrained_model_name_or_path,
         "method": args.method,
+        **({"family": family.name} if family is not None else {}),
         "class_names": list(source.class_names),
         "class_prompts": list(source.class_prompts),
         "resolution": resolution,

@@ -1,0 +1,129 @@
+"""What one diffusers model family is, to the rest of dpdiff.
+
+A family says which pipeline component is the denoiser, how prompts (or class labels) become the
+per-example conditioning through the frozen encoders (once, into the latent cache), how the
+denoiser is called, which objective trains it, the default LoRA targets and `attention` blocks,
+and how the trained part is exported so that the family's stock pipeline loads it.
+
+Everything else (the DP engine, accounting, ledger, checkpoints, EMA, model card) works on what a
+family returns and never asks which family it is, like opacus' grad samplers behind their registry."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dpdiff.families.objectives import DenoisingObjective
+
+UNCONDITIONAL_PROMPT = ""
+NULL_LABEL = -1  # the "no class" key of label-conditioned families (classifier-free guidance)
+LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+
+
+class ModelFamily:
+    """Base class: the SD-style defaults; a family overrides what differs."""
+
+    name: str = ""
+    pipeline_classes: tuple[str, ...] = ()  # `_class_name` values in model_index.json
+    denoiser_classes: tuple[str, ...] = ()  # class names of the denoiser component
+    denoiser_attr: str = "unet"
+    conditioning: str = "prompt"  # "prompt" or "label": what groups examples in the latent cache
+    condition_keys: tuple[str, ...] = ("encoder_hidden_states",)
+    default_lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    condition_embedders: tuple[str, ...] = ()  # denoiser children trained by --train_condition_embedder
+    attention_block_types: tuple[str, ...] = ()  # module class names that `attention` trains
+    attention_block_lists: tuple[str, ...] = ()  # or: denoiser attributes holding block lists, in depth order
+    stock_lora_loader: bool = True  # the pipeline has `load_lora_weights`
+
+    # ---- the denoiser and its inputs -----------------------------------------------------------
+
+    def denoiser(self, pipeline) -> nn.Module:
+        return getattr(pipeline, self.denoiser_attr)
+
+    def frozen_components(self, pipeline) -> list[nn.Module]:
+        """Every model of the pipeline except the denoiser (VAE, text encoders): frozen."""
+        return [m for name, m in pipeline.components.items() if isinstance(m, nn.Module) and name != self.denoiser_attr]
+
+    def text_encoder_names(self, pipeline) -> list[str]:
+        return [n for n in ("text_encoder", "text_encoder_2", "text_encoder_3") if getattr(pipeline, n, None) is not None]
+
+    def resolution(self, pipeline) -> int:
+        """Training/sampling image size in pixels: the denoiser's native latent size times the VAE factor."""
+        return int(self.denoiser(pipeline).config.sample_size) * int(pipeline.vae_scale_factor)
+
+    def latent_channels(self, denoiser) -> int | None:
+        """Channels of a cached VAE latent, to refuse a cache built with another VAE."""
+        return getattr(denoiser.config, "in_channels", None)
+
+    def training_scheduler(self, pipeline):
+        from diffusers import DDPMScheduler
+
+        return DDPMScheduler.from_config(pipeline.scheduler.config)
+
+    def objective(self, noise_scheduler, **options):
+        return DenoisingObjective(noise_scheduler)
+
+    def encode_conditions(self, pipeline, keys: list, resolution: int) -> dict[str, torch.Tensor]:
+        """One row per key (a prompt, or a class label for label families; the last key is the
+        unconditional one) for every name in `condition_keys`: fp32 CPU tensors."""
+        raise NotImplementedError
+
+    def predict(self, denoiser: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, conditions: dict) -> torch.Tensor:
+        """The denoiser's prediction, in the latent layout of `noisy`."""
+        return denoiser(noisy, timesteps, encoder_hidden_states=conditions["encoder_hidden_states"]).sample
+
+    # ---- what trains ----------------------------------------------------------------------------
+
+    def attention_blocks(self, denoiser: nn.Module) -> list[tuple[str, nn.Module]]:
+        """The blocks `--method attention` trains from `attention_start_index` on, in depth order."""
+        blocks = []
+        for attr in self.attention_block_lists:
+            for i, block in enumerate(getattr(denoiser, attr, None) or []):
+                blocks.append((f"{attr}.{i}", block))
+        return blocks
+
+    # ---- export ---------------------------------------------------------------------------------
+
+    def save_lora(self, denoiser: nn.Module, output_dir: Path, layers: dict, metadata: dict) -> Path:
+        """Write the LoRA layers (peft key format) where the stock pipeline's loader finds them."""
+        pipeline_class = self.lora_pipeline_class()
+        key = f"{self.denoiser_attr}_lora_layers"
+        with tempfile.TemporaryDirectory(prefix=".lora.", dir=output_dir) as tmp:
+            pipeline_class.save_lora_weights(tmp, **{key: layers, f"{self.denoiser_attr}_lora_adapter_metadata": metadata},
+                                             safe_serialization=True)
+            os.replace(Path(tmp) / LORA_WEIGHTS_NAME, output_dir / LORA_WEIGHTS_NAME)
+        return output_dir / LORA_WEIGHTS_NAME
+
+    def load_lora(self, pipeline, run_dir: Path) -> None:
+        pipeline.load_lora_weights(str(run_dir), weight_name=LORA_WEIGHTS_NAME)
+
+    def lora_pipeline_class(self):
+        import diffusers
+
+        return getattr(diffusers, self.pipeline_classes[0])
+
+    # ---- sampling -------------------------------------------------------------------------------
+
+    def generate(self, pipeline, prompts: list[str], labels: list[int], *, generator, num_inference_steps: int,
+                 guidance_scale: float, resolution: int | None = None, output_type: str = "pil"):
+        """Images for these prompts (or class labels) with the stock pipeline call; `generator`: one, or
+        one per image; `resolution` None: the pipeline's default size."""
+        size = {} if resolution is None else {"height": resolution, "width": resolution}
+        return pipeline(prompt=prompts, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                        generator=generator, output_type=output_type, **size).images
+
+    def usage_call(self, prompt: str, num_inference_steps: int, guidance_scale: float) -> str:
+        """The model card's sampling line."""
+        return f'image = pipe("{prompt}", num_inference_steps={num_inference_steps}, guidance_scale={guidance_scale}).images[0]'
+
+    def usage_load_lora(self, repo: str) -> str:
+        """The model card's line that loads the adapter into the stock pipeline."""
+        return f'pipe.load_lora_weights("{repo}")'
+
+    def describe(self) -> dict:
+        return {"family": self.name, "denoiser": self.denoiser_attr}
+
