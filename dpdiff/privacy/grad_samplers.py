@@ -1,0 +1,191 @@
+"""Per-example gradients for DP-SGD: one entry point over Opacus' modes plus a closed-form LoRA path.
+
+`wrap_for_per_sample_grads(model, mode)` replaces `opacus.grad_sample.utils.prepare_module(model, mode,
+batch_first=True, loss_reduction="mean")`. Modes "hooks", "ew", "functorch" are Opacus' own. Mode
+"fused_lora" computes the per-example gradients of every plain peft LoRA Linear layer
+(y = W0 x + s * B A x, no dropout, no DoRA) in one custom autograd Function:
+
+    dB_i = s * sum_t g_t (A x_t)^T        dA_i = s * sum_t (B^T g_t) x_t^T
+
+(g = output gradient, sums over example i's tokens), written to `p.grad_sample` under Opacus' conventions
+(loss_reduction "mean": multiplied by the batch size, so grad_sample[i] is row i's own gradient; shape
+[rows, *p.shape]; a layer called twice in one forward sums, a second forward/backward before
+`zero_grad` stacks a list as Opacus does). The Function returns no gradient for A and B, so autograd
+never computes their summed weight gradient (`p.grad` stays None): the work that Opacus' hooks add on
+top of plain training. Every other trainable module (a trained time embedding, a Conv LoRA, ...) gets
+Opacus hooks in the same wrapper, so every trainable parameter still receives a `grad_sample`.
+Forward outputs and input gradients are those of the unwrapped model. The fused path runs only for
+calls through the wrapper, in training mode, with grad enabled; the bare model is unchanged."""
+
+from __future__ import annotations
+
+import itertools
+import types
+
+import torch
+import torch.nn.functional as F
+from opacus.grad_sample import GradSampleModule
+from opacus.grad_sample.utils import prepare_module
+from torch import nn
+
+FUSED_MODE = "fused_lora"
+OPACUS_MODES = ("hooks", "ew", "functorch")
+MODES = (FUSED_MODE, *OPACUS_MODES)
+
+
+def _peft_lora_linear():
+    try:
+        from peft.tuners.lora.layer import Linear
+    except ImportError:  # peft absent: no LoRA layers to fuse
+        return None
+    return Linear
+
+
+def fusable_reason(layer: nn.Module) -> str | None:
+    """None if the closed-form path computes this peft LoRA Linear exactly; else why it cannot."""
+    lora_linear = _peft_lora_linear()
+    if lora_linear is None or not isinstance(layer, lora_linear):
+        return "not a peft LoRA Linear"
+    if not isinstance(layer.get_base_layer(), nn.Linear) or getattr(layer, "fan_in_fan_out", False):
+        return "base layer is not an nn.Linear"
+    if any(p.requires_grad for p in layer.get_base_layer().parameters()):
+        return "its base layer trains"
+    if list(layer.lora_A.keys()) != list(layer.active_adapters) or len(layer.lora_A) != 1:
+        return "not exactly one active adapter"
+    name = layer.active_adapters[0]
+    a, b = layer.lora_A[name], layer.lora_B[name]
+    if getattr(layer, "lora_variant", {}).get(name) is not None or layer.use_dora.get(name, False):
+        return "DoRA / LoRA variant"
+    dropout = layer.lora_dropout[name]
+    if not isinstance(dropout, nn.Identity) and not (isinstance(dropout, nn.Dropout) and dropout.p == 0):
+        return "lora_dropout > 0"
+    if not (isinstance(a, nn.Linear) and isinstance(b, nn.Linear)) or a.bias is not None or b.bias is not None:
+        return "LoRA A/B with bias"
+    if [id(p) for p in layer.parameters() if p.requires_grad] != [id(a.weight), id(b.weight)]:
+        return "trainable parameters other than (or fewer than) the active A and B"
+    if layer.merged or layer.disable_adapters:
+        return "adapter merged or disabled"
+    return None
+
+
+def fusable_lora_layers(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if fusable_reason(m) is None]
+
+
+def _store(p: nn.Parameter, grad_sample: torch.Tensor, pass_id: int) -> None:
+    """Opacus semantics: sum within one forward pass, stack (list) across passes before zero_grad."""
+    current = getattr(p, "grad_sample", None)
+    if current is None:
+        p.grad_sample = grad_sample
+    elif getattr(p, "_fused_pass", None) == pass_id:
+        if isinstance(current, list):
+            current[-1] = current[-1] + grad_sample
+        else:
+            p.grad_sample = current + grad_sample
+    else:
+        p.grad_sample = (current if isinstance(current, list) else [current]) + [grad_sample]
+    p._fused_pass = pass_id
+
+
+class _LoraPerSample(torch.autograd.Function):
+    """s * B(A x); backward: grad of x only, per-example grads of A and B into `grad_sample`."""
+
+    @staticmethod
+    def forward(ctx, x, a, b, scaling, batch_scale, pass_id):
+        h = F.linear(x, a)
+        ctx.save_for_backward(x, h, a, b)
+        ctx.scaling, ctx.batch_scale, ctx.pass_id, ctx.params = scaling, batch_scale, pass_id, (a, b)
+        return F.linear(h, b) * scaling
+
+    @staticmethod
+    def backward(ctx, g):
+        x, h, a, b = ctx.saved_tensors
+        s, n = ctx.scaling, x.shape[0]
+        gh = g @ b  # [n, ..., r]: B^T g_t
+        grad_x = (gh * s) @ a if ctx.needs_input_grad[0] else None
+        w = s * (n if ctx.batch_scale else 1)  # "mean": row i's own gradient, as Opacus stores it
+        g3, h3 = g.reshape(n, -1, g.shape[-1]), (h * w).reshape(n, -1, h.shape[-1])
+        grad_b = torch.bmm(g3.transpose(1, 2), h3)  # [n, out, r]
+        grad_a = torch.bmm((gh * w).reshape(n, -1, gh.shape[-1]).transpose(1, 2), x.reshape(n, -1, x.shape[-1]))
+        _store(ctx.params[0], grad_a, ctx.pass_id)
+        _store(ctx.params[1], grad_b, ctx.pass_id)
+        return grad_x, None, None, None, None, None  # no summed gradient for A, B: p.grad stays None
+
+
+def _fused_forward(self, x, *args, **kwargs):
+    wrapper = self._dpdiff_fused_owner
+    if not (wrapper._fused_active and self.training and torch.is_grad_enabled()):
+        return self._dpdiff_original_forward(x, *args, **kwargs)
+    reason = fusable_reason(self)
+    if reason is not None or args or kwargs:
+        raise RuntimeError(f"LoRA layer changed after wrapping for per-sample gradients ({reason or 'extra arguments'}); "
+                           "wrap the model again")
+    name = self.active_adapters[0]
+    a, b = self.lora_A[name].weight, self.lora_B[name].weight
+    result = self.base_layer(x)
+    lora = _LoraPerSample.apply(self._cast_input_dtype(x, a.dtype), a, b, float(self.scaling[name]),
+                                wrapper.loss_reduction == "mean", wrapper._pass_id)
+    return (result + lora).to(result.dtype)
+
+
+class FusedLoraGradSampleModule(GradSampleModule):
+    """Opacus' hooks GradSampleModule, minus the LoRA layers, which use the closed-form Function."""
+
+    def __init__(self, m: nn.Module, *, batch_first=True, loss_reduction="mean", strict=True):
+        if not batch_first:
+            raise ValueError("fused_lora needs batch_first=True")
+        object.__setattr__(self, "_fused_layers", fusable_lora_layers(m))
+        object.__setattr__(self, "_skip", {id(x) for layer in self._fused_layers for x in layer.modules()})
+        super().__init__(m, batch_first=batch_first, loss_reduction=loss_reduction, strict=strict)
+        self._fused_active, self._pass_counter, self._pass_id = False, itertools.count(), -1
+        for layer in self._fused_layers:  # plain attributes: the wrapper must not become a submodule
+            object.__setattr__(layer, "_dpdiff_original_forward", layer.forward)
+            object.__setattr__(layer, "_dpdiff_fused_owner", self)
+            object.__setattr__(layer, "forward", types.MethodType(_fused_forward, layer))
+
+    def iterate_submodules(self, module: nn.Module):
+        if id(module) in self._skip:
+            return
+        yield from super().iterate_submodules(module)
+
+    def forward(self, *args, **kwargs):
+        self._pass_id, self._fused_active = next(self._pass_counter), True
+        try:
+            return self._module(*args, **kwargs)
+        finally:
+            self._fused_active = False
+
+    def _close(self):
+        for layer in self._fused_layers:
+            for key in ("forward", "_dpdiff_original_forward", "_dpdiff_fused_owner"):
+                layer.__dict__.pop(key, None)
+        for p in self._module.parameters():
+            if hasattr(p, "_fused_pass"):
+                del p._fused_pass
+        super()._close()
+
+
+def wrap_for_per_sample_grads(model: nn.Module, mode: str, *, loss_reduction: str = "mean") -> nn.Module:
+    """The module to run forward/backward through; afterwards each trainable `p.grad_sample` is [rows, *p.shape]."""
+    if mode == FUSED_MODE:
+        return FusedLoraGradSampleModule(model, batch_first=True, loss_reduction=loss_reduction)
+    if mode in OPACUS_MODES:
+        return prepare_module(model, mode, batch_first=True, loss_reduction=loss_reduction)
+    raise ValueError(f"unknown per-sample gradient mode {mode!r}; choose one of {list(MODES)}")
+
+
+def _trains_convolution(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.Conv2d) and any(p.requires_grad for p in m.parameters(recurse=False))
+               for m in model.modules())
+
+
+def resolve_grad_sample_mode(model: nn.Module, requested: str) -> str:
+    """'auto': fused_lora when every trainable parameter sits in a fusable LoRA Linear (measured fastest,
+    see benchmarks/lora_grad_sampler.py); else ew when only Linear layers train; else Opacus hooks."""
+    if requested != "auto":
+        return requested
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    fused = {id(p) for layer in fusable_lora_layers(model) for p in layer.parameters() if p.requires_grad}
+    if trainable and trainable <= fused:
+        return FUSED_MODE
+    return "hooks" if _trains_convolution(model) else "ew"

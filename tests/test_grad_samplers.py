@@ -1,0 +1,243 @@
+"""The closed-form LoRA per-example gradients (mode fused_lora) against a one-example-at-a-time loop of
+plain autograd, on a tiny diffusers UNet with peft LoRA and on a plain Sequential; through Opacus' DPOptimizer."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from opacus.optimizers import DPOptimizer
+from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.lora.layer import Linear as LoraLinear
+from torch import nn
+
+from dpdiff.adapters import prepare_trainable
+from dpdiff.pipelines.preset import build_tiny_unet
+from dpdiff.privacy.diffusion_loss import fold_multiplicity
+from dpdiff.privacy.grad_samplers import (
+    FUSED_MODE,
+    fusable_lora_layers,
+    resolve_grad_sample_mode,
+    wrap_for_per_sample_grads,
+)
+
+# Linear attention/FF LoRA (fused), 1x1-conv proj_in/proj_out LoRA (Opacus hooks) and the resnets'
+# time_emb_proj LoRA on a 2-D [B, D] input (fused)
+UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "time_emb_proj"]
+
+
+def _randomise_lora_b(model, seed=0):
+    """peft initialises B = 0, which makes every A gradient zero: give B values so both are tested."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+def _unet(targets=UNET_TARGETS):
+    unet = build_tiny_unet(seed=0)
+    prepare_trainable(unet, "lora", rank=4, lora_alpha=8, target_modules=targets)
+    _randomise_lora_b(unet)
+    return unet
+
+
+def _unet_inputs(rows, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(rows, 4, 8, 8, generator=g), torch.randint(0, 1000, (rows,), generator=g),
+            torch.randn(rows, 8, 64, generator=g), torch.randn(rows, 4, 8, 8, generator=g))
+
+
+def _unet_losses(model, x, t, ehs, target):
+    return ((model(x, t, encoder_hidden_states=ehs).sample - target) ** 2).mean(dim=(1, 2, 3))
+
+
+def _trainable(model):
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _loop_grads(model, loss_fn, examples):
+    """Per-example gradients by plain autograd, one example (all of its rows) at a time."""
+    grads = {n: [] for n in _trainable(model)}
+    for example in examples:
+        model.zero_grad(set_to_none=True)
+        loss_fn(model, *example).mean().backward()
+        for n, p in _trainable(model).items():
+            grads[n].append(p.grad.clone())
+    model.zero_grad(set_to_none=True)
+    return {n: torch.stack(g) for n, g in grads.items()}
+
+
+ATOL = 1e-6  # relative to the largest entry
+
+
+def _close(actual, expected, atol=None):
+    scale = max(float(expected.abs().max()), 1e-12)
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=(atol or ATOL) * scale)
+
+
+def _backward(wrapped, loss_fn, inputs):
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        losses = loss_fn(wrapped, *inputs)
+        losses.mean().backward()
+    return losses
+
+
+def _fused_lora_params(model):
+    return [p for layer in fusable_lora_layers(model) for p in layer.parameters() if p.requires_grad]
+
+
+@pytest.mark.parametrize("batch,k", [(1, 1), (3, 2)])  # batch 3 unfolded: the Sequential tests
+def test_unet_fused_matches_loop(batch, k):
+    unet = _unet()
+    assert resolve_grad_sample_mode(unet, "auto") == "hooks"  # conv LoRA trains: not every parameter fuses
+    x, t, ehs, target = _unet_inputs(batch * k)
+    examples = [tuple(v[i * k:(i + 1) * k] for v in (x, t, ehs, target)) for i in range(batch)]
+    expected = _loop_grads(unet, _unet_losses, examples)
+
+    # the bare model on the whole batch: outputs and input gradients the wrapped model must reproduce
+    xr, er = x.clone().requires_grad_(), ehs.clone().requires_grad_()
+    bare_losses = _unet_losses(unet, xr, t, er, target)
+    bare_losses.mean().backward()
+    unet.zero_grad(set_to_none=True)
+
+    fused = _fused_lora_params(unet)
+    assert len(fusable_lora_layers(unet)) > 40 and fused
+    wrapped = wrap_for_per_sample_grads(unet, FUSED_MODE)
+    xf, ef = x.clone().requires_grad_(), ehs.clone().requires_grad_()
+    losses = _backward(wrapped, _unet_losses, (xf, t, ef, target))
+    torch.testing.assert_close(losses, bare_losses, rtol=0, atol=0)
+    _close(xf.grad, xr.grad)
+    _close(ef.grad, er.grad)
+    params = list(_trainable(unet).values())
+    fold_multiplicity(params, batch, k)
+    for name, p in _trainable(unet).items():
+        assert p.grad_sample.shape == (batch, *p.shape), name
+        # a batch-of-1 UNet rounds differently in fp32: Opacus' hooks deviate from this loop by the same
+        # 6e-6 of the max as fused_lora (measured); the Sequential tests below hold to 1e-6
+        _close(p.grad_sample, expected[name], atol=1e-5)
+    assert all(p.grad is None for p in fused)  # the saving: autograd never summed the LoRA weight grads
+    wrapped._close()
+
+
+def test_unet_bare_model_unchanged_and_auto_picks_fused():
+    unet = _unet(["to_q", "to_k", "to_v", "to_out.0"])
+    assert resolve_grad_sample_mode(unet, "auto") == FUSED_MODE
+    wrapped = wrap_for_per_sample_grads(unet, FUSED_MODE)
+    x, t, ehs, target = _unet_inputs(2)
+    _unet_losses(unet, x, t, ehs, target).mean().backward()  # the bare model, not the wrapper: plain autograd
+    assert all(p.grad is not None and getattr(p, "grad_sample", None) is None for p in _trainable(unet).values())
+    unet.zero_grad(set_to_none=True)
+    wrapped.eval()  # eval mode: no per-sample path (as Opacus' hooks), ordinary autograd
+    _unet_losses(wrapped, x, t, ehs, target).mean().backward()
+    assert all(p.grad is not None for p in _trainable(unet).values())
+    wrapped._close()
+    assert all("forward" not in layer.__dict__ for layer in fusable_lora_layers(unet))
+
+
+class _Seq(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 12), nn.LayerNorm(12), nn.Linear(12, 5))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def _seq(dropout=0.0):
+    torch.manual_seed(0)
+    model = _Seq()
+    inject_adapter_in_model(LoraConfig(r=4, lora_alpha=6, lora_dropout=dropout, target_modules=["net.0", "net.2"]), model)
+    model.requires_grad_(False)
+    for name, p in model.named_parameters():
+        if "lora_" in name or name.startswith("net.3") or name.startswith("net.4"):
+            p.requires_grad_(True)  # a trained LayerNorm and Linear: Opacus hooks inside the same wrapper
+    _randomise_lora_b(model)
+    return model
+
+
+def _seq_losses(model, x, target):
+    return ((model(x) - target) ** 2).mean(dim=(1, 2))
+
+
+@pytest.mark.parametrize("mode", [FUSED_MODE, "hooks", "ew"])
+def test_sequential_tokens_matches_loop(mode):
+    model = _seq()
+    assert isinstance(model.net[0], LoraLinear) and len(fusable_lora_layers(model)) == 2
+    g = torch.Generator().manual_seed(2)
+    x, target = torch.randn(4, 7, 16, generator=g), torch.randn(4, 7, 5, generator=g)
+    expected = _loop_grads(model, _seq_losses, [(x[i:i + 1], target[i:i + 1]) for i in range(4)])
+    xr = x.clone().requires_grad_()
+    bare = model(xr)
+    bare.backward(torch.ones_like(bare))
+    model.zero_grad(set_to_none=True)
+    wrapped = wrap_for_per_sample_grads(model, mode)
+    xf = x.clone().requires_grad_()
+    out = wrapped(xf)
+    torch.testing.assert_close(out, bare, rtol=0, atol=0)
+    out.backward(torch.ones_like(out) / (out.shape[0]))  # a mean-over-rows loss
+    _close(xf.grad * out.shape[0], xr.grad)
+    for p in model.parameters():
+        p.grad_sample = None
+    model.zero_grad(set_to_none=True)
+    _backward(wrapped, _seq_losses, (x, target))
+    for name, p in _trainable(model).items():
+        _close(p.grad_sample, expected[name])
+    if mode == FUSED_MODE:
+        assert all(p.grad is None for p in _fused_lora_params(model))
+
+
+def test_dropout_lora_falls_back_to_hooks():
+    model = _seq(dropout=0.1)
+    assert fusable_lora_layers(model) == []
+    assert resolve_grad_sample_mode(model, "auto") == "ew"
+    wrapped = wrap_for_per_sample_grads(model, FUSED_MODE)
+    wrapped.eval()  # dropout off, so the loop is comparable; eval also disables hooks: just check it runs
+    wrapped.train()
+    x = torch.randn(3, 5, 16)
+    _backward(wrapped, _seq_losses, (x, torch.zeros(3, 5, 5)))
+    assert all(p.grad_sample is not None and p.grad_sample.shape[0] == 3 for p in _trainable(model).values())
+
+
+def test_dp_optimizer_clips_fused_grads_like_by_hand():
+    model = _seq()
+    g = torch.Generator().manual_seed(3)
+    x, target = torch.randn(5, 6, 16, generator=g), torch.randn(5, 6, 5, generator=g)
+    expected = _loop_grads(model, _seq_losses, [(x[i:i + 1], target[i:i + 1]) for i in range(5)])
+    names = list(_trainable(model))
+    norms = torch.stack([expected[n].flatten(1).norm(dim=1) for n in names], dim=1).norm(dim=1)
+    clip = 0.05
+    assert bool((norms > clip).all())  # every example is clipped
+    factor = (clip / (norms + 1e-6)).clamp(max=1.0)
+    by_hand = {n: torch.einsum("i,i...->...", factor, expected[n]) / 5 for n in names}
+
+    wrapped = wrap_for_per_sample_grads(model, FUSED_MODE)
+    params = list(_trainable(model).values())
+    before = [p.detach().clone() for p in params]
+    optimizer = DPOptimizer(torch.optim.SGD(params, lr=1.0), noise_multiplier=0.0, max_grad_norm=clip,
+                            expected_batch_size=5, loss_reduction="mean")
+    optimizer.zero_grad(set_to_none=True)
+    _backward(wrapped, _seq_losses, (x, target))
+    optimizer.step()
+    for name, p, old in zip(names, params, before):
+        _close(p.grad, by_hand[name])
+        torch.testing.assert_close(p.detach(), old - by_hand[name], rtol=1e-6, atol=1e-7)  # lr 1: p -= grad
+
+
+def test_second_pass_stacks_like_opacus():
+    """Two forward/backward passes before zero_grad: a list of two [rows, ...] tensors, as Opacus' hooks leave."""
+    model = _seq()
+    wrapped = wrap_for_per_sample_grads(model, FUSED_MODE)
+    x = torch.randn(2, 3, 16)
+    for _ in range(2):
+        _backward(wrapped, _seq_losses, (x, torch.zeros(2, 3, 5)))
+    for p in _trainable(model).values():
+        assert isinstance(p.grad_sample, list) and len(p.grad_sample) == 2
+        _close(p.grad_sample[1], p.grad_sample[0])
+
+
+def test_unknown_mode_refused():
+    with pytest.raises(ValueError, match="fused_lora"):
+        wrap_for_per_sample_grads(_seq(), "ghost")
