@@ -30,6 +30,11 @@ FASHION_MNIST_HUB_ID = "zalando-datasets/fashion_mnist"
 
 
 DEFAULT_PROMPT_TEMPLATE = "a photo of {article} {class_name}"
+# the one class of a captioned set without labels: the captions are private, so the sample grid,
+# generation_config.json and the model card name only this public class, never a caption
+CAPTION_ONLY_CLASS = "image"
+# the columns every source gives
+COLUMNS = ("image", "label", "prompt")
 PROMPT_FIELDS = ("class_name", "article", "label")
 
 

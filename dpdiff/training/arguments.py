@@ -23,6 +23,11 @@ def add_finetune_arguments(parser: argparse.ArgumentParser, method: str | None =
     a("--max_train_samples", type=int, default=None, help="a seeded subset of the private set (quick runs); n is then this size")
     a("--prompt_template", default=None, help="caption every image from its label, e.g. 'a photo of {article} {class_name}' (the default) or 'class {label}'; fields {class_name}, {article}, {label}")
     a("--skip_bad_files", action="store_true", help="skip unreadable images (reported) instead of stopping")
+    a("--image_column", default=None, help="the image column of a datasets dataset (hub id or folder); default: autodetected (image, img, pixel_values)")
+    a("--caption_column", default=None, help="the caption column (datasets dataset, or a key of an imagefolder's metadata.jsonl); default: autodetected (prompt, text, caption), else captions from the labels")
+    a("--resolution", type=int, default=None, help="train at this square size in pixels, a positive multiple of 8 (the VAE factor); default: the base model's native size")
+    a("--center_crop", action="store_true", help="center crop to a square, then resize (the diffusers flag); dpdiff always does this, since a cached latent cannot take diffusers' default random crop")
+    a("--random_flip", action="store_true", help="horizontal flip augmentation: every image's mirrored latent is cached too (twice the latent memory) and a public coin picks one per step and example")
     # the guarantee
     a("--target_epsilon", type=float, default=10.0, help="the epsilon the run must not exceed; sigma is chosen to meet it")
     a("--delta", type=float, default=1e-5, help="must be < 1/n")

@@ -19,8 +19,12 @@ from dpdiff.privacy.diffusion_loss import example_generator
 
 
 @torch.no_grad()
-def encode_images(vae, images, resolution: int, batch_size: int = 256, show_progress: bool = True) -> torch.Tensor:
+def encode_images(vae, images, resolution: int, batch_size: int = 256, show_progress: bool = True,
+                  mirrored: bool = False) -> torch.Tensor:
     """Posterior means, shifted and scaled as the family's training scripts do: [N, C, h, w] (fp32, CPU).
+
+    `mirrored`: encode each image flipped left-right (the latents `--random_flip` draws from; the VAE
+    is not equivariant to flips, so flipping a latent is not the latent of the flipped image).
 
     (z - shift_factor) * scaling_factor; shift_factor is 0 for SD's VAE, set for SD3/Flux. A
     deterministic autoencoder (Sana's AutoencoderDC) returns its latent directly."""
@@ -28,8 +32,9 @@ def encode_images(vae, images, resolution: int, batch_size: int = 256, show_prog
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     dtype, device = vae.dtype, vae.device
     out = []
-    for i in tqdm(range(0, len(images), batch_size), desc="encoding latents", disable=not show_progress):
-        x = images_to_tensor(images[i : i + batch_size], resolution, channels=vae.config.in_channels)
+    desc = "encoding mirrored latents" if mirrored else "encoding latents"
+    for i in tqdm(range(0, len(images), batch_size), desc=desc, disable=not show_progress):
+        x = images_to_tensor(images[i : i + batch_size], resolution, channels=vae.config.in_channels, mirrored=mirrored)
         encoded = vae.encode(x.to(device, dtype))
         dist = getattr(encoded, "latent_dist", None)
         z = dist.mode() if dist is not None else encoded.latent
@@ -47,7 +52,11 @@ class LatentCache(Dataset):
 
     `cond_dropout`: with this probability an example's prompt is replaced by the empty prompt, so
     classifier-free guidance keeps working. The coin is keyed by (seed, step, index) like the
-    engine's noise draws: independent of the data, reproducible, and unchanged by a resume."""
+    engine's noise draws: independent of the data, reproducible, and unchanged by a resume.
+
+    `flipped_latents` (`--random_flip`): the latents of the mirrored images, [N, C, h, w]; each
+    (step, example) then takes it with probability 1/2, by a public coin keyed (seed + 2, step, index)
+    like the dropout coin. None (the default): no flipping."""
 
     latents: torch.Tensor
     prompt_ids: torch.Tensor
@@ -56,8 +65,11 @@ class LatentCache(Dataset):
     cond_dropout: float = 0.0
     seed: int = 0
     step: int = 0  # the training loop keeps this equal to the engine's step count
+    flipped_latents: torch.Tensor | None = None  # --random_flip: the mirrored images' latents
 
     def __post_init__(self):
+        if self.flipped_latents is not None and self.flipped_latents.shape != self.latents.shape:
+            raise ValueError(f"flipped_latents {tuple(self.flipped_latents.shape)} must match latents {tuple(self.latents.shape)}")
         if isinstance(self.prompt_embeddings, torch.Tensor):
             self.prompt_embeddings = {"encoder_hidden_states": self.prompt_embeddings}
         rows = {name: len(value) for name, value in self.prompt_embeddings.items()}
@@ -75,31 +87,47 @@ class LatentCache(Dataset):
     def __len__(self) -> int:
         return len(self.latents)
 
+    def flipped(self, index: int, step: int | None = None) -> bool:
+        """Whether example `index` is drawn mirrored at `step` (default: the current step): a fair public coin."""
+        if self.flipped_latents is None:
+            return False
+        step = self.step if step is None else step
+        return bool(torch.rand((), generator=example_generator(self.seed + 2, step, index)) < 0.5)
+
     def __getitem__(self, index: int) -> dict:
         prompt = int(self.prompt_ids[index])
+        latents = self.flipped_latents[index] if self.flipped(index) else self.latents[index]
         if self.cond_dropout > 0:
             coin = torch.rand((), generator=example_generator(self.seed + 1, self.step, index))
             if coin < self.cond_dropout:
                 prompt = self.num_conditions - 1
-        return {"latents": self.latents[index], **{name: value[prompt] for name, value in self.prompt_embeddings.items()}}
+        return {"latents": latents, **{name: value[prompt] for name, value in self.prompt_embeddings.items()}}
 
 
 def build_latent_cache(pipeline, source: ImageSource, resolution: int, cond_dropout: float = 0.0, seed: int = 0,
-                       batch_size: int = 256, show_progress: bool = True, family=None) -> LatentCache:
+                       batch_size: int = 256, show_progress: bool = True, family=None,
+                       random_flip: bool = False) -> LatentCache:
     """Run the frozen encoders once over `source` (images, and prompts or labels as the family conditions).
 
     Examples are grouped by their prompt (label families: their class label); the family encodes each
-    distinct group once, plus the unconditional one (empty prompt / null class) for guidance."""
+    distinct group once, plus the unconditional one (empty prompt / null class) for guidance.
+    `random_flip`: also encode every image mirrored (twice the latent memory), see `LatentCache`.
+    `resolution` must be a multiple of the pipeline's VAE factor."""
+    from dpdiff.data.transforms import check_resolution
     from dpdiff.families import family_for_pipeline
     from dpdiff.families.base import NULL_LABEL, UNCONDITIONAL_PROMPT
 
+    factor = int(getattr(pipeline, "vae_scale_factor", 1) or 1)
+    check_resolution(resolution, factor)
     family = family or family_for_pipeline(pipeline)
     by_label = family.conditioning == "label"
     keys = [int(x) for x in source.dataset["label"]] if by_label else list(source.dataset["prompt"])
     distinct = list(dict.fromkeys(keys))
     index = {k: i for i, k in enumerate(distinct)}
     conditions = family.encode_conditions(pipeline, distinct + [NULL_LABEL if by_label else UNCONDITIONAL_PROMPT], resolution)
-    latents = encode_images(pipeline.vae, source.dataset["image"], resolution, batch_size, show_progress)
+    images = source.dataset["image"]
+    latents = encode_images(pipeline.vae, images, resolution, batch_size, show_progress)
+    flipped = encode_images(pipeline.vae, images, resolution, batch_size, show_progress, mirrored=True) if random_flip else None
     return LatentCache(
         latents=latents,
         prompt_ids=torch.tensor([index[k] for k in keys]),
@@ -107,4 +135,5 @@ def build_latent_cache(pipeline, source: ImageSource, resolution: int, cond_drop
         labels=torch.tensor(source.dataset["label"]),
         cond_dropout=cond_dropout,
         seed=seed,
+        flipped_latents=flipped,
     )

@@ -109,7 +109,9 @@ def _finetune(args: argparse.Namespace) -> FinetuneResult:
     set_seed(args.seed)
 
     source = load_source(args.dataset, "train", limit=args.max_train_samples, seed=args.seed,
-                         skip_bad_files=args.skip_bad_files, prompt_template=args.prompt_template)
+                         skip_bad_files=args.skip_bad_files, prompt_template=args.prompt_template,
+                         image_column=getattr(args, "image_column", None), caption_column=getattr(args, "caption_column", None),
+                         resolution=getattr(args, "resolution", None))
     plan = accounting.plan(args.target_epsilon, args.delta, len(source), args.batch_size, epochs=args.epochs,
                            max_steps=args.max_steps, accountant=args.accountant, force_delta=args.force_delta)
     pipeline = load_pipeline(args.pretrained_model_name_or_path).to(accelerator.device)
@@ -119,9 +121,9 @@ def _finetune(args: argparse.Namespace) -> FinetuneResult:
     objective = family.objective(noise_scheduler, weighting_scheme=args.weighting_scheme)
     weights = _timestep_weights(args, objective.num_train_timesteps)
     pipeline.set_progress_bar_config(disable=True)
-    resolution = family.resolution(pipeline)
+    resolution = getattr(args, "resolution", None) or family.resolution(pipeline)
     channels = 1 if source.dataset[0]["image"].mode in ("1", "L", "I", "I;16", "F") else 3
-    denoiser.train()  # per-sample gradients need training mode (the denoisers have no dropout/batch norm in use)
+    family.train_mode(denoiser)  # per-sample gradients need training mode (no denoiser mixes examples)
     summary = prepare_trainable(denoiser, args.method, rank=args.rank, lora_alpha=args.lora_alpha,
                                 target_modules=args.lora_target_modules, attention_start_index=args.attention_start_index,
                                 train_condition_embedder=args.train_condition_embedder, family=family)
@@ -131,7 +133,8 @@ def _finetune(args: argparse.Namespace) -> FinetuneResult:
         logger.info("%s %s: %d trainable / %d parameters; plan %s", family.name, args.method, summary.trainable_params,
                     summary.total_params, plan)
 
-    cache = build_latent_cache(pipeline, source, resolution, args.cond_dropout, args.seed, show_progress=main, family=family)
+    cache = build_latent_cache(pipeline, source, resolution, args.cond_dropout, args.seed, show_progress=main, family=family,
+                               random_flip=getattr(args, "random_flip", False))
     encoders = _Encoders(pipeline, family, accelerator.device)
     encoders.offload()  # the frozen text encoders did their work; free the accelerator for the denoiser
     params = [p for p in denoiser.parameters() if p.requires_grad]
