@@ -25,7 +25,7 @@ from torch import nn
 
 from dpdiff.errors import ConfigError
 from dpdiff.families import family_for_denoiser, family_for_pipeline
-from dpdiff.families.base import LORA_WEIGHTS_NAME
+from dpdiff.families.base import LORA_WEIGHTS_NAME, unwrap_model  # noqa: F401  (re-exported)
 from dpdiff.families.stable_diffusion import StableDiffusionFamily
 from dpdiff.io import atomic_dir, atomic_path, write_json
 
@@ -53,17 +53,6 @@ class TrainableSummary:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "fraction": self.fraction}
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The bare model under Opacus' GradSampleModule / DPDDP / DDP / Accelerate wrappers."""
-    while True:
-        inner = getattr(model, "_module", None)
-        if inner is None:
-            inner = getattr(model, "module", None)
-        if not isinstance(inner, nn.Module):
-            return model
-        model = inner
 
 
 def attention_blocks(model: nn.Module, family=None) -> list[tuple[str, nn.Module]]:
@@ -161,7 +150,13 @@ def _add_lora(unet, rank, lora_alpha, target_modules) -> dict:
         target_modules=targets,
         init_lora_weights="gaussian",
     )
-    unet.add_adapter(config)
+    if hasattr(unet, "add_adapter"):  # diffusers' PeftAdapterMixin
+        unet.add_adapter(config)
+    else:  # PixArt/DiT transformers: plain peft, the config kept where diffusers keeps it
+        from peft import inject_adapter_in_model
+
+        inject_adapter_in_model(config, unet)
+        unet.peft_config = {"default": config}
     return config.to_dict()
 
 

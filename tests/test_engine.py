@@ -67,13 +67,13 @@ def example_grad(model, engine, latents, hidden, noise, timesteps):
     return torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
 
 
-@pytest.mark.parametrize("method, expected", [("lora", "ew"), ("attention", "hooks"), ("full", "hooks")])
-def test_auto_mode_uses_expanded_weights_unless_a_convolution_trains(method, expected):
-    # attention blocks hold the 1x1 proj_in/proj_out convolutions; expanded weights cannot train them
+@pytest.mark.parametrize("method, expected", [("lora", "fused_lora"), ("attention", "hooks"), ("full", "hooks")])
+def test_auto_mode_fuses_lora_and_runs_hooks_otherwise(method, expected):
     assert make_engine(method).grad_sample_mode == expected
 
 
-@pytest.mark.parametrize("method, mode", [("lora", "hooks"), ("lora", "ew"), ("attention", "hooks"), ("full", "hooks")])
+@pytest.mark.parametrize("method, mode", [("lora", "fused_lora"), ("lora", "hooks"), ("lora", "ew"), ("attention", "hooks"),
+                                          ("full", "hooks")])
 def test_per_sample_gradients_match_one_example_at_a_time(method, mode):
     engine = make_engine(method, grad_sample_mode=mode)
     reference = engine.reference

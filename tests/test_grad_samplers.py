@@ -15,10 +15,10 @@ from torch import nn
 from dpdiff.adapters import prepare_trainable
 from dpdiff.pipelines.preset import build_tiny_unet
 from dpdiff.privacy.diffusion_loss import fold_multiplicity
+from dpdiff.privacy.engine_checks import resolve_grad_sample_mode
 from dpdiff.privacy.grad_samplers import (
     FUSED_MODE,
     fusable_lora_layers,
-    resolve_grad_sample_mode,
     wrap_for_per_sample_grads,
 )
 
@@ -192,7 +192,7 @@ def test_sequential_tokens_matches_loop(mode):
 def test_dropout_lora_falls_back_to_hooks():
     model = _seq(dropout=0.1)
     assert fusable_lora_layers(model) == []
-    assert resolve_grad_sample_mode(model, "auto") == "ew"
+    assert resolve_grad_sample_mode(model, "auto") == "hooks"
     wrapped = wrap_for_per_sample_grads(model, FUSED_MODE)
     wrapped.eval()  # dropout off, so the loop is comparable; eval also disables hooks: just check it runs
     wrapped.train()

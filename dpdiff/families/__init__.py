@@ -11,7 +11,10 @@ from dpdiff.families.registry import (
     register_family,
     supported_pipelines,
 )
-from dpdiff.families import sdxl, stable_diffusion  # noqa: F401, E402  (each module registers its family)
+
+# each module registers its family; SD first: it answers for a bare UNet2DConditionModel
+from dpdiff.families import stable_diffusion  # noqa: E402, F401, I001
+from dpdiff.families import sdxl, pixart, dit, sd3, flux, sana  # noqa: E402, F401
 
 __all__ = [
     "families",

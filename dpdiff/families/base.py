@@ -53,7 +53,11 @@ class ModelFamily:
 
     def resolution(self, pipeline) -> int:
         """Training/sampling image size in pixels: the denoiser's native latent size times the VAE factor."""
-        return int(self.denoiser(pipeline).config.sample_size) * int(pipeline.vae_scale_factor)
+        return int(self.denoiser(pipeline).config.sample_size) * vae_scale_factor(pipeline)
+
+    def train_mode(self, denoiser: nn.Module) -> None:
+        """Training mode for per-example gradients (no module of the denoisers mixes examples)."""
+        denoiser.train()
 
     def latent_channels(self, denoiser) -> int | None:
         """Channels of a cached VAE latent, to refuse a cache built with another VAE."""
@@ -127,3 +131,34 @@ class ModelFamily:
     def describe(self) -> dict:
         return {"family": self.name, "denoiser": self.denoiser_attr}
 
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The bare model under Opacus' GradSampleModule / DPDDP / DDP / Accelerate wrappers."""
+    while True:
+        inner = getattr(model, "_module", None)
+        if inner is None:
+            inner = getattr(model, "module", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+def vae_scale_factor(pipeline) -> int:
+    factor = getattr(pipeline, "vae_scale_factor", None)
+    return int(factor) if factor else 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
+
+
+def max_sequence_length(pipeline, tokenizer) -> int:
+    """The prompt length the pipeline samples with (its `max_sequence_length` default), capped by the
+    tokenizer: training conditions on prompts encoded exactly as sampling will encode them."""
+    import inspect
+
+    default = inspect.signature(type(pipeline).__call__).parameters.get("max_sequence_length")
+    length = default.default if default is not None and isinstance(default.default, int) else tokenizer.model_max_length
+    return int(min(length, tokenizer.model_max_length))
+
+
+def batched(keys: list, size: int = 64):
+    for i in range(0, len(keys), size):
+        yield list(keys[i : i + size])

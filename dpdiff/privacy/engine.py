@@ -24,20 +24,25 @@ import warnings
 from dataclasses import dataclass
 
 import torch
-from opacus.grad_sample.utils import prepare_module
 from opacus.optimizers import get_optimizer_class
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch import nn
 from torch.utils.data import Dataset, default_collate
 
-from dpdiff.adapters import check_per_sample_safe, unwrap_model
+from dpdiff.adapters import unwrap_model
 from dpdiff.errors import ConfigError, DataError, PrivacyError
 from dpdiff.privacy.diffusion_loss import example_generator, fold_multiplicity
+from dpdiff.privacy.grad_samplers import wrap_for_per_sample_grads
+from dpdiff.privacy.engine_checks import (  # noqa: F401  (re-exported: the engine's settings)
+    CLIPPING_MODES,
+    GRAD_SAMPLE_MODES,
+    PRECISIONS,
+    checked_timestep_weights,
+    resolve_grad_sample_mode,
+    validate,
+)
 
-GRAD_SAMPLE_MODES = ("auto", "hooks", "ew", "functorch")
-PRECISIONS = ("no", "bf16", "fp16")  # Accelerate's --mixed_precision values
 FP16_LOSS_SCALE = 2.0**12  # static: a scale adapted to overflows would be chosen by the private data
-CLIPPING_MODES = ("flat", "per_layer")
 REQUIRED_KEYS = ("latents", "encoder_hidden_states")  # of the SD family; a family names its own
 
 
@@ -95,7 +100,7 @@ class DPDiffusionEngine:
         self.model = unwrap_model(unet)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.family = family if family is not None else family_for_denoiser(self.model)
-        _validate(self.model, self.params, optimizer, dataset, batch_size, physical_batch_size, noise_multiplier,
+        validate(self.model, self.params, optimizer, dataset, batch_size, physical_batch_size, noise_multiplier,
                   max_grad_norm, noise_multiplicity, grad_sample_mode, clipping, secure_mode, privacy_seed, distributed,
                   self.family, precision)
         self.noise_scheduler = noise_scheduler
@@ -107,7 +112,7 @@ class DPDiffusionEngine:
         self.noise_multiplier = float(noise_multiplier)
         self.max_grad_norm = float(max_grad_norm)
         self.noise_multiplicity = int(noise_multiplicity)
-        self.timestep_weights = _checked_timestep_weights(timestep_weights, self.objective.num_train_timesteps)
+        self.timestep_weights = checked_timestep_weights(timestep_weights, self.objective.num_train_timesteps)
         self.grad_sample_mode = resolve_grad_sample_mode(self.model, grad_sample_mode, precision)  # what ran: recorded
         self.clipping = clipping
         self.secure_mode = secure_mode
@@ -126,7 +131,7 @@ class DPDiffusionEngine:
             from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
 
             wrapped = DPDDP(wrapped)  # broadcasts rank 0's parameters: identical start on every rank
-        self.module = prepare_module(wrapped, self.grad_sample_mode, batch_first=True, loss_reduction="mean")
+        self.module = wrap_for_per_sample_grads(wrapped, self.grad_sample_mode, loss_reduction="mean")
 
         # this rank's shard; each of its examples is then Poisson-sampled independently with rate q
         self.shard = list(range(self.rank, len(dataset), self.world_size))
@@ -169,7 +174,7 @@ class DPDiffusionEngine:
         if getattr(self.model, "is_gradient_checkpointing", False):
             raise ConfigError("gradient checkpointing was enabled after the engine was built; it drops per-sample "
                               "gradients. Call `unet.disable_gradient_checkpointing()`")
-        self.module.train()
+        self.family.train_mode(self.module)
         self.optimizer.zero_grad(set_to_none=True)
         chunks = [indices[i : i + self.physical_batch_size] for i in range(0, len(indices), self.physical_batch_size)]
         loss_sum, clipped = 0.0, 0
@@ -329,108 +334,8 @@ class DPDiffusionEngine:
         self.steps_taken = int(state["steps_taken"])
 
 
-def _checked_timestep_weights(weights: torch.Tensor | None, num_train_timesteps: int) -> torch.Tensor | None:
-    if weights is None:
-        return None
-    weights = torch.as_tensor(weights, dtype=torch.float64).cpu()
-    if weights.shape != (num_train_timesteps,) or not bool((weights >= 0).all()) or not weights.sum() > 0:
-        raise ConfigError(
-            f"timestep_weights must be {num_train_timesteps} non-negative weights with a positive sum (one per training "
-            f"timestep of the scheduler), got shape {tuple(weights.shape)}; build them with diffusion_loss.timestep_weights"
-        )
-    return weights
-
-
 def _generator(privacy_seed: int | None, offset: int, device) -> torch.Generator:
     """A generator for a secret draw: OS entropy unless a seed was given for reproducibility."""
     generator = torch.Generator(device=device)
     seed = secrets.randbits(63) if privacy_seed is None else privacy_seed * 1_000_003 + offset
     return generator.manual_seed(seed)
-
-
-def trains_convolution(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.Conv2d) and any(p.requires_grad for p in m.parameters(recurse=False)) for m in model.modules())
-
-
-def resolve_grad_sample_mode(model: nn.Module, grad_sample_mode: str, precision: str = "no") -> str:
-    """'auto': expanded weights ('ew', ~12% faster on the preset, same per-example gradients) unless a
-    convolution trains, where torch's expanded-weights conv backward fails, or the forward runs under
-    autocast, which expanded weights cannot follow (dtype mismatch); then Opacus hooks."""
-    if grad_sample_mode != "auto":
-        return grad_sample_mode
-    return "hooks" if trains_convolution(model) or precision != "no" else "ew"
-
-
-def _validate(model, params, optimizer, dataset, batch_size, physical_batch_size, noise_multiplier, max_grad_norm,
-              noise_multiplicity, grad_sample_mode, clipping, secure_mode, privacy_seed, distributed, family, precision) -> None:
-    """Every refusal happens here, before any work or any private data is touched."""
-    if grad_sample_mode not in GRAD_SAMPLE_MODES:
-        raise ConfigError(
-            f"grad_sample_mode {grad_sample_mode!r} is not supported; choose one of {list(GRAD_SAMPLE_MODES)} "
-            "(ghost clipping is not offered: its cost grows with the square of the latent size)"
-        )
-    if precision not in PRECISIONS:
-        raise ConfigError(f"precision {precision!r} is not supported; choose one of {list(PRECISIONS)} (Accelerate's --mixed_precision)")
-    if clipping not in CLIPPING_MODES:
-        raise ConfigError(f"clipping {clipping!r} is not supported; choose one of {list(CLIPPING_MODES)}")
-    if grad_sample_mode == "ew" and trains_convolution(model):
-        raise ConfigError(
-            "grad_sample_mode='ew' cannot train convolutions here (torch's expanded-weights conv backward fails on "
-            "the UNet's non-contiguous gradients); use grad_sample_mode='hooks' or 'auto' (the default)"
-        )
-    if grad_sample_mode == "ew" and precision != "no":
-        raise ConfigError(f"grad_sample_mode='ew' cannot run under {precision} autocast (torch's expanded weights mix "
-                          "dtypes); use grad_sample_mode='hooks' or 'auto' (the default)")
-    if clipping == "per_layer" and distributed:
-        raise ConfigError("per_layer clipping is not supported with distributed=True; use clipping='flat'")
-    if not params:
-        raise ConfigError("the model has no trainable parameters; call dpdiff.adapters.prepare_trainable first")
-    if isinstance(optimizer, torch.optim.Optimizer) and type(optimizer).__module__.startswith("opacus"):
-        raise ConfigError("pass a plain torch optimizer; the engine wraps it with Opacus itself")
-    in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    if in_optimizer != {id(p) for p in params}:
-        raise ConfigError(
-            "the optimizer must hold exactly the trainable parameters of the model "
-            "(build it from [p for p in unet.parameters() if p.requires_grad] after prepare_trainable)"
-        )
-    check_per_sample_safe(model)
-    for name, value in (("noise_multiplier", noise_multiplier), ("max_grad_norm", max_grad_norm)):
-        if not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise PrivacyError(f"{name} must be a finite number, got {value!r}")
-    if noise_multiplier < 0:
-        raise PrivacyError(f"noise_multiplier must be >= 0, got {noise_multiplier}")
-    if max_grad_norm <= 0:
-        raise PrivacyError(f"max_grad_norm must be > 0, got {max_grad_norm}")
-    for name, value in (("batch_size", batch_size), ("physical_batch_size", physical_batch_size),
-                        ("noise_multiplicity", noise_multiplicity)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-    if physical_batch_size > batch_size:
-        raise ConfigError(
-            f"physical_batch_size ({physical_batch_size}) > batch_size ({batch_size}); the physical batch only "
-            "splits the expected logical batch, so set physical_batch_size <= batch_size"
-        )
-    if len(dataset) == 0:
-        raise DataError("the private dataset is empty")
-    if batch_size > len(dataset):
-        raise ConfigError(f"batch_size ({batch_size}) exceeds the private dataset size ({len(dataset)})")
-    if secure_mode and privacy_seed is not None:
-        raise PrivacyError("secure_mode=True forbids privacy_seed: the sampling and noise must be unpredictable")
-    if distributed and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        raise ConfigError(
-            "distributed=True but no process group is initialised; create the Accelerator first "
-            "(`accelerate launch --multi_gpu --num_processes N ...`; `--cpu` alone starts ONE process)"
-        )
-    first = dataset[0]
-    required = ["latents", *family.condition_keys]
-    if not isinstance(first, dict) or any(k not in first for k in required):
-        raise DataError(
-            f"private dataset items must be dicts with keys {required} (a latent cache of the {family.name!r} model "
-            f"family); got {type(first).__name__} with keys {sorted(first) if isinstance(first, dict) else None}"
-        )
-    in_channels = family.latent_channels(model) if hasattr(model, "config") else None
-    if in_channels is not None and first["latents"].shape[0] != in_channels:
-        raise DataError(
-            f"cached latents have {first['latents'].shape[0]} channels but the denoiser expects {in_channels}; "
-            "the latent cache was built with another VAE"
-        )

@@ -174,18 +174,8 @@ def wrap_for_per_sample_grads(model: nn.Module, mode: str, *, loss_reduction: st
     raise ValueError(f"unknown per-sample gradient mode {mode!r}; choose one of {list(MODES)}")
 
 
-def _trains_convolution(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.Conv2d) and any(p.requires_grad for p in m.parameters(recurse=False))
-               for m in model.modules())
-
-
-def resolve_grad_sample_mode(model: nn.Module, requested: str) -> str:
-    """'auto': fused_lora when every trainable parameter sits in a fusable LoRA Linear (measured fastest,
-    see benchmarks/lora_grad_sampler.py); else ew when only Linear layers train; else Opacus hooks."""
-    if requested != "auto":
-        return requested
+def fuses_every_trainable(model: nn.Module) -> bool:
+    """Whether `fused_lora` covers every trainable parameter (then nothing needs Opacus hooks)."""
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     fused = {id(p) for layer in fusable_lora_layers(model) for p in layer.parameters() if p.requires_grad}
-    if trainable and trainable <= fused:
-        return FUSED_MODE
-    return "hooks" if _trains_convolution(model) else "ew"
+    return bool(trainable) and trainable <= fused

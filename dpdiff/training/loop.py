@@ -135,7 +135,7 @@ def _finetune(args: argparse.Namespace) -> FinetuneResult:
 
     cache = build_latent_cache(pipeline, source, resolution, args.cond_dropout, args.seed, show_progress=main, family=family,
                                random_flip=getattr(args, "random_flip", False))
-    encoders = _Encoders(pipeline, family, accelerator.device)
+    encoders = _Encoders(pipeline, family, accelerator.device, resolution)
     encoders.offload()  # the frozen text encoders did their work; free the accelerator for the denoiser
     params = [p for p in denoiser.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=0.0)
@@ -279,10 +279,10 @@ class _Encoders:
     """Moves the family's frozen text encoders off the accelerator once the latent cache holds their
     outputs (the T5 of SD3/Flux is larger than many denoisers), and back while a sample grid is drawn."""
 
-    def __init__(self, pipeline, family, device):
+    def __init__(self, pipeline, family, device, resolution: int):
         self.pipeline, self.device = pipeline, torch.device(device)
         self.names = family.text_encoder_names(pipeline)
-        self.resolution = family.resolution(pipeline)
+        self.resolution = resolution  # the trained one: the grids show what was learned
 
     def offload(self) -> None:
         if self.device.type != "cpu":

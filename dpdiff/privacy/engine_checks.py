@@ -1,0 +1,117 @@
+"""What the DP engine refuses, all checked before any work or any private data is touched."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from dpdiff.adapters import check_per_sample_safe
+from dpdiff.errors import ConfigError, DataError, PrivacyError
+from dpdiff.privacy.grad_samplers import FUSED_MODE, fuses_every_trainable
+
+GRAD_SAMPLE_MODES = ("auto", FUSED_MODE, "hooks", "ew", "functorch")
+CLIPPING_MODES = ("flat", "per_layer")
+PRECISIONS = ("no", "bf16", "fp16")  # Accelerate's --mixed_precision values
+
+
+def checked_timestep_weights(weights: torch.Tensor | None, num_train_timesteps: int) -> torch.Tensor | None:
+    if weights is None:
+        return None
+    weights = torch.as_tensor(weights, dtype=torch.float64).cpu()
+    if weights.shape != (num_train_timesteps,) or not bool((weights >= 0).all()) or not weights.sum() > 0:
+        raise ConfigError(
+            f"timestep_weights must be {num_train_timesteps} non-negative weights with a positive sum (one per training "
+            f"timestep of the scheduler), got shape {tuple(weights.shape)}; build them with diffusion_loss.timestep_weights"
+        )
+    return weights
+
+
+def trains_convolution(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.Conv2d) and any(p.requires_grad for p in m.parameters(recurse=False)) for m in model.modules())
+
+
+def resolve_grad_sample_mode(model: nn.Module, grad_sample_mode: str, precision: str = "no") -> str:
+    """'auto': the fused LoRA grad sampler when every trained parameter sits in a LoRA Linear (no summed
+    weight gradient is computed: measured fastest, benchmarks/lora_grad_sampler.py); otherwise Opacus
+    hooks, which run on every family's layers and under autocast. (Expanded weights, 'ew', fail on
+    trained convolutions, on autocast and on the PixArt blocks' parameter indexing: offered, never chosen.)"""
+    if grad_sample_mode != "auto":
+        return grad_sample_mode
+    return FUSED_MODE if fuses_every_trainable(model) else "hooks"
+
+
+def validate(model, params, optimizer, dataset, batch_size, physical_batch_size, noise_multiplier, max_grad_norm,
+              noise_multiplicity, grad_sample_mode, clipping, secure_mode, privacy_seed, distributed, family, precision) -> None:
+    """Every refusal happens here, before any work or any private data is touched."""
+    if grad_sample_mode not in GRAD_SAMPLE_MODES:
+        raise ConfigError(
+            f"grad_sample_mode {grad_sample_mode!r} is not supported; choose one of {list(GRAD_SAMPLE_MODES)} "
+            "(ghost clipping is not offered: its cost grows with the square of the latent size)"
+        )
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision {precision!r} is not supported; choose one of {list(PRECISIONS)} (Accelerate's --mixed_precision)")
+    if clipping not in CLIPPING_MODES:
+        raise ConfigError(f"clipping {clipping!r} is not supported; choose one of {list(CLIPPING_MODES)}")
+    if grad_sample_mode == "ew" and trains_convolution(model):
+        raise ConfigError(
+            "grad_sample_mode='ew' cannot train convolutions here (torch's expanded-weights conv backward fails on "
+            "the UNet's non-contiguous gradients); use grad_sample_mode='hooks' or 'auto' (the default)"
+        )
+    if grad_sample_mode == "ew" and precision != "no":
+        raise ConfigError(f"grad_sample_mode='ew' cannot run under {precision} autocast (torch's expanded weights mix "
+                          "dtypes); use grad_sample_mode='hooks' or 'auto' (the default)")
+    if clipping == "per_layer" and distributed:
+        raise ConfigError("per_layer clipping is not supported with distributed=True; use clipping='flat'")
+    if not params:
+        raise ConfigError("the model has no trainable parameters; call dpdiff.adapters.prepare_trainable first")
+    if isinstance(optimizer, torch.optim.Optimizer) and type(optimizer).__module__.startswith("opacus"):
+        raise ConfigError("pass a plain torch optimizer; the engine wraps it with Opacus itself")
+    in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    if in_optimizer != {id(p) for p in params}:
+        raise ConfigError(
+            "the optimizer must hold exactly the trainable parameters of the model "
+            "(build it from [p for p in unet.parameters() if p.requires_grad] after prepare_trainable)"
+        )
+    check_per_sample_safe(model)
+    for name, value in (("noise_multiplier", noise_multiplier), ("max_grad_norm", max_grad_norm)):
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise PrivacyError(f"{name} must be a finite number, got {value!r}")
+    if noise_multiplier < 0:
+        raise PrivacyError(f"noise_multiplier must be >= 0, got {noise_multiplier}")
+    if max_grad_norm <= 0:
+        raise PrivacyError(f"max_grad_norm must be > 0, got {max_grad_norm}")
+    for name, value in (("batch_size", batch_size), ("physical_batch_size", physical_batch_size),
+                        ("noise_multiplicity", noise_multiplicity)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    if physical_batch_size > batch_size:
+        raise ConfigError(
+            f"physical_batch_size ({physical_batch_size}) > batch_size ({batch_size}); the physical batch only "
+            "splits the expected logical batch, so set physical_batch_size <= batch_size"
+        )
+    if len(dataset) == 0:
+        raise DataError("the private dataset is empty")
+    if batch_size > len(dataset):
+        raise ConfigError(f"batch_size ({batch_size}) exceeds the private dataset size ({len(dataset)})")
+    if secure_mode and privacy_seed is not None:
+        raise PrivacyError("secure_mode=True forbids privacy_seed: the sampling and noise must be unpredictable")
+    if distributed and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        raise ConfigError(
+            "distributed=True but no process group is initialised; create the Accelerator first "
+            "(`accelerate launch --multi_gpu --num_processes N ...`; `--cpu` alone starts ONE process)"
+        )
+    first = dataset[0]
+    required = ["latents", *family.condition_keys]
+    if not isinstance(first, dict) or any(k not in first for k in required):
+        raise DataError(
+            f"private dataset items must be dicts with keys {required} (a latent cache of the {family.name!r} model "
+            f"family); got {type(first).__name__} with keys {sorted(first) if isinstance(first, dict) else None}"
+        )
+    in_channels = family.latent_channels(model) if hasattr(model, "config") else None
+    if in_channels is not None and first["latents"].shape[0] != in_channels:
+        raise DataError(
+            f"cached latents have {first['latents'].shape[0]} channels but the denoiser expects {in_channels}; "
+            "the latent cache was built with another VAE"
+        )
