@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from dpdiff.families.base import LORA_WEIGHTS_NAME, unwrap_model  # noqa: F401  
 from dpdiff.families.stable_diffusion import StableDiffusionFamily
 from dpdiff.io import atomic_dir, atomic_path, write_json
 
+logger = logging.getLogger(__name__)
 METHODS = ("lora", "attention", "full")
 DEFAULT_LORA_TARGETS = StableDiffusionFamily.default_lora_targets
 # UNet children that embed the timestep / class / extra conditions (present ones are trained)
@@ -103,6 +105,9 @@ def prepare_trainable(
                               f"{list(family.condition_embedders)}")
         for module in embedders:
             module.requires_grad_(True)
+    left_frozen = freeze_without_grad_sampler(unet)
+    if left_frozen:
+        logger.warning("left frozen (no per-example gradient rule for the module that owns them): %s", left_frozen)
     names = [n for n, p in unet.named_parameters() if p.requires_grad]
     return TrainableSummary(
         method=method,
@@ -111,6 +116,27 @@ def prepare_trainable(
         trainable_names=names,
         lora_config=lora_config,
     )
+
+
+def params_without_grad_sampler(model: nn.Module) -> list[str]:
+    """Trainable parameters owned directly by a module Opacus has no per-example rule for (e.g. the
+    `scale_shift_table` of PixArt/Sana blocks, diffusers' own RMSNorm). Opacus would fall back to
+    functorch, which re-runs such a module on its first input only: a block that takes the timestep as
+    a keyword then fails, or, worse, could get per-example gradients that are silently wrong."""
+    from opacus.grad_sample import GradSampleModule
+
+    return [f"{module_name}.{name}" if module_name else name
+            for module_name, module in model.named_modules()
+            for name, p in module.named_parameters(recurse=False)
+            if p.requires_grad and type(module) not in GradSampleModule.GRAD_SAMPLERS]
+
+
+def freeze_without_grad_sampler(model: nn.Module) -> list[str]:
+    names = params_without_grad_sampler(model)
+    params = dict(model.named_parameters())
+    for name in names:
+        params[name].requires_grad_(False)
+    return names
 
 
 def check_per_sample_safe(unet: nn.Module) -> None:

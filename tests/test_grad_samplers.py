@@ -3,6 +3,7 @@ plain autograd, on a tiny diffusers UNet with peft LoRA and on a plain Sequentia
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -241,3 +242,29 @@ def test_second_pass_stacks_like_opacus():
 def test_unknown_mode_refused():
     with pytest.raises(ValueError, match="fused_lora"):
         wrap_for_per_sample_grads(_seq(), "ghost")
+
+
+@pytest.mark.parametrize("groups", [1, 4])
+def test_conv_per_example_gradients_hold_on_a_permuted_non_contiguous_input(groups):
+    """Opacus' own conv rule reads a permuted input as if it were contiguous (wrong per-example
+    gradients, silently); dpdiff registers a rule that makes it contiguous first."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 8, 3, padding=1, groups=groups)
+    reference = copy.deepcopy(conv)
+
+    class TokensToImage(nn.Module):  # what Sana's GLUMBConv feed-forward does to its token input
+        def __init__(self, layer):
+            super().__init__()
+            self.layer = layer
+
+        def forward(self, x):
+            return self.layer(x.unflatten(1, (4, 4)).permute(0, 3, 1, 2))
+
+    wrapped = wrap_for_per_sample_grads(TokensToImage(conv), "hooks")
+    x = torch.randn(3, 16, 8)
+    wrapped(x).pow(2).sum().backward()
+    plain = TokensToImage(reference)
+    for i in range(3):
+        reference.zero_grad()
+        plain(x[i : i + 1]).pow(2).sum().backward()
+        torch.testing.assert_close(conv.weight.grad_sample[i] / 3, reference.weight.grad, rtol=1e-4, atol=1e-5)

@@ -41,7 +41,9 @@ class DiTFamily(ModelFamily):
         denoiser.train()
         for module in denoiser.modules():
             if type(module).__name__ == "LabelEmbedding":
-                module.eval()  # no random label dropout inside the forward (see the module docstring)
+                # no random label dropout inside the forward (see the module docstring); eval() instead would
+                # also stop Opacus from recording the embedding's inputs. The null-class row stays.
+                module.dropout_prob = 0.0
 
     def predict(self, denoiser, noisy, timesteps, conditions):
         out = denoiser(noisy, timestep=timesteps, class_labels=conditions["class_labels"]).sample

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from dpdiff.adapters import check_per_sample_safe
+from dpdiff.adapters import check_per_sample_safe, params_without_grad_sampler
 from dpdiff.errors import ConfigError, DataError, PrivacyError
 from dpdiff.privacy.grad_samplers import FUSED_MODE, fuses_every_trainable
 
@@ -75,6 +75,12 @@ def validate(model, params, optimizer, dataset, batch_size, physical_batch_size,
             "(build it from [p for p in unet.parameters() if p.requires_grad] after prepare_trainable)"
         )
     check_per_sample_safe(model)
+    unruled = params_without_grad_sampler(model)
+    if unruled:
+        raise ConfigError(
+            f"no per-example gradient rule exists for the trainable parameter(s) {unruled[:5]}; freeze them "
+            "(dpdiff.adapters.prepare_trainable leaves them frozen) or register an Opacus grad sampler for their module"
+        )
     for name, value in (("noise_multiplier", noise_multiplier), ("max_grad_norm", max_grad_norm)):
         if not isinstance(value, (int, float)) or not math.isfinite(value):
             raise PrivacyError(f"{name} must be a finite number, got {value!r}")

@@ -24,7 +24,8 @@ import types
 
 import torch
 import torch.nn.functional as F
-from opacus.grad_sample import GradSampleModule
+from opacus.grad_sample import GradSampleModule, register_grad_sampler
+from opacus.grad_sample.conv import compute_conv_grad_sample
 from opacus.grad_sample.utils import prepare_module
 from torch import nn
 
@@ -179,3 +180,14 @@ def fuses_every_trainable(model: nn.Module) -> bool:
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     fused = {id(p) for layer in fusable_lora_layers(model) for p in layer.parameters() if p.requires_grad}
     return bool(trainable) and trainable <= fused
+
+
+@register_grad_sampler([nn.Conv1d, nn.Conv2d, nn.Conv3d])
+def contiguous_conv_grad_sample(layer, activations, backprops):
+    """Opacus' conv grad sampler on contiguous activations.
+
+    Its `unfold2d` reads the input with `as_strided` as if it were contiguous: a permuted input (Sana's
+    GLUMBConv feed-forward gets [B, T, C] tokens unflattened and permuted to [B, C, H, W]) silently
+    gives wrong per-example gradients (tests/test_grad_samplers.py shows it). Copying is cheap beside
+    the unfold itself."""
+    return compute_conv_grad_sample(layer, [a.contiguous() for a in activations], backprops)
