@@ -149,3 +149,61 @@ def test_a_dp_attention_run_leaves_a_denoiser_folder_from_pretrained_loads(build
     names = set(result.record_names) if hasattr(result, "record_names") else None
     changed = [n for (n, p), q in zip(original.state_dict().items(), reloaded.state_dict().values()) if not torch.equal(p, q)]
     assert changed and all(n.startswith(tuple(b for b, _ in family.attention_blocks(original))) for n in changed), names
+
+
+def test_an_unsupported_pipeline_folder_gets_one_error_naming_the_supported_families(tmp_path):
+    from dpdiff.errors import ConfigError
+    from dpdiff.pipelines import resolve_model_path
+
+    base = save_tiny_family_pipeline("sd15", tmp_path / "kandinsky")
+    index = base / "model_index.json"
+    index.write_text(index.read_text().replace('"StableDiffusionPipeline"', '"KandinskyV22Pipeline"'))
+    with pytest.raises(ConfigError, match=r"'KandinskyV22Pipeline' is not supported.*FluxPipeline.*StableDiffusionXLPipeline"):
+        resolve_model_path(str(base))
+
+
+def test_a_flux_resolution_that_does_not_pack_into_2x2_patches_is_refused(tmp_path):
+    from dpdiff.errors import ConfigError
+
+    base = save_tiny_family_pipeline("flux", tmp_path / "flux")
+    args = dict(pretrained_model_name_or_path=str(base), output_dir=str(tmp_path / "run"), dataset="fashion_mnist",
+                max_train_samples=8, batch_size=4, max_steps=1, delta=1e-2, physical_batch_size=4, resolution=36)
+    with pytest.raises(ConfigError, match="multiple of 8"):
+        finetune(finetune_args(**args))
+    assert not (tmp_path / "run").exists()  # nothing half-written
+
+
+def test_flow_matching_loss_matches_a_hand_computation():
+    """x_s = (1 - s) x0 + s eps, target eps - x0, sigma = timestep / 1000 on the scheduler's shifted grid."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from dpdiff.families.objectives import FlowMatchingObjective
+
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    objective = FlowMatchingObjective(scheduler)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(2, 4, 3, 3, generator=g)
+    noise, timesteps = objective.draw(x0, 1, [torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)])
+    # every drawn timestep is a point of the scheduler's training grid, and sigma = t / 1000 is its sigma
+    grid = scheduler.timesteps.tolist()
+    assert all(float(t) in grid for t in timesteps)
+    sigma_of = dict(zip(scheduler.timesteps.tolist(), scheduler.sigmas[:-1].tolist()))
+    weights = torch.tensor([[0.5]])
+    seen = {}
+
+    def predict(noisy, t):
+        seen["noisy"] = noisy
+        return weights * noisy
+
+    losses = objective.per_row_loss(predict, x0, noise, timesteps)
+    for i in range(2):
+        s = sigma_of[float(timesteps[i])]
+        noisy = (1 - s) * x0[i] + s * noise[i]
+        torch.testing.assert_close(seen["noisy"][i], noisy)
+        expected = ((0.5 * noisy - (noise[i] - x0[i])) ** 2).mean()
+        torch.testing.assert_close(losses[i], expected)
+    # weights on the last timestep indices = the noisiest part of the grid, as for DDPM timesteps
+    later = torch.zeros(1000, dtype=torch.float64)
+    later[900:] = 1.0
+    _, t = objective.draw(x0[:1], 500, [torch.Generator().manual_seed(3)], later)
+    assert float((t / 1000).min()) > 0.9

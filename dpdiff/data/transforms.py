@@ -16,7 +16,7 @@ def check_resolution(resolution, factor: int = VAE_FACTOR, flag: str = "--resolu
     from dpdiff.errors import ConfigError
 
     if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution <= 0 or resolution % factor:
-        raise ConfigError(f"{flag} must be a positive multiple of {factor} (the VAE downsamples images by {factor}), "
+        raise ConfigError(f"{flag} must be a positive multiple of {factor} (the VAE factor times the denoiser's patch size), "
                           f"got {resolution!r}")
     return resolution
 

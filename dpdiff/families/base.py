@@ -55,6 +55,11 @@ class ModelFamily:
         """Training/sampling image size in pixels: the denoiser's native latent size times the VAE factor."""
         return int(self.denoiser(pipeline).config.sample_size) * vae_scale_factor(pipeline)
 
+    def resolution_multiple(self, pipeline) -> int:
+        """Image sizes must be a multiple of this: the VAE factor times the denoiser's patch size."""
+        patch = getattr(self.denoiser(pipeline).config, "patch_size", None) or 1
+        return vae_scale_factor(pipeline) * int(patch)
+
     def train_mode(self, denoiser: nn.Module) -> None:
         """Training mode for per-example gradients (no module of the denoisers mixes examples)."""
         denoiser.train()

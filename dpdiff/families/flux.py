@@ -25,6 +25,9 @@ class FluxFamily(FlowFamily):
     def resolution(self, pipeline) -> int:
         return int(pipeline.default_sample_size) * vae_scale_factor(pipeline)
 
+    def resolution_multiple(self, pipeline) -> int:
+        return 2 * vae_scale_factor(pipeline)  # latents are packed in 2x2 patches
+
     def latent_channels(self, denoiser):
         return int(denoiser.config.in_channels) // 4  # the transformer sees 2x2 patches of the VAE latent
 

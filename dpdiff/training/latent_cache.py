@@ -112,14 +112,13 @@ def build_latent_cache(pipeline, source: ImageSource, resolution: int, cond_drop
     Examples are grouped by their prompt (label families: their class label); the family encodes each
     distinct group once, plus the unconditional one (empty prompt / null class) for guidance.
     `random_flip`: also encode every image mirrored (twice the latent memory), see `LatentCache`.
-    `resolution` must be a multiple of the pipeline's VAE factor."""
+    `resolution` must be a multiple of the VAE factor times the denoiser's patch size."""
     from dpdiff.data.transforms import check_resolution
     from dpdiff.families import family_for_pipeline
     from dpdiff.families.base import NULL_LABEL, UNCONDITIONAL_PROMPT
 
-    factor = int(getattr(pipeline, "vae_scale_factor", 1) or 1)
-    check_resolution(resolution, factor)
     family = family or family_for_pipeline(pipeline)
+    check_resolution(resolution, family.resolution_multiple(pipeline))
     by_label = family.conditioning == "label"
     keys = [int(x) for x in source.dataset["label"]] if by_label else list(source.dataset["prompt"])
     distinct = list(dict.fromkeys(keys))
