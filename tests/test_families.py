@@ -131,6 +131,13 @@ def test_a_dp_lora_run_leaves_an_adapter_the_stock_pipeline_loads(build, tmp_pat
         load_peft_lora(pipe.transformer, tmp_path / "run")
     after = sample(pipe, family)
     assert np.isfinite(after).all() and np.abs(after - before).max() > 1e-4
+    # `dpdiff sample` goes through the same loader; the model card tells a user how to load it
+    from dpdiff.sampling.generate import sample_dataset
+
+    synthetic = sample_dataset(tmp_path / "run", tmp_path / "synthetic", num_per_class=1, num_inference_steps=2)
+    assert len(list((synthetic / "train").glob("*.png"))) == 10
+    card = (tmp_path / "run" / "README.md").read_text()
+    assert family.usage_load_lora("REPO").split("REPO")[0].splitlines()[-1] in card
 
 
 @pytest.mark.parametrize("build", FAMILY_BUILDS)

@@ -38,6 +38,7 @@ class ModelFamily:
     attention_block_types: tuple[str, ...] = ()  # module class names that `attention` trains
     attention_block_lists: tuple[str, ...] = ()  # or: denoiser attributes holding block lists, in depth order
     stock_lora_loader: bool = True  # the pipeline has `load_lora_weights`
+    flow_matching: bool = False  # trained and sampled as a rectified flow (keeps its own sampler)
 
     # ---- the denoiser and its inputs -----------------------------------------------------------
 

@@ -19,6 +19,7 @@ class FlowFamily(ModelFamily):
     denoiser_attr = "transformer"
     attention_block_lists = ("transformer_blocks",)
     condition_embedders = ("time_text_embed",)
+    flow_matching = True
 
     def training_scheduler(self, pipeline):
         from diffusers import FlowMatchEulerDiscreteScheduler

@@ -153,7 +153,7 @@ def sample_dataset(
         channels = int(gen["channels"])
         pngs = (
             encode_png(convert(im, channels, resolution))
-            for im in generate(pipe, requests, guidance, steps, batch_size)
+            for im in generate(pipe, requests, guidance, steps, batch_size, gen.get("resolution"))
         )
         settings = {"guidance_scale": guidance, "num_inference_steps": steps, "scheduler": type(pipe.scheduler).__name__, "dtype": str(torch_dtype).removeprefix("torch."), "base_model": base_model or gen["base_model"]}
 
@@ -180,9 +180,11 @@ def sample_dataset(
     return output
 
 
-def generate(pipe, requests: list[Request], guidance_scale: float, num_inference_steps: int, batch_size: int):
+def generate(pipe, requests: list[Request], guidance_scale: float, num_inference_steps: int, batch_size: int,
+             resolution: int | None = None):
     """Yield PIL images in request order, one tqdm bar over all of them (the family's stock pipeline call:
-    prompts, or class labels for a class-conditional family)."""
+    prompts, or class labels for a class-conditional family) at `resolution` (the trained size; None: the
+    pipeline's default)."""
     from dpdiff.families import family_for_pipeline
 
     family = family_for_pipeline(pipe)
@@ -192,7 +194,8 @@ def generate(pipe, requests: list[Request], guidance_scale: float, num_inference
             generators = [torch.Generator("cpu").manual_seed(r.seed) for r in batch]
             with torch.inference_mode():
                 images = family.generate(pipe, [r.prompt for r in batch], [r.label for r in batch], generator=generators,
-                                         num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
+                                         num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                                         resolution=resolution)
             yield from images
             bar.update(len(batch))
 

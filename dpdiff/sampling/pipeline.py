@@ -1,9 +1,10 @@
 """A fine-tuned run as a stock diffusers pipeline: the base model plus the run's trained weights.
 
-LoRA runs go through `load_lora_weights` (exactly what a user of the hub adapter does), attention
-and full runs swap in the saved UNet. Sampling uses the scheduler named here (DDIM unless asked
-otherwise), never the one the base ships with, so `num_inference_steps` means the same thing for
-every base model (an SD-1.5 base ships with PNDM)."""
+LoRA runs go through the family's loader (`load_lora_weights`, exactly what a user of the hub adapter
+does), attention and full runs swap in the saved denoiser. DDPM-family runs sample with the scheduler
+named here (DDIM unless asked otherwise), never the one the base ships with, so `num_inference_steps`
+means the same thing for every base model (an SD-1.5 base ships with PNDM); flow-matching families
+(SD3, Flux, Sana) keep their pipeline's own flow scheduler."""
 
 from __future__ import annotations
 
@@ -62,7 +63,12 @@ def pipeline_for_run(run: RunRecord, base_model: str | None = None, device="cpu"
         denoiser = type(base_denoiser).from_pretrained(folder, dtype=torch_dtype, use_safetensors=True)
         check_unet_fits(base_denoiser, denoiser, base, run)
         pipe.register_modules(**{family.denoiser_attr: denoiser})
-    pipe.scheduler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(pipe.scheduler.config)
+    if family.flow_matching:  # the DDPM samplers do not apply; the pipeline's own flow scheduler does
+        if scheduler != DEFAULT_SCHEDULER:
+            raise ConfigError(f"{base!r} is a flow-matching ({family.name}) pipeline: it samples with its own "
+                              f"{type(pipe.scheduler).__name__}; drop --scheduler {scheduler}")
+    else:
+        pipe.scheduler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)  # sample_dataset shows one bar over all images
     return pipe.to(device)
 
