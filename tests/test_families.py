@@ -95,6 +95,11 @@ def test_per_example_gradients_equal_a_one_example_loop(build, method):
         alone = torch.cat([p.grad.flatten() for p in ref_params])
         assert alone.abs().max() > 0
         torch.testing.assert_close(batched[i], alone, rtol=1e-4, atol=1e-7)
+    # an empty Poisson batch still steps; with sigma = 0 nothing moves (the dummy row contributes exactly 0)
+    before = [p.detach().clone() for p in engine.params]
+    stats = engine._logical_step([])
+    assert stats.num_examples == 0 and engine.steps_taken == 1
+    assert all(torch.equal(a, p) for a, p in zip(before, engine.params))
 
 
 def tiny_run(base, out, method):
