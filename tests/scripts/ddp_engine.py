@@ -28,15 +28,48 @@ class LatentCache(torch.utils.data.Dataset):
         return {"latents": self.latents[i], "encoder_hidden_states": self.hidden[i]}
 
 
+class FamilyCache(torch.utils.data.Dataset):
+    """Random latents + one family's real conditioning (prompts through its tiny frozen encoders)."""
+
+    def __init__(self, pipe, family, n):
+        g = torch.Generator().manual_seed(1)
+        keys = [i % 3 for i in range(n)] if family.conditioning == "label" else [f"prompt {i % 3}" for i in range(n)]
+        self.conditions = family.encode_conditions(pipe, keys, 32)
+        channels = family.latent_channels(family.denoiser(pipe))
+        self.latents = torch.randn(n, channels, 8, 8, generator=g)
+
+    def __len__(self):
+        return len(self.latents)
+
+    def __getitem__(self, i):
+        return {"latents": self.latents[i], **{k: v[i] for k, v in self.conditions.items()}}
+
+
+FAMILY_BUILD = sys.argv[2] if len(sys.argv) > 2 else None  # a dpdiff.pipelines.tiny_families name, or the UNet
+
+
 def build(distributed, noise_multiplier, rank_seed):
-    unet = build_tiny_unet(seed=0)
+    if FAMILY_BUILD is None:
+        unet, family, scheduler, data = build_tiny_unet(seed=0), None, DDPMScheduler(**SCHEDULER_CONFIG), LatentCache(24)
+    else:
+        from dpdiff.families import family_for_pipeline
+        from dpdiff.pipelines.tiny_families import build_tiny_family_pipeline
+
+        pipe = build_tiny_family_pipeline(FAMILY_BUILD)
+        family = family_for_pipeline(pipe)
+        unet, scheduler, data = family.denoiser(pipe), family.training_scheduler(pipe), FamilyCache(pipe, family, 24)
+        family.train_mode(unet)
     torch.manual_seed(rank_seed)  # a different LoRA init per rank: DPDDP must broadcast rank 0's
-    prepare_trainable(unet, "lora", rank=4)
+    prepare_trainable(unet, "lora", rank=4, family=family)
+    with torch.no_grad():  # LoRA B starts at 0 (A then gets no gradient): give both factors a gradient
+        for name, p in unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
     params = [p for p in unet.parameters() if p.requires_grad]
     return DPDiffusionEngine(
-        unet, DDPMScheduler(**SCHEDULER_CONFIG), torch.optim.SGD(params, lr=1.0), LatentCache(24),
+        unet, scheduler, torch.optim.SGD(params, lr=1.0), data,
         batch_size=6, physical_batch_size=2, noise_multiplier=noise_multiplier, max_grad_norm=1e-2,
-        noise_multiplicity=2, privacy_seed=0, distributed=distributed,
+        noise_multiplicity=2, privacy_seed=0, distributed=distributed, family=family,
     )
 
 
