@@ -33,6 +33,8 @@ UPLOAD_PATTERNS = (
     f"{UNET_DIR}/*",
     f"{TRANSFORMER_DIR}/*",
     "dpdiff_trainable.json",  # names of the trained parameters (adapters.py)
+    "adapter_config.json",  # the peft LoraConfig of PixArt/DiT adapters (families/peft_export.py)
+    "condition_embedder.safetensors",  # --train_condition_embedder with lora (adapters.py)
     "generator/*",  # DP-MEPF: the generator, the DP release it was trained on, its flags
     "release.safetensors",
     "mepf_config.json",

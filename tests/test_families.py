@@ -143,6 +143,12 @@ def test_a_dp_lora_run_leaves_an_adapter_the_stock_pipeline_loads(build, tmp_pat
     assert len(list((synthetic / "train").glob("*.png"))) == 10
     card = (tmp_path / "run" / "README.md").read_text()
     assert family.usage_load_lora("REPO").split("REPO")[0].splitlines()[-1] in card
+    # what --push_to_hub uploads is everything the loader needs
+    from dpdiff.hub import files_to_upload
+
+    uploaded = files_to_upload(tmp_path / "run")[0]
+    assert "pytorch_lora_weights.safetensors" in uploaded
+    assert family.stock_lora_loader or "adapter_config.json" in uploaded
 
 
 @pytest.mark.parametrize("build", FAMILY_BUILDS)

@@ -102,12 +102,15 @@ class _LoraPerSample(torch.autograd.Function):
     def backward(ctx, g):
         x, h, a, b = ctx.saved_tensors
         s, n = ctx.scaling, x.shape[0]
-        gh = g @ b  # [n, ..., r]: B^T g_t
-        grad_x = (gh * s) @ a if ctx.needs_input_grad[0] else None
+        # under autocast the forward ran in bf16/fp16 while A, B are fp32 masters: the input gradient
+        # goes back in the forward's dtype, the per-example gradients are formed in fp32
+        gh = g @ b.to(g.dtype)  # [n, ..., r]: B^T g_t
+        grad_x = ((gh * s) @ a.to(gh.dtype)).to(x.dtype) if ctx.needs_input_grad[0] else None
         w = s * (n if ctx.batch_scale else 1)  # "mean": row i's own gradient, as Opacus stores it
-        g3, h3 = g.reshape(n, -1, g.shape[-1]), (h * w).reshape(n, -1, h.shape[-1])
+        g3, h3 = g.float().reshape(n, -1, g.shape[-1]), (h.float() * w).reshape(n, -1, h.shape[-1])
         grad_b = torch.bmm(g3.transpose(1, 2), h3)  # [n, out, r]
-        grad_a = torch.bmm((gh * w).reshape(n, -1, gh.shape[-1]).transpose(1, 2), x.reshape(n, -1, x.shape[-1]))
+        grad_a = torch.bmm((gh.float() * w).reshape(n, -1, gh.shape[-1]).transpose(1, 2),
+                           x.float().reshape(n, -1, x.shape[-1]))
         _store(ctx.params[0], grad_a, ctx.pass_id)
         _store(ctx.params[1], grad_b, ctx.pass_id)
         return grad_x, None, None, None, None, None  # no summed gradient for A, B: p.grad stays None
