@@ -203,6 +203,12 @@ def run_audit(args: argparse.Namespace) -> AuditResult:
 
     source = load_source(args.dataset, "train", limit=args.max_train_samples, seed=args.seed)
     pipeline = load_pipeline(args.pretrained_model_name_or_path)
+    if not hasattr(pipeline, "unet") or getattr(pipeline.unet.config, "addition_embed_type", None) is not None:
+        raise ConfigError(
+            f"the audit plants canaries in the text-conditioning of an SD-1.x/2.x UNet; {type(pipeline).__name__} "
+            "has another conditioning. Audit the DP engine on an SD-format pipeline (e.g. dpdiff-tiny): the "
+            "mechanism audited is the same for every family"
+        )
     unet = pipeline.unet
     dim = unet.config.cross_attention_dim
     m = args.num_canaries or min(256, dim // 2)
