@@ -168,3 +168,17 @@ def max_sequence_length(pipeline, tokenizer) -> int:
 def batched(keys: list, size: int = 64):
     for i in range(0, len(keys), size):
         yield list(keys[i : i + size])
+
+
+@torch.no_grad()
+def encode_masked_prompts(pipeline, keys: list, **options) -> dict[str, torch.Tensor]:
+    """Hidden states + attention mask from a single-encoder pipeline's `encode_prompt` (PixArt's T5,
+    Sana's Gemma), at the length the pipeline samples with; fp32 on the CPU."""
+    length = max_sequence_length(pipeline, pipeline.tokenizer)
+    embeds, masks = [], []
+    for chunk in batched(keys):
+        e, m, _, _ = pipeline.encode_prompt(chunk, do_classifier_free_guidance=False, device=pipeline.text_encoder.device,
+                                            max_sequence_length=length, **options)
+        embeds.append(e.float().cpu())
+        masks.append(m.float().cpu())
+    return {"encoder_hidden_states": torch.cat(embeds), "encoder_attention_mask": torch.cat(masks)}

@@ -11,13 +11,13 @@ from __future__ import annotations
 import torch
 
 from dpdiff.families.base import NULL_LABEL, ModelFamily
-from dpdiff.families.peft_export import load_peft_lora, save_peft_lora
-from dpdiff.families.pixart import PixArtFamily, epsilon_half
+from dpdiff.families.peft_export import PeftExport
+from dpdiff.families.pixart import epsilon_half
 from dpdiff.families.registry import register_family
 
 
 @register_family
-class DiTFamily(ModelFamily):
+class DiTFamily(PeftExport, ModelFamily):
     name = "dit"
     pipeline_classes = ("DiTPipeline",)
     denoiser_classes = ("DiTTransformer2DModel",)
@@ -25,7 +25,6 @@ class DiTFamily(ModelFamily):
     conditioning = "label"
     condition_keys = ("class_labels",)
     attention_block_lists = ("transformer_blocks",)
-    stock_lora_loader = False
 
     def encode_conditions(self, pipeline, keys, resolution):
         num_classes = int(self.denoiser(pipeline).config.num_embeds_ada_norm)
@@ -48,15 +47,6 @@ class DiTFamily(ModelFamily):
     def predict(self, denoiser, noisy, timesteps, conditions):
         out = denoiser(noisy, timestep=timesteps, class_labels=conditions["class_labels"]).sample
         return epsilon_half(out, noisy.shape[1])
-
-    def save_lora(self, denoiser, output_dir, layers, metadata):
-        return save_peft_lora(output_dir, layers, metadata)
-
-    def load_lora(self, pipeline, run_dir):
-        load_peft_lora(self.denoiser(pipeline), run_dir)
-
-    def usage_load_lora(self, repo):
-        return PixArtFamily.usage_load_lora(self, repo)
 
     def generate(self, pipeline, prompts, labels, *, generator, num_inference_steps, guidance_scale, resolution=None,
                  output_type="pil"):

@@ -44,3 +44,19 @@ def load_peft_lora(denoiser, run_dir: Path) -> None:
     unexpected = getattr(result, "unexpected_keys", None) or []
     if unexpected:
         raise ConfigError(f"the adapter in {run_dir} names layers this {type(denoiser).__name__} lacks: {unexpected[:5]}")
+
+
+class PeftExport:
+    """Family mixin: LoRA export/import through plain peft, for pipelines without a LoRA loader."""
+
+    stock_lora_loader = False
+
+    def save_lora(self, denoiser, output_dir, layers, metadata):
+        return save_peft_lora(output_dir, layers, metadata)
+
+    def load_lora(self, pipeline, run_dir):
+        load_peft_lora(self.denoiser(pipeline), run_dir)
+
+    def usage_load_lora(self, repo):
+        return (f'from huggingface_hub import snapshot_download\nfrom dpdiff.families.peft_export import load_peft_lora\n'
+                f'load_peft_lora(pipe.transformer, snapshot_download("{repo}"))  # plain peft: inject + set_peft_model_state_dict')

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from dpdiff.families.base import ModelFamily, batched, max_sequence_length, unwrap_model
-from dpdiff.families.peft_export import load_peft_lora, save_peft_lora
+from dpdiff.families.base import ModelFamily, encode_masked_prompts, max_sequence_length, unwrap_model
+from dpdiff.families.peft_export import PeftExport
 from dpdiff.families.registry import register_family
 
 
@@ -17,7 +17,7 @@ def epsilon_half(prediction: torch.Tensor, latent_channels: int) -> torch.Tensor
 
 
 @register_family
-class PixArtFamily(ModelFamily):
+class PixArtFamily(PeftExport, ModelFamily):
     name = "pixart"
     pipeline_classes = ("PixArtAlphaPipeline", "PixArtSigmaPipeline")
     denoiser_classes = ("PixArtTransformer2DModel",)
@@ -25,23 +25,12 @@ class PixArtFamily(ModelFamily):
     condition_keys = ("encoder_hidden_states", "encoder_attention_mask", "resolution", "aspect_ratio")
     condition_embedders = ("adaln_single", "caption_projection")
     attention_block_lists = ("transformer_blocks",)
-    stock_lora_loader = False
 
-    @torch.no_grad()
     def encode_conditions(self, pipeline, keys, resolution):
-        length = max_sequence_length(pipeline, pipeline.tokenizer)
-        device = pipeline.text_encoder.device
-        embeds, masks = [], []
-        for chunk in batched(keys):
-            e, m, _, _ = pipeline.encode_prompt(chunk, do_classifier_free_guidance=False, device=device,
-                                                max_sequence_length=length)
-            embeds.append(e.float().cpu())
-            masks.append(m.float().cpu())
         n = len(keys)
         # micro-conditions of the 1024-px alpha checkpoints (used only when the transformer asks for them)
         size = torch.tensor([[float(resolution), float(resolution)]]).expand(n, -1).clone()
-        return {"encoder_hidden_states": torch.cat(embeds), "encoder_attention_mask": torch.cat(masks),
-                "resolution": size, "aspect_ratio": torch.ones(n, 1)}
+        return {**encode_masked_prompts(pipeline, keys), "resolution": size, "aspect_ratio": torch.ones(n, 1)}
 
     def predict(self, denoiser, noisy, timesteps, conditions):
         extra = {"resolution": None, "aspect_ratio": None}
@@ -51,16 +40,6 @@ class PixArtFamily(ModelFamily):
                        encoder_attention_mask=conditions["encoder_attention_mask"], timestep=timesteps,
                        added_cond_kwargs=extra).sample
         return epsilon_half(out, noisy.shape[1])
-
-    def save_lora(self, denoiser, output_dir, layers, metadata):
-        return save_peft_lora(output_dir, layers, metadata)
-
-    def load_lora(self, pipeline, run_dir):
-        load_peft_lora(self.denoiser(pipeline), run_dir)
-
-    def usage_load_lora(self, repo):
-        return (f'from huggingface_hub import snapshot_download\nfrom dpdiff.families.peft_export import load_peft_lora\n'
-                f'load_peft_lora(pipe.transformer, snapshot_download("{repo}"))  # plain peft: inject + set_peft_model_state_dict')
 
     def generate(self, pipeline, prompts, labels, *, generator, num_inference_steps, guidance_scale, resolution=None,
                  output_type="pil"):

@@ -4,9 +4,7 @@ over a deep-compression autoencoder's latents; rectified-flow matching, as diffu
 
 from __future__ import annotations
 
-import torch
-
-from dpdiff.families.base import batched, max_sequence_length
+from dpdiff.families.base import encode_masked_prompts, max_sequence_length
 from dpdiff.families.registry import register_family
 from dpdiff.families.sd3 import FlowFamily
 
@@ -19,17 +17,8 @@ class SanaFamily(FlowFamily):
     condition_keys = ("encoder_hidden_states", "encoder_attention_mask")
     condition_embedders = ("time_embed", "caption_projection")
 
-    @torch.no_grad()
     def encode_conditions(self, pipeline, keys, resolution):
-        length = max_sequence_length(pipeline, pipeline.tokenizer)
-        device = pipeline.text_encoder.device
-        embeds, masks = [], []
-        for chunk in batched(keys):
-            e, m, _, _ = pipeline.encode_prompt(chunk, do_classifier_free_guidance=False, device=device,
-                                                max_sequence_length=length, complex_human_instruction=None)
-            embeds.append(e.float().cpu())
-            masks.append(m.float().cpu())
-        return {"encoder_hidden_states": torch.cat(embeds), "encoder_attention_mask": torch.cat(masks)}
+        return encode_masked_prompts(pipeline, keys, complex_human_instruction=None)
 
     def predict(self, denoiser, noisy, timesteps, conditions):
         from dpdiff.families.base import unwrap_model
