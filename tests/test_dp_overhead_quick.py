@@ -1,0 +1,62 @@
+"""benchmarks/dp_overhead.py's quick path runs end to end on one tiny family row (and the GPU rows'
+code path, scaled down, on CPU) and gives finite DP / non-DP ratios; benchmarks/gpu_check.sh parses."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "benchmarks" / "dp_overhead.py"
+RATIOS = ("time_ratio", "ratio_min", "ratio_max", "mem_ratio", "t_plain", "t_dp")
+
+
+def load_script():
+    """The script as a module, in this process (a subprocess would pay torch's and diffusers' imports again)."""
+    spec = importlib.util.spec_from_file_location("dp_overhead_under_test", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def script():
+    return load_script()
+
+
+def run_rows(script, plan):
+    torch.set_num_threads(1)
+    for row in plan:
+        row["pairs"] = 1
+    return script.run(plan, warmup=0, device="cpu")
+
+
+def check_finite(rows):
+    assert rows
+    for row in rows:
+        assert "error" not in row, row
+        for key in RATIOS:
+            assert math.isfinite(row[key]) and (row[key] > 0 or key == "mem_ratio" and row[key] >= 0), (key, row)
+
+
+def test_quick_family_row_gives_finite_ratios(script):
+    rows = run_rows(script, script.cpu_plan(quick=True, patterns=["family:dit/lora/auto/fp32"]))
+    check_finite(rows)
+    assert rows[0]["mode_ran"] == "fused_lora" and rows[0]["batch"] == 16
+
+
+def test_gpu_rows_dry_run_on_cpu(script):
+    rows = run_rows(script, script.gpu_plan(["dit:8:2"], ["lora"], ["fp32"], "cpu", tiny=True, pairs=1))
+    check_finite(rows)
+    assert rows[0]["images_per_s_dp"] > 0
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="no bash")
+def test_gpu_check_script_parses():
+    subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu_check.sh")], check=True)
