@@ -49,8 +49,8 @@ BEFORE = {("preset", "lora", "hooks"): (1.31, 0.99), ("preset", "lora", "ew"): (
 def cpu_plan(quick: bool, patterns=None) -> list[dict]:
     """One dict per DP variant; variants with the same (group, method, precision) share one non-DP step."""
     rows = []
-    unet_pairs, family_pairs = (2, 2) if quick else (10, 6)
-    wide_pairs = 2 if quick else 6
+    unet_pairs, family_pairs = (2, 2) if quick else (10, 20)  # family steps are 20-600 ms: more pairs
+    wide_pairs = 2 if quick else 4
     for group, pairs in (("preset", unet_pairs), ("wide", wide_pairs)):
         variants = [("lora", m, "fp32") for m in ("fused_lora", "hooks", "ew")]
         if group == "preset":
@@ -162,12 +162,15 @@ def table(results: list[dict], gpu: bool = False) -> str:
                          f"fails: `{r['error']}` |" + " |" * (head.count("|") - 7) + f" {before} |")
             continue
         tt, mt = TIME_TARGET.get(r["method"]), MEM_TARGET.get(r["method"])
+        memory = f"{r['mem_plain_mb']:.0f} -> {r['mem_dp_mb']:.0f} | {r['mem_ratio']:.2f}x | " + (
+            f"<= {mt}: {verdict(r['mem_ratio'], mt)}" if mt else "-")
+        if max(r["mem_plain_mb"], r["mem_dp_mb"]) < 1 and not gpu:  # RSS pages cannot resolve it
+            memory = "< 1 -> < 1 | n/a | n/a (< 1 MiB)"
         lines.append(
             f"| {r['group']} | {r['method']} | {r['mode']} ({r['mode_ran']}) | {r['precision']} | {r['batch']} | "
             f"{r['t_plain']:.3f} | {r['t_dp']:.3f} | {r['time_ratio']:.2f}x [{r['ratio_min']:.2f}-{r['ratio_max']:.2f}] | "
             + (f"{r['images_per_s_dp']:.1f} (non-DP {r['images_per_s_plain']:.1f}) | " if gpu else "")
-            + f"<= {tt}: {verdict(r['time_ratio'], tt)} | {r['mem_plain_mb']:.0f} -> {r['mem_dp_mb']:.0f} | "
-            f"{r['mem_ratio']:.2f}x | {('<= %s: ' % mt) + verdict(r['mem_ratio'], mt) if mt else '-'} | {before} |")
+            + f"<= {tt}: {verdict(r['time_ratio'], tt)} | {memory} | {before} |")
     return "\n".join(lines)
 
 
@@ -184,7 +187,8 @@ def chart(results: list[dict], path: Path) -> None:
     ax.bar([i - 0.2 for i in x], [r["time_ratio"] for r in ok], 0.4, label="time DP / non-DP",
            yerr=[[r["time_ratio"] - r["ratio_min"] for r in ok], [r["ratio_max"] - r["time_ratio"] for r in ok]],
            capsize=2)
-    ax.bar([i + 0.2 for i in x], [r["mem_ratio"] for r in ok], 0.4, label="step memory DP / non-DP")
+    ax.bar([i + 0.2 for i in x], [r["mem_ratio"] if max(r["mem_plain_mb"], r["mem_dp_mb"]) >= 1 else 0 for r in ok], 0.4,
+           label="step memory DP / non-DP (none: < 1 MiB, unresolved)")
     for method, target in TIME_TARGET.items():
         idx = [i for i, r in enumerate(ok) if r["method"] == method]
         if idx:
@@ -254,6 +258,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--profile", metavar="ROW", help="profile one row (fnmatch pattern) instead")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
     parser.add_argument("--out_md", type=Path, help="write the table here instead of docs/benchmarks.md")
+    parser.add_argument("--from_json", type=Path, help="re-render the docs and chart from a --json of an earlier run")
+    parser.add_argument("--wall_min", type=float, default=None, help="with --from_json: that run's minutes")
     parser.add_argument("--write", action="store_true", help="with --quick: write the docs anyway")
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args(argv)
@@ -272,8 +278,11 @@ def main(argv=None) -> list[dict]:
         profile(plan, args.profile, args.device)
         return []
     start = time.perf_counter()
-    results = run(plan, args.warmup, args.device)
-    wall = time.perf_counter() - start
+    if args.from_json:
+        results, wall = json.loads(args.from_json.read_text()), 60 * (args.wall_min or 0)
+    else:
+        results = run(plan, args.warmup, args.device)
+        wall = time.perf_counter() - start
     text = header(results, args.device, wall) + "\n\n" + table(results, gpu=args.gpu)
     print(text)
     if args.json:
