@@ -120,11 +120,11 @@ def _fused_forward(self, x, *args, **kwargs):
     wrapper = self._dpdiff_fused_owner
     if not (wrapper._fused_active and self.training and torch.is_grad_enabled()):
         return self._dpdiff_original_forward(x, *args, **kwargs)
-    reason = fusable_reason(self)
-    if reason is not None or args or kwargs:
-        raise RuntimeError(f"LoRA layer changed after wrapping for per-sample gradients ({reason or 'extra arguments'}); "
-                           "wrap the model again")
-    name = self.active_adapters[0]
+    # the full `fusable_reason` ran at wrapping; per call only what a user can toggle later (cheap)
+    name = self._dpdiff_adapter
+    if args or kwargs or self.merged or self.disable_adapters or list(self.active_adapters) != [name]:
+        raise RuntimeError("LoRA layer changed after wrapping for per-sample gradients (merged, disabled, another "
+                           "adapter or extra arguments); wrap the model again")
     a, b = self.lora_A[name].weight, self.lora_B[name].weight
     result = self.base_layer(x)
     lora = _LoraPerSample.apply(self._cast_input_dtype(x, a.dtype), a, b, float(self.scaling[name]),
@@ -145,6 +145,7 @@ class FusedLoraGradSampleModule(GradSampleModule):
         for layer in self._fused_layers:  # plain attributes: the wrapper must not become a submodule
             object.__setattr__(layer, "_dpdiff_original_forward", layer.forward)
             object.__setattr__(layer, "_dpdiff_fused_owner", self)
+            object.__setattr__(layer, "_dpdiff_adapter", layer.active_adapters[0])
             object.__setattr__(layer, "forward", types.MethodType(_fused_forward, layer))
 
     def iterate_submodules(self, module: nn.Module):
@@ -161,7 +162,7 @@ class FusedLoraGradSampleModule(GradSampleModule):
 
     def _close(self):
         for layer in self._fused_layers:
-            for key in ("forward", "_dpdiff_original_forward", "_dpdiff_fused_owner"):
+            for key in ("forward", "_dpdiff_original_forward", "_dpdiff_fused_owner", "_dpdiff_adapter"):
                 layer.__dict__.pop(key, None)
         for p in self._module.parameters():
             if hasattr(p, "_fused_pass"):
