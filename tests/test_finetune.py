@@ -70,7 +70,7 @@ def test_lora_run_leaves_adapter_that_stock_pipeline_loads(tiny_pipeline_dir, tm
     assert privacy["epsilon"] <= 8.0
     # checkpoints are not left beside the results forever: only the final ones are published
     assert privacy["lora_rank"] == 4 and privacy["lora_target_modules"] == ["to_k", "to_out.0", "to_q", "to_v"]
-    assert privacy["grad_sample_mode"] == "ew"  # 'auto' with only Linear layers adapted: the mode that ran
+    assert privacy["grad_sample_mode"] == "fused_lora"  # 'auto' with only Linear layers adapted: the mode that ran
     generation = json.loads((out / "generation_config.json").read_text())  # what `dpdiff sample` prompts with
     assert generation["class_prompts"][9] == "ankle boot, item 9"
     card = (out / "README.md").read_text()
@@ -189,3 +189,22 @@ def test_corrupt_checkpoint_is_named(tiny_pipeline_dir, tmp_path):
     newest.write_bytes(newest.read_bytes()[:100])
     with pytest.raises(IntegrityError, match="checkpoint-4.*corrupt.*checkpoint-2"):
         finetune(parse(small_run_flags(tiny_pipeline_dir, out, max_steps=5, resume_from_checkpoint="latest")))
+
+
+def test_mixed_precision_bf16_run_records_its_precision_and_keeps_the_guarantee(tiny_pipeline_dir, tmp_path, monkeypatch):
+    """`accelerate launch --mixed_precision bf16` sets ACCELERATE_MIXED_PRECISION: the engine then runs the
+    forward/backward under bf16 autocast with fp32 per-example gradients, clipping and noise."""
+    from accelerate.state import AcceleratorState
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    AcceleratorState._reset_state(True)  # a process-wide singleton: earlier runs in this process set "no"
+    out = tmp_path / "run"
+    try:
+        result = finetune(parse(small_run_flags(tiny_pipeline_dir, out, rank=4, checkpointing_steps=0)))
+    finally:
+        AcceleratorState._reset_state(True)
+    privacy = json.loads((out / "privacy.json").read_text())
+    assert privacy["precision"] == "bf16" and privacy["grad_sample_mode"] == "fused_lora"
+    assert privacy["epsilon"] == pytest.approx(epsilon_for(privacy["noise_multiplier"], 0.25, 4, 1e-3), rel=1e-9)
+    assert all(p.dtype == torch.float32 for p in result.pipeline.unet.parameters())
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
