@@ -43,7 +43,6 @@ from dpdiff.privacy.engine_checks import (  # noqa: F401  (re-exported: the engi
 )
 
 FP16_LOSS_SCALE = 2.0**12  # static: a scale adapted to overflows would be chosen by the private data
-REQUIRED_KEYS = ("latents", "encoder_hidden_states")  # of the SD family; a family names its own
 
 
 @dataclass
@@ -101,8 +100,8 @@ class DPDiffusionEngine:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.family = family if family is not None else family_for_denoiser(self.model)
         validate(self.model, self.params, optimizer, dataset, batch_size, physical_batch_size, noise_multiplier,
-                  max_grad_norm, noise_multiplicity, grad_sample_mode, clipping, secure_mode, privacy_seed, distributed,
-                  self.family, precision)
+                 max_grad_norm, noise_multiplicity, grad_sample_mode, clipping, secure_mode, privacy_seed, distributed,
+                 self.family, precision)
         self.noise_scheduler = noise_scheduler
         self.objective = objective if objective is not None else self.family.objective(noise_scheduler)
         self.condition_keys = tuple(self.family.condition_keys)
@@ -113,7 +112,7 @@ class DPDiffusionEngine:
         self.max_grad_norm = float(max_grad_norm)
         self.noise_multiplicity = int(noise_multiplicity)
         self.timestep_weights = checked_timestep_weights(timestep_weights, self.objective.num_train_timesteps)
-        self.grad_sample_mode = resolve_grad_sample_mode(self.model, grad_sample_mode, precision)  # what ran: recorded
+        self.grad_sample_mode = resolve_grad_sample_mode(self.model, grad_sample_mode)  # what ran: recorded
         self.clipping = clipping
         self.secure_mode = secure_mode
         self.precision = precision

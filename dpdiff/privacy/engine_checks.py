@@ -32,7 +32,7 @@ def trains_convolution(model: nn.Module) -> bool:
     return any(isinstance(m, nn.Conv2d) and any(p.requires_grad for p in m.parameters(recurse=False)) for m in model.modules())
 
 
-def resolve_grad_sample_mode(model: nn.Module, grad_sample_mode: str, precision: str = "no") -> str:
+def resolve_grad_sample_mode(model: nn.Module, grad_sample_mode: str) -> str:
     """'auto': the fused LoRA grad sampler when every trained parameter sits in a LoRA Linear (no summed
     weight gradient is computed: measured fastest, benchmarks/lora_grad_sampler.py); otherwise Opacus
     hooks, which run on every family's layers and under autocast. (Expanded weights, 'ew', fail on

@@ -118,7 +118,7 @@ def _finetune(args: argparse.Namespace) -> FinetuneResult:
     family = family_for_pipeline(pipeline)
     denoiser = family.denoiser(pipeline)
     noise_scheduler = family.training_scheduler(pipeline)
-    objective = family.objective(noise_scheduler, weighting_scheme=args.weighting_scheme)
+    objective = family.objective(noise_scheduler, weighting_scheme=getattr(args, "weighting_scheme", "none"))
     weights = _timestep_weights(args, objective.num_train_timesteps)
     pipeline.set_progress_bar_config(disable=True)
     resolution = getattr(args, "resolution", None) or family.resolution(pipeline)
@@ -288,7 +288,8 @@ class _Encoders:
         if self.device.type != "cpu":
             for name in self.names:
                 getattr(self.pipeline, name).to("cpu")
-            torch.cuda.empty_cache() if torch.cuda.is_available() else None
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
 
     @contextlib.contextmanager
     def loaded(self):
