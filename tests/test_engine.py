@@ -92,11 +92,12 @@ def test_per_sample_gradients_match_one_example_at_a_time(method, mode):
 
 
 def test_per_sample_gradients_of_lora_on_convolutions_match_one_example_at_a_time():
-    """LoRA on every layer kind (3x3 resnet convs, 1x1 proj_in/out, feed-forward, time projection): `auto` runs hooks."""
+    """LoRA on every layer kind (3x3 resnet convs, 1x1 proj_in/out, feed-forward, time projection): `auto` fuses the
+    Linear LoRA layers and runs Opacus hooks on the convolution LoRA layers, in one wrapper."""
     targets = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2",
                "time_emb_proj"]
     engine = make_engine("lora", lora_targets=targets)
-    assert engine.grad_sample_mode == "hooks"
+    assert engine.grad_sample_mode == "fused_lora"
     g = torch.Generator().manual_seed(6)
     latents, hidden = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, TOKENS, 64, generator=g)
     rows, noise, t = draw_diffusion_inputs(latents, 1, 1000, [g, g, g])

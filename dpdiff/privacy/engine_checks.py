@@ -9,7 +9,7 @@ from torch import nn
 
 from dpdiff.adapters import check_per_sample_safe, params_without_grad_sampler
 from dpdiff.errors import ConfigError, DataError, PrivacyError
-from dpdiff.privacy.grad_samplers import FUSED_MODE, fuses_every_trainable
+from dpdiff.privacy.grad_samplers import FUSED_MODE, fusable_lora_layers
 
 GRAD_SAMPLE_MODES = ("auto", FUSED_MODE, "hooks", "ew", "functorch")
 CLIPPING_MODES = ("flat", "per_layer")
@@ -33,13 +33,15 @@ def trains_convolution(model: nn.Module) -> bool:
 
 
 def resolve_grad_sample_mode(model: nn.Module, grad_sample_mode: str) -> str:
-    """'auto': the fused LoRA grad sampler when every trained parameter sits in a LoRA Linear (no summed
-    weight gradient is computed: measured fastest, benchmarks/lora_grad_sampler.py); otherwise Opacus
-    hooks, which run on every family's layers and under autocast. (Expanded weights, 'ew', fail on
-    trained convolutions, on autocast and on the PixArt blocks' parameter indexing: offered, never chosen.)"""
+    """'auto': the fused LoRA grad sampler when any LoRA Linear trains (its A and B per-example gradients in
+    closed form, no summed weight gradient; every other trained module on Opacus hooks in the same wrapper):
+    measured fastest, benchmarks/lora_grad_sampler.py and the demo's conv + Linear targets (0.83x the hooks
+    step); otherwise Opacus hooks, which run on every family's layers and under autocast. (Expanded
+    weights, 'ew', fail on trained convolutions, on autocast and on the PixArt blocks' parameter indexing:
+    offered, never chosen.)"""
     if grad_sample_mode != "auto":
         return grad_sample_mode
-    return FUSED_MODE if fuses_every_trainable(model) else "hooks"
+    return FUSED_MODE if fusable_lora_layers(model) else "hooks"
 
 
 def validate(model, params, optimizer, dataset, batch_size, physical_batch_size, noise_multiplier, max_grad_norm,

@@ -179,11 +179,7 @@ def wrap_for_per_sample_grads(model: nn.Module, mode: str, *, loss_reduction: st
     raise ValueError(f"unknown per-sample gradient mode {mode!r}; choose one of {list(MODES)}")
 
 
-def fuses_every_trainable(model: nn.Module) -> bool:
-    """Whether `fused_lora` covers every trainable parameter (then nothing needs Opacus hooks)."""
-    trainable = {id(p) for p in model.parameters() if p.requires_grad}
-    fused = {id(p) for layer in fusable_lora_layers(model) for p in layer.parameters() if p.requires_grad}
-    return bool(trainable) and trainable <= fused
+
 
 
 @register_grad_sampler([nn.Conv1d, nn.Conv2d, nn.Conv3d])
