@@ -225,3 +225,14 @@ def test_flow_matching_loss_matches_a_hand_computation():
     later[900:] = 1.0
     _, t = objective.draw(x0[:1], 500, [torch.Generator().manual_seed(3)], later)
     assert float((t / 1000).min()) > 0.9
+
+
+def test_a_flow_weighting_scheme_on_a_ddpm_family_is_refused_not_ignored(tmp_path):
+    from dpdiff.errors import ConfigError
+
+    base = save_tiny_family_pipeline("sd15", tmp_path / "sd")
+    args = dict(pretrained_model_name_or_path=str(base), output_dir=str(tmp_path / "run"), dataset="fashion_mnist",
+                max_train_samples=8, batch_size=4, max_steps=1, delta=1e-2, physical_batch_size=4,
+                weighting_scheme="logit_normal")
+    with pytest.raises(ConfigError, match="flow-matching families"):
+        finetune(finetune_args(**args))

@@ -74,7 +74,12 @@ class ModelFamily:
 
         return DDPMScheduler.from_config(pipeline.scheduler.config)
 
-    def objective(self, noise_scheduler, **options):
+    def objective(self, noise_scheduler, weighting_scheme: str = "none", **options):
+        if weighting_scheme != "none":
+            from dpdiff.errors import ConfigError
+
+            raise ConfigError(f"--weighting_scheme {weighting_scheme} applies to flow-matching families (SD3, Flux, Sana); "
+                              f"a {self.name!r} pipeline trains with DDPM timesteps: drop it (--timestep_bias_* works for both)")
         return DenoisingObjective(noise_scheduler)
 
     def encode_conditions(self, pipeline, keys: list, resolution: int) -> dict[str, torch.Tensor]:
