@@ -20,6 +20,7 @@ from dpdiff.adapters import prepare_trainable
 from dpdiff.families import family_for_denoiser, family_for_pipeline
 from dpdiff.families.base import UNCONDITIONAL_PROMPT
 from dpdiff.privacy.diffusion_loss import example_generator
+from dpdiff.training.latent_cache import LatentCache
 from dpdiff.privacy.engine import DPDiffusionEngine
 
 TOKENS = 8
@@ -55,17 +56,6 @@ class Setup:
     data: torch.utils.data.Dataset
 
 
-class Cache(torch.utils.data.Dataset):
-    def __init__(self, latents, conditions):
-        self.latents, self.conditions = latents, conditions
-
-    def __len__(self):
-        return len(self.latents)
-
-    def __getitem__(self, i):
-        return {"latents": self.latents[i], **{k: v[i] for k, v in self.conditions.items()}}
-
-
 def _ddpm():
     from diffusers import DDPMScheduler
 
@@ -80,7 +70,7 @@ def _finish(model, method, n, latent, conditions, family=None, scheduler=None, d
     prepare_trainable(model, method, family=family)
     g = torch.Generator().manual_seed(1)
     latents = torch.randn(n, family.latent_channels(model) or 4, latent, latent, generator=g)
-    return Setup(model.to(device), family, scheduler or _ddpm(), Cache(latents, conditions))
+    return Setup(model.to(device), family, scheduler or _ddpm(), LatentCache.per_example(latents, conditions))
 
 
 def unet_setup(kind: str, method: str, n: int, device="cpu") -> Setup:

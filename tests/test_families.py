@@ -16,6 +16,7 @@ from dpdiff.pipelines.tiny_families import FAMILY_BUILDS, build_tiny_family_pipe
 from dpdiff.privacy.diffusion_loss import example_generator
 from dpdiff.privacy.engine import DPDiffusionEngine
 from dpdiff.training.arguments import finetune_args
+from dpdiff.training.latent_cache import LatentCache
 from dpdiff.training.loop import finetune
 
 PROMPTS = ["a photo of a shirt", "a photo of a boot", "a sketch of a bag"]
@@ -27,17 +28,6 @@ EXPECTED_FAMILY = {"sd15": "sd", "sd2": "sd", "sdxl": "sdxl", "pixart_alpha": "p
 @pytest.fixture(autouse=True)
 def _one_thread():
     torch.set_num_threads(1)  # the tiny models run 20-40x slower with 2 threads on 2 shared cores
-
-
-class Cache(torch.utils.data.Dataset):
-    def __init__(self, latents, conditions):
-        self.latents, self.conditions = latents, conditions
-
-    def __len__(self):
-        return len(self.latents)
-
-    def __getitem__(self, i):
-        return {"latents": self.latents[i], **{k: v[i] for k, v in self.conditions.items()}}
 
 
 def family_inputs(pipe, family, n=3, seed=0):
@@ -77,7 +67,7 @@ def test_per_example_gradients_equal_a_one_example_loop(build, method):
     params = [p for p in denoiser.parameters() if p.requires_grad]
     k = 2  # noise multiplicity: the K draws are averaged inside each example before clipping
     engine = DPDiffusionEngine(denoiser, family.training_scheduler(pipe), torch.optim.SGD(params, lr=1.0),
-                               Cache(latents, conditions), batch_size=3, physical_batch_size=3, noise_multiplier=0.0,
+                               LatentCache.per_example(latents, conditions), batch_size=3, physical_batch_size=3, noise_multiplier=0.0,
                                max_grad_norm=1.0, noise_multiplicity=k, privacy_seed=0, family=family)
     generators = [example_generator(0, 0, i) for i in range(3)]
     noise, timesteps = engine.objective.draw(latents, k, generators)

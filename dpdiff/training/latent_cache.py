@@ -67,6 +67,14 @@ class LatentCache(Dataset):
     step: int = 0  # the training loop keeps this equal to the engine's step count
     flipped_latents: torch.Tensor | None = None  # --random_flip: the mirrored images' latents
 
+    @classmethod
+    def per_example(cls, latents: torch.Tensor, conditions: dict) -> "LatentCache":
+        """A cache whose every example has its own conditioning row (no prompt groups, no guidance
+        dropout): for tests and benchmarks that bring their own latents and encoded conditions."""
+        n = len(latents)
+        return cls(latents=latents, prompt_ids=torch.arange(n), prompt_embeddings=dict(conditions),
+                   labels=torch.zeros(n, dtype=torch.long))
+
     def __post_init__(self):
         if self.flipped_latents is not None and self.flipped_latents.shape != self.latents.shape:
             raise ValueError(f"flipped_latents {tuple(self.flipped_latents.shape)} must match latents {tuple(self.latents.shape)}")

@@ -28,21 +28,14 @@ class LatentCache(torch.utils.data.Dataset):
         return {"latents": self.latents[i], "encoder_hidden_states": self.hidden[i]}
 
 
-class FamilyCache(torch.utils.data.Dataset):
+def family_cache(pipe, family, n):
     """Random latents + one family's real conditioning (prompts through its tiny frozen encoders)."""
+    from dpdiff.training.latent_cache import LatentCache
 
-    def __init__(self, pipe, family, n):
-        g = torch.Generator().manual_seed(1)
-        keys = [i % 3 for i in range(n)] if family.conditioning == "label" else [f"prompt {i % 3}" for i in range(n)]
-        self.conditions = family.encode_conditions(pipe, keys, 32)
-        channels = family.latent_channels(family.denoiser(pipe))
-        self.latents = torch.randn(n, channels, 8, 8, generator=g)
-
-    def __len__(self):
-        return len(self.latents)
-
-    def __getitem__(self, i):
-        return {"latents": self.latents[i], **{k: v[i] for k, v in self.conditions.items()}}
+    g = torch.Generator().manual_seed(1)
+    keys = [i % 3 for i in range(n)] if family.conditioning == "label" else [f"prompt {i % 3}" for i in range(n)]
+    channels = family.latent_channels(family.denoiser(pipe))
+    return LatentCache.per_example(torch.randn(n, channels, 8, 8, generator=g), family.encode_conditions(pipe, keys, 32))
 
 
 FAMILY_BUILD = sys.argv[2] if len(sys.argv) > 2 else None  # a dpdiff.pipelines.tiny_families name, or the UNet
@@ -57,7 +50,7 @@ def build(distributed, noise_multiplier, rank_seed):
 
         pipe = build_tiny_family_pipeline(FAMILY_BUILD)
         family = family_for_pipeline(pipe)
-        unet, scheduler, data = family.denoiser(pipe), family.training_scheduler(pipe), FamilyCache(pipe, family, 24)
+        unet, scheduler, data = family.denoiser(pipe), family.training_scheduler(pipe), family_cache(pipe, family, 24)
         family.train_mode(unet)
     torch.manual_seed(rank_seed)  # a different LoRA init per rank: DPDDP must broadcast rank 0's
     prepare_trainable(unet, "lora", rank=4, family=family)
