@@ -52,10 +52,10 @@ def cpu_plan(quick: bool, patterns=None) -> list[dict]:
     unet_pairs, family_pairs = (2, 2) if quick else (10, 20)  # family steps are 20-600 ms: more pairs
     wide_pairs = 2 if quick else 4
     for group, pairs in (("preset", unet_pairs), ("wide", wide_pairs)):
-        variants = [("lora", m, "fp32") for m in ("fused_lora", "hooks", "ew")]
+        variants = [("lora", m, "fp32") for m in ("fused", "hooks", "ew")]
         if group == "preset":
             variants += [("lora", "auto", "bf16"), ("lora", "hooks", "bf16")]
-        variants += [("attention", "hooks", "fp32"), ("full", "hooks", "fp32")]
+        variants += [(method, m, "fp32") for method in ("attention", "full") for m in ("fused", "hooks")]
         for method, mode, precision in variants:
             rows.append(dict(group=group, method=method, mode=mode, precision=precision, batch=32, pairs=pairs,
                              build=lambda method, group=group: om.unet_setup(group, method, 32)))
@@ -63,21 +63,21 @@ def cpu_plan(quick: bool, patterns=None) -> list[dict]:
         rows.append(dict(group=f"family:{build}", method="lora", mode="auto", precision="fp32", batch=16,
                          pairs=family_pairs, build=lambda method, build=build: om.family_setup(build, method, 16)))
     if quick and not patterns:  # the smoke run: one variant per kind of row
-        keep = {("preset", "lora", "fused_lora", "fp32"), ("preset", "attention", "hooks", "fp32"),
+        keep = {("preset", "lora", "fused", "fp32"), ("preset", "attention", "fused", "fp32"),
                 ("family:sd15", "lora", "auto", "fp32")}
         rows = [r for r in rows if (r["group"], r["method"], r["mode"], r["precision"]) in keep]
     return [r for r in rows if not patterns or any(fnmatch.fnmatch(row_id(r), p) for p in patterns)]
 
 
 def gpu_plan(specs: list[str], methods: list[str], precisions: list[str], device: str, tiny: bool, pairs: int) -> list[dict]:
-    """`specs`: SHAPE:LATENT:BATCH (sd15, sdxl, dit); LoRA runs `auto` (and `hooks` under bf16), the rest `hooks`."""
+    """`specs`: SHAPE:LATENT:BATCH (sd15, sdxl, dit); every method runs `auto` (LoRA also `hooks` under bf16)."""
     rows = []
     for spec in specs:
         shape, latent, batch = spec.split(":")
         latent, batch = int(latent), int(batch)
         for precision in precisions:
             for method in methods:
-                modes = ["auto", "hooks"] if method == "lora" and precision != "fp32" else ["auto" if method == "lora" else "hooks"]
+                modes = ["auto", "hooks"] if precision != "fp32" and method == "lora" else ["auto"]
                 for mode in modes:
                     rows.append(dict(group=f"{shape} {latent}x{latent}", method=method, mode=mode, precision=precision,
                                      batch=batch, pairs=pairs, build=lambda method, s=shape, l=latent, b=batch:

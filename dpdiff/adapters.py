@@ -141,12 +141,6 @@ def freeze_without_grad_sampler(model: nn.Module) -> list[str]:
 
 def check_per_sample_safe(unet: nn.Module) -> None:
     """Refuse models on which per-example clipping would not bound one example's influence."""
-    if getattr(unet, "is_gradient_checkpointing", False):
-        raise ConfigError(
-            "gradient checkpointing is enabled on this model; with per-sample gradients (Opacus hooks/functorch) "
-            "it silently drops the per-sample gradients of checkpointed blocks. Call "
-            "`unet.disable_gradient_checkpointing()` and lower physical_batch_size to save memory instead"
-        )
     from opacus.validators import ModuleValidator
 
     errors = ModuleValidator.validate(unet, strict=False)

@@ -48,7 +48,7 @@ def check_finite(rows):
 def test_quick_family_row_gives_finite_ratios(script):
     rows = run_rows(script, script.cpu_plan(quick=True, patterns=["family:dit/lora/auto/fp32"]))
     check_finite(rows)
-    assert rows[0]["mode_ran"] == "fused_lora" and rows[0]["batch"] == 16
+    assert rows[0]["mode_ran"] == "fused" and rows[0]["batch"] == 16
 
 
 def test_gpu_rows_dry_run_on_cpu(script):

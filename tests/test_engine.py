@@ -67,13 +67,14 @@ def example_grad(model, engine, latents, hidden, noise, timesteps):
     return torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
 
 
-@pytest.mark.parametrize("method, expected", [("lora", "fused_lora"), ("attention", "hooks"), ("full", "hooks")])
-def test_auto_mode_fuses_lora_and_runs_hooks_otherwise(method, expected):
-    assert make_engine(method).grad_sample_mode == expected
+@pytest.mark.parametrize("method", ["lora", "attention", "full"])
+def test_auto_mode_fuses_linear_layers(method):
+    assert make_engine(method).grad_sample_mode == "fused"  # LoRA and plain Linear fused, the rest on hooks
+    assert make_engine(method, grad_sample_mode="fused_lora").grad_sample_mode == "fused"  # the earlier name
 
 
-@pytest.mark.parametrize("method, mode", [("lora", "fused_lora"), ("lora", "hooks"), ("lora", "ew"), ("attention", "hooks"),
-                                          ("full", "hooks")])
+@pytest.mark.parametrize("method, mode", [("lora", "fused"), ("lora", "hooks"), ("lora", "ew"), ("attention", "fused"),
+                                          ("attention", "hooks"), ("full", "fused"), ("full", "hooks")])
 def test_per_sample_gradients_match_one_example_at_a_time(method, mode):
     engine = make_engine(method, grad_sample_mode=mode)
     reference = engine.reference
@@ -97,7 +98,7 @@ def test_per_sample_gradients_of_lora_on_convolutions_match_one_example_at_a_tim
     targets = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2",
                "time_emb_proj"]
     engine = make_engine("lora", lora_targets=targets)
-    assert engine.grad_sample_mode == "fused_lora"
+    assert engine.grad_sample_mode == "fused"
     g = torch.Generator().manual_seed(6)
     latents, hidden = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, TOKENS, 64, generator=g)
     rows, noise, t = draw_diffusion_inputs(latents, 1, 1000, [g, g, g])

@@ -70,7 +70,7 @@ def test_lora_run_leaves_adapter_that_stock_pipeline_loads(tiny_pipeline_dir, tm
     assert privacy["epsilon"] <= 8.0
     # checkpoints are not left beside the results forever: only the final ones are published
     assert privacy["lora_rank"] == 4 and privacy["lora_target_modules"] == ["to_k", "to_out.0", "to_q", "to_v"]
-    assert privacy["grad_sample_mode"] == "fused_lora"  # 'auto' with only Linear layers adapted: the mode that ran
+    assert privacy["grad_sample_mode"] == "fused"  # 'auto' with only Linear layers adapted: the mode that ran
     generation = json.loads((out / "generation_config.json").read_text())  # what `dpdiff sample` prompts with
     assert generation["class_prompts"][9] == "ankle boot, item 9"
     card = (out / "README.md").read_text()
@@ -204,7 +204,7 @@ def test_mixed_precision_bf16_run_records_its_precision_and_keeps_the_guarantee(
     finally:
         AcceleratorState._reset_state(True)
     privacy = json.loads((out / "privacy.json").read_text())
-    assert privacy["precision"] == "bf16" and privacy["grad_sample_mode"] == "fused_lora"
+    assert privacy["precision"] == "bf16" and privacy["grad_sample_mode"] == "fused"
     assert privacy["epsilon"] == pytest.approx(epsilon_for(privacy["noise_multiplier"], 0.25, 4, 1e-3), rel=1e-9)
     assert all(p.dtype == torch.float32 for p in result.pipeline.unet.parameters())
     assert (out / "pytorch_lora_weights.safetensors").is_file()

@@ -1,4 +1,4 @@
-"""The closed-form LoRA per-example gradients (mode fused_lora) against a one-example-at-a-time loop of
+"""The fused per-example gradients (mode fused: LoRA in closed form, plain Linear) against a one-example-at-a-time loop of
 plain autograd, on a tiny diffusers UNet with peft LoRA and on a plain Sequential; through Opacus' DPOptimizer."""
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from dpdiff.privacy.diffusion_loss import fold_multiplicity
 from dpdiff.privacy.engine_checks import resolve_grad_sample_mode
 from dpdiff.privacy.grad_samplers import (
     FUSED_MODE,
+    fusable_linear_layers,
     fusable_lora_layers,
     wrap_for_per_sample_grads,
 )
@@ -190,10 +191,12 @@ def test_sequential_tokens_matches_loop(mode):
         assert all(p.grad is None for p in _fused_lora_params(model))
 
 
-def test_dropout_lora_falls_back_to_hooks():
+def test_dropout_lora_fuses_its_factors_as_plain_linear():
     model = _seq(dropout=0.1)
-    assert fusable_lora_layers(model) == []
-    assert resolve_grad_sample_mode(model, "auto") == "hooks"
+    # no closed form under dropout; its A and B (plain Linear on the dropped-out input) are fused one by one
+    assert fusable_lora_layers(model) == [] and resolve_grad_sample_mode(model, "auto") == FUSED_MODE
+    lora_factors = [model.net[i].lora_A["default"] for i in (0, 2)] + [model.net[i].lora_B["default"] for i in (0, 2)]
+    assert set(map(id, fusable_linear_layers(model))) == set(map(id, [*lora_factors, model.net[4]]))
     wrapped = wrap_for_per_sample_grads(model, FUSED_MODE)
     wrapped.eval()  # dropout off, so the loop is comparable; eval also disables hooks: just check it runs
     wrapped.train()
@@ -240,7 +243,7 @@ def test_second_pass_stacks_like_opacus():
 
 
 def test_unknown_mode_refused():
-    with pytest.raises(ValueError, match="fused_lora"):
+    with pytest.raises(ValueError, match="fused"):
         wrap_for_per_sample_grads(_seq(), "ghost")
 
 
@@ -268,3 +271,45 @@ def test_conv_per_example_gradients_hold_on_a_permuted_non_contiguous_input(grou
         reference.zero_grad()
         plain(x[i : i + 1]).pow(2).sum().backward()
         torch.testing.assert_close(conv.weight.grad_sample[i] / 3, reference.weight.grad, rtol=1e-4, atol=1e-5)
+
+
+def _plain_seq():
+    """Plain trained Linear layers (fused) and a trained LayerNorm (Opacus hooks in the same wrapper)."""
+    torch.manual_seed(0)
+    return _Seq()
+
+
+@pytest.mark.parametrize("tokens", [None, 7])  # [B, D] and [B, T, D] inputs
+def test_plain_linear_fused_matches_loop(tokens):
+    model = _plain_seq()
+    assert len(fusable_linear_layers(model)) == 3 and resolve_grad_sample_mode(model, "auto") == FUSED_MODE
+    g = torch.Generator().manual_seed(4)
+    shape = (4, 16) if tokens is None else (4, tokens, 16)
+    x, target = torch.randn(*shape, generator=g), torch.randn(*shape[:-1], 5, generator=g)
+
+    def losses(m, x, target):
+        return ((m(x) - target) ** 2).flatten(1).mean(dim=1)
+
+    expected = _loop_grads(model, losses, [(x[i:i + 1], target[i:i + 1]) for i in range(4)])
+    xr = x.clone().requires_grad_()
+    losses(model, xr, target).mean().backward()
+    model.zero_grad(set_to_none=True)
+    wrapped = wrap_for_per_sample_grads(model, FUSED_MODE)
+    xf = x.clone().requires_grad_()
+    _backward(wrapped, losses, (xf, target))
+    _close(xf.grad, xr.grad)
+    for name, p in _trainable(model).items():
+        _close(p.grad_sample, expected[name])
+    linear = [p for layer in fusable_linear_layers(model) for p in layer.parameters()]
+    assert linear and all(p.grad is None for p in linear)  # no summed weight gradient was computed
+    wrapped._close()
+    assert all("forward" not in layer.__dict__ for layer in fusable_linear_layers(model))
+
+
+def test_partly_trained_linear_gets_only_its_trained_grad_sample():
+    model = _plain_seq()
+    model.net[0].weight.requires_grad_(False)  # bias only
+    wrapped = wrap_for_per_sample_grads(model, FUSED_MODE)
+    _backward(wrapped, lambda m, x: m(x).pow(2).mean(dim=(1, 2)), (torch.randn(3, 2, 16),))
+    assert getattr(model.net[0].weight, "grad_sample", None) is None and model.net[0].weight.grad is None
+    assert model.net[0].bias.grad_sample.shape == (3, 32)

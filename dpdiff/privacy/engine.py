@@ -30,13 +30,15 @@ from torch import nn
 from torch.utils.data import Dataset, default_collate
 
 from dpdiff.adapters import unwrap_model
-from dpdiff.errors import ConfigError, DataError, PrivacyError
+from dpdiff.errors import DataError, PrivacyError
 from dpdiff.privacy.diffusion_loss import example_generator, fold_multiplicity
+from dpdiff.privacy.dp_optimizer import flat_clip_optimizer_class
 from dpdiff.privacy.grad_samplers import wrap_for_per_sample_grads
 from dpdiff.privacy.engine_checks import (  # noqa: F401  (re-exported: the engine's settings)
     CLIPPING_MODES,
     GRAD_SAMPLE_MODES,
     PRECISIONS,
+    check_checkpointing,
     checked_timestep_weights,
     resolve_grad_sample_mode,
     validate,
@@ -146,7 +148,9 @@ class DPDiffusionEngine:
         norm = self.max_grad_norm
         if clipping == "per_layer":  # equal split: sqrt(sum C_l^2) = C, so the sensitivity stays C
             norm = [self.max_grad_norm / math.sqrt(len(self.params))] * len(self.params)
-        optimizer_class = get_optimizer_class(clipping=clipping, distributed=distributed, grad_sample_mode=grad_sample_mode)
+        # flat: Opacus' arithmetic with O(#params) Python per step (dp_optimizer.py); per layer: Opacus' own
+        optimizer_class = (flat_clip_optimizer_class(distributed) if clipping == "flat"
+                           else get_optimizer_class(clipping=clipping, distributed=distributed, grad_sample_mode="hooks"))
         self.optimizer = optimizer_class(
             optimizer,
             noise_multiplier=self.noise_multiplier,
@@ -170,9 +174,7 @@ class DPDiffusionEngine:
 
         Only `step()` gives the Poisson sampling the accountant assumes; calling this directly is
         for tests and audits."""
-        if getattr(self.model, "is_gradient_checkpointing", False):
-            raise ConfigError("gradient checkpointing was enabled after the engine was built; it drops per-sample "
-                              "gradients. Call `unet.disable_gradient_checkpointing()`")
+        check_checkpointing(self.model, self.grad_sample_mode)  # may have been enabled after the engine was built
         self.family.train_mode(self.module)
         self.optimizer.zero_grad(set_to_none=True)
         chunks = [indices[i : i + self.physical_batch_size] for i in range(0, len(indices), self.physical_batch_size)]
@@ -180,12 +182,13 @@ class DPDiffusionEngine:
         for j, chunk in enumerate(chunks or [[]]):
             if chunk:
                 loss_sum += float(self._accumulate(chunk).sum())
-                clipped += int((self._per_example_norms(len(chunk)) > self.max_grad_norm).sum())
             else:
                 self._accumulate_nothing()
             if j < len(chunks) - 1:
                 self.optimizer.signal_skip_step(do_skip=True)  # clip + accumulate only; noise at the end
             self.optimizer.step()
+            if chunk and self.clipping == "flat":  # the norms the optimizer clipped with: no second pass
+                clipped += int((self.optimizer.last_per_sample_norms > self.max_grad_norm).sum())
             self.optimizer.zero_grad(set_to_none=True)
         self.steps_taken += 1
         nonfinite, self._nonfinite = self._nonfinite, 0
@@ -233,15 +236,17 @@ class DPDiffusionEngine:
         rows = latents.repeat_interleave(k, dim=0)
         row_conditions = {name: value.repeat_interleave(k, dim=0) for name, value in conditions.items()}
         module, family = self.module, self.family
-        with self._autocast():
-            losses = self.objective.per_row_loss(
-                lambda noisy, t: family.predict(module, noisy, t, row_conditions), rows, noise, timesteps
-            )
-        # mean over all b*K rows: with loss_reduction="mean" Opacus stores each row's own gradient
         scale = FP16_LOSS_SCALE if self.precision == "fp16" else 1.0
-        with warnings.catch_warnings():
+        # the fused path stays on through backward (checkpointed blocks recompute their forward there)
+        per_sample_pass = getattr(module, "per_sample_pass", contextlib.nullcontext)
+        with per_sample_pass(), warnings.catch_warnings():
             # Opacus' hooks fire on module outputs because the cached inputs need no grad: expected
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            with self._autocast():
+                losses = self.objective.per_row_loss(
+                    lambda noisy, t: family.predict(module, noisy, t, row_conditions), rows, noise, timesteps
+                )
+            # mean over all b*K rows: with loss_reduction="mean" Opacus stores each row's own gradient
             (losses.mean() * scale).backward()
         self._grad_samples_to_fp32(scale)
         fold_multiplicity(self.params, b, k)

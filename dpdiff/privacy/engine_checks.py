@@ -9,9 +9,9 @@ from torch import nn
 
 from dpdiff.adapters import check_per_sample_safe, params_without_grad_sampler
 from dpdiff.errors import ConfigError, DataError, PrivacyError
-from dpdiff.privacy.grad_samplers import FUSED_MODE, fusable_lora_layers
+from dpdiff.privacy.grad_samplers import FUSED_MODE, MODE_ALIASES, fused_layers, unfused_trainable
 
-GRAD_SAMPLE_MODES = ("auto", FUSED_MODE, "hooks", "ew", "functorch")
+GRAD_SAMPLE_MODES = ("auto", FUSED_MODE, *MODE_ALIASES, "hooks", "ew", "functorch")
 CLIPPING_MODES = ("flat", "per_layer")
 PRECISIONS = ("no", "bf16", "fp16")  # Accelerate's --mixed_precision values
 
@@ -33,15 +33,34 @@ def trains_convolution(model: nn.Module) -> bool:
 
 
 def resolve_grad_sample_mode(model: nn.Module, grad_sample_mode: str) -> str:
-    """'auto': the fused LoRA grad sampler when any LoRA Linear trains (its A and B per-example gradients in
-    closed form, no summed weight gradient; every other trained module on Opacus hooks in the same wrapper):
-    measured fastest, benchmarks/lora_grad_sampler.py and the demo's conv + Linear targets (0.83x the hooks
-    step); otherwise Opacus hooks, which run on every family's layers and under autocast. (Expanded
-    weights, 'ew', fail on trained convolutions, on autocast and on the PixArt blocks' parameter indexing:
-    offered, never chosen.)"""
+    """'auto': the fused mode when any LoRA Linear or plain Linear trains (per-example gradients inside the
+    layer's backward, no summed weight gradient; every other trained module on Opacus hooks in the same
+    wrapper): measured fastest, benchmarks/dp_overhead.py; otherwise Opacus hooks, which run on every
+    family's layers and under autocast. (Expanded weights, 'ew', fail on trained convolutions, on
+    autocast and on the PixArt blocks' parameter indexing: offered, never chosen.)"""
+    grad_sample_mode = MODE_ALIASES.get(grad_sample_mode, grad_sample_mode)
     if grad_sample_mode != "auto":
         return grad_sample_mode
-    return FUSED_MODE if fusable_lora_layers(model) else "hooks"
+    return FUSED_MODE if fused_layers(model) else "hooks"
+
+
+def check_checkpointing(model: nn.Module, grad_sample_mode: str) -> None:
+    """Gradient checkpointing recomputes a block's forward during backward. The fused Functions survive
+    that (the wrapper keeps them on through backward; tests/test_checkpointing.py); Opacus' hooks do not
+    (they silently leave `p.grad` and no `grad_sample` for the checkpointed blocks), so any trained
+    parameter on hooks refuses it."""
+    if not getattr(model, "is_gradient_checkpointing", False):
+        return
+    mode = resolve_grad_sample_mode(model, grad_sample_mode)
+    on_hooks = unfused_trainable(model) if mode == FUSED_MODE else [n for n, p in model.named_parameters() if p.requires_grad]
+    if on_hooks:
+        raise ConfigError(
+            f"gradient checkpointing is enabled, but {len(on_hooks)} trained parameter(s) (e.g. {on_hooks[:3]}) get "
+            f"per-example gradients from Opacus hooks (mode {mode!r}), which checkpointing silently breaks. Only "
+            "the fused mode on LoRA/plain Linear layers is checkpoint-safe: train only Linear targets "
+            "(e.g. --lora_target_modules to_q to_k to_v to_out.0) or call `disable_gradient_checkpointing()` "
+            "and lower physical_batch_size to save memory instead"
+        )
 
 
 def validate(model, params, optimizer, dataset, batch_size, physical_batch_size, noise_multiplier, max_grad_norm,
@@ -77,6 +96,7 @@ def validate(model, params, optimizer, dataset, batch_size, physical_batch_size,
             "(build it from [p for p in unet.parameters() if p.requires_grad] after prepare_trainable)"
         )
     check_per_sample_safe(model)
+    check_checkpointing(model, grad_sample_mode)
     unruled = params_without_grad_sampler(model)
     if unruled:
         raise ConfigError(

@@ -1,24 +1,29 @@
-"""Per-example gradients for DP-SGD: one entry point over Opacus' modes plus a closed-form LoRA path.
+"""Per-example gradients for DP-SGD: one entry point over Opacus' modes plus dpdiff's fused layers.
 
 `wrap_for_per_sample_grads(model, mode)` replaces `opacus.grad_sample.utils.prepare_module(model, mode,
 batch_first=True, loss_reduction="mean")`. Modes "hooks", "ew", "functorch" are Opacus' own. Mode
-"fused_lora" computes the per-example gradients of every plain peft LoRA Linear layer
-(y = W0 x + s * B A x, no dropout, no DoRA) in one custom autograd Function:
+"fused" computes the per-example gradients of two layer kinds inside a custom autograd Function:
 
-    dB_i = s * sum_t g_t (A x_t)^T        dA_i = s * sum_t (B^T g_t) x_t^T
+- every plain peft LoRA Linear (y = W0 x + s * B A x, no dropout, no DoRA), in closed form:
+      dB_i = s * sum_t g_t (A x_t)^T        dA_i = s * sum_t (B^T g_t) x_t^T
+- every plain `nn.Linear` whose own weight/bias trains (attention blocks, full fine-tuning):
+      dW_i = sum_t g_t x_t^T                db_i = sum_t g_t
 
 (g = output gradient, sums over example i's tokens), written to `p.grad_sample` under Opacus' conventions
 (loss_reduction "mean": multiplied by the batch size, so grad_sample[i] is row i's own gradient; shape
 [rows, *p.shape]; a layer called twice in one forward sums, a second forward/backward before
-`zero_grad` stacks a list as Opacus does). The Function returns no gradient for A and B, so autograd
-never computes their summed weight gradient (`p.grad` stays None): the work that Opacus' hooks add on
-top of plain training. Every other trainable module (a trained time embedding, a Conv LoRA, ...) gets
+`zero_grad` stacks a list as Opacus does). The Functions return no gradient for their parameters, so
+autograd never computes the summed weight gradient (`p.grad` stays None): the work that Opacus' hooks
+add on top of plain training. Every other trainable module (a norm, a convolution, a Conv LoRA, ...) gets
 Opacus hooks in the same wrapper, so every trainable parameter still receives a `grad_sample`.
 Forward outputs and input gradients are those of the unwrapped model. The fused path runs only for
-calls through the wrapper, in training mode, with grad enabled; the bare model is unchanged."""
+calls through the wrapper (or inside its `per_sample_pass()`, which also covers the recomputation of
+gradient-checkpointed blocks during backward), in training mode, with grad enabled; the bare model is
+unchanged otherwise. ("fused_lora", its earlier name, is accepted as an alias.)"""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import types
 
@@ -29,7 +34,8 @@ from opacus.grad_sample.conv import compute_conv_grad_sample
 from opacus.grad_sample.utils import prepare_module
 from torch import nn
 
-FUSED_MODE = "fused_lora"
+FUSED_MODE = "fused"
+MODE_ALIASES = {"fused_lora": FUSED_MODE}  # the name before plain Linear layers were fused too
 OPACUS_MODES = ("hooks", "ew", "functorch")
 MODES = (FUSED_MODE, *OPACUS_MODES)
 
@@ -71,6 +77,23 @@ def fusable_reason(layer: nn.Module) -> str | None:
 
 def fusable_lora_layers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if fusable_reason(m) is None]
+
+
+def fusable_linear_layers(model: nn.Module) -> list[nn.Linear]:
+    """Plain `nn.Linear` layers (exact type) with a trainable weight or bias, outside the fused LoRA layers."""
+    inside_lora = {id(x) for layer in fusable_lora_layers(model) for x in layer.modules()}
+    return [m for m in model.modules() if type(m) is nn.Linear and id(m) not in inside_lora
+            and any(p.requires_grad for p in m.parameters(recurse=False))]
+
+
+def fused_layers(model: nn.Module) -> list[nn.Module]:
+    return fusable_lora_layers(model) + fusable_linear_layers(model)
+
+
+def unfused_trainable(model: nn.Module) -> list[str]:
+    """Trainable parameters that the fused mode leaves to Opacus' hooks."""
+    fused = {id(p) for layer in fused_layers(model) for p in layer.parameters()}
+    return [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in fused]
 
 
 def _store(p: nn.Parameter, grad_sample: torch.Tensor, pass_id: int) -> None:
@@ -116,10 +139,49 @@ class _LoraPerSample(torch.autograd.Function):
         return grad_x, None, None, None, None, None  # no summed gradient for A, B: p.grad stays None
 
 
-def _fused_forward(self, x, *args, **kwargs):
+class _LinearPerSample(torch.autograd.Function):
+    """W x + b; backward: grad of x only, per-example grads of W and b into `grad_sample`."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, batch_scale, pass_id):
+        ctx.save_for_backward(x, weight)
+        ctx.batch_scale, ctx.pass_id, ctx.params = batch_scale, pass_id, (weight, bias)
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight = ctx.saved_tensors
+        n = x.shape[0]
+        grad_x = (g @ weight.to(g.dtype)).to(x.dtype) if ctx.needs_input_grad[0] else None
+        # bf16 per-example products stay bf16 (the accelerator's fast path; the engine clips in fp32);
+        # fp16 and fp32 are formed in fp32, so a batch-scaled fp16 gradient cannot overflow
+        dtype = torch.bfloat16 if g.dtype == torch.bfloat16 else torch.float32
+        w = float(n) if ctx.batch_scale else 1.0
+        g3 = g.reshape(n, -1, g.shape[-1]).to(dtype)
+        weight_p, bias_p = ctx.params
+        if ctx.needs_input_grad[1]:
+            grad_w = torch.bmm(g3.transpose(1, 2), x.reshape(n, -1, x.shape[-1]).to(dtype))  # [n, out, in]
+            _store(weight_p, grad_w.float().mul_(w), ctx.pass_id)
+        if ctx.needs_input_grad[2]:
+            _store(bias_p, g3.float().sum(dim=1).mul_(w), ctx.pass_id)
+        return grad_x, None, None, None, None
+
+
+def _fused_active(layer: nn.Module) -> bool:
+    return layer._dpdiff_fused_owner._fused_on and layer.training and torch.is_grad_enabled()
+
+
+def _linear_forward(self, x):
+    if not _fused_active(self):
+        return self._dpdiff_original_forward(x)
     wrapper = self._dpdiff_fused_owner
-    if not (wrapper._fused_active and self.training and torch.is_grad_enabled()):
+    return _LinearPerSample.apply(x, self.weight, self.bias, wrapper.loss_reduction == "mean", wrapper._pass_id)
+
+
+def _fused_forward(self, x, *args, **kwargs):
+    if not _fused_active(self):
         return self._dpdiff_original_forward(x, *args, **kwargs)
+    wrapper = self._dpdiff_fused_owner
     # the full `fusable_reason` ran at wrapping; per call only what a user can toggle later (cheap)
     name = self._dpdiff_adapter
     if args or kwargs or self.merged or self.disable_adapters or list(self.active_adapters) != [name]:
@@ -132,33 +194,44 @@ def _fused_forward(self, x, *args, **kwargs):
     return (result + lora).to(result.dtype)
 
 
-class FusedLoraGradSampleModule(GradSampleModule):
-    """Opacus' hooks GradSampleModule, minus the LoRA layers, which use the closed-form Function."""
+class FusedGradSampleModule(GradSampleModule):
+    """Opacus' hooks GradSampleModule, minus the fused layers, which use the custom Functions."""
 
     def __init__(self, m: nn.Module, *, batch_first=True, loss_reduction="mean", strict=True):
         if not batch_first:
-            raise ValueError("fused_lora needs batch_first=True")
-        object.__setattr__(self, "_fused_layers", fusable_lora_layers(m))
+            raise ValueError("the fused mode needs batch_first=True")
+        lora, linear = fusable_lora_layers(m), fusable_linear_layers(m)
+        object.__setattr__(self, "_fused_layers", lora + linear)
         object.__setattr__(self, "_skip", {id(x) for layer in self._fused_layers for x in layer.modules()})
         super().__init__(m, batch_first=batch_first, loss_reduction=loss_reduction, strict=strict)
-        self._fused_active, self._pass_counter, self._pass_id = False, itertools.count(), -1
-        for layer in self._fused_layers:  # plain attributes: the wrapper must not become a submodule
+        self._fused_on, self._pass_counter, self._pass_id = False, itertools.count(), -1
+        for layer, forward in [(x, _fused_forward) for x in lora] + [(x, _linear_forward) for x in linear]:
+            # plain attributes: the wrapper must not become a submodule
             object.__setattr__(layer, "_dpdiff_original_forward", layer.forward)
             object.__setattr__(layer, "_dpdiff_fused_owner", self)
-            object.__setattr__(layer, "_dpdiff_adapter", layer.active_adapters[0])
-            object.__setattr__(layer, "forward", types.MethodType(_fused_forward, layer))
+            if forward is _fused_forward:
+                object.__setattr__(layer, "_dpdiff_adapter", layer.active_adapters[0])
+            object.__setattr__(layer, "forward", types.MethodType(forward, layer))
 
     def iterate_submodules(self, module: nn.Module):
         if id(module) in self._skip:
             return
         yield from super().iterate_submodules(module)
 
-    def forward(self, *args, **kwargs):
-        self._pass_id, self._fused_active = next(self._pass_counter), True
+    @contextlib.contextmanager
+    def per_sample_pass(self):
+        """Keep the fused path on from forward through backward: a gradient-checkpointed block recomputes
+        its forward during backward, and that recomputation must save what the fused Functions saved."""
+        previous, self._fused_on = self._fused_on, True
         try:
-            return self._module(*args, **kwargs)
+            yield
         finally:
-            self._fused_active = False
+            self._fused_on = previous
+
+    def forward(self, *args, **kwargs):
+        self._pass_id = next(self._pass_counter)
+        with self.per_sample_pass():
+            return self._module(*args, **kwargs)
 
     def _close(self):
         for layer in self._fused_layers:
@@ -170,16 +243,17 @@ class FusedLoraGradSampleModule(GradSampleModule):
         super()._close()
 
 
+FusedLoraGradSampleModule = FusedGradSampleModule  # the earlier name
+
+
 def wrap_for_per_sample_grads(model: nn.Module, mode: str, *, loss_reduction: str = "mean") -> nn.Module:
     """The module to run forward/backward through; afterwards each trainable `p.grad_sample` is [rows, *p.shape]."""
+    mode = MODE_ALIASES.get(mode, mode)
     if mode == FUSED_MODE:
-        return FusedLoraGradSampleModule(model, batch_first=True, loss_reduction=loss_reduction)
+        return FusedGradSampleModule(model, batch_first=True, loss_reduction=loss_reduction)
     if mode in OPACUS_MODES:
         return prepare_module(model, mode, batch_first=True, loss_reduction=loss_reduction)
     raise ValueError(f"unknown per-sample gradient mode {mode!r}; choose one of {list(MODES)}")
-
-
-
 
 
 @register_grad_sampler([nn.Conv1d, nn.Conv2d, nn.Conv3d])

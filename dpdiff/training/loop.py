@@ -127,6 +127,8 @@ def _finetune(args: argparse.Namespace) -> FinetuneResult:
     summary = prepare_trainable(denoiser, args.method, rank=args.rank, lora_alpha=args.lora_alpha,
                                 target_modules=args.lora_target_modules, attention_start_index=args.attention_start_index,
                                 train_condition_embedder=args.train_condition_embedder, family=family)
+    if getattr(args, "gradient_checkpointing", False):
+        denoiser.enable_gradient_checkpointing()  # the engine refuses it unless every trained layer is fused
     for component in family.frozen_components(pipeline):
         component.requires_grad_(False)
     if main:
