@@ -21,6 +21,7 @@ from dpdiff.privacy.grad_samplers import (
     FUSED_MODE,
     fusable_linear_layers,
     fusable_lora_layers,
+    fusable_norm_layers,
     wrap_for_per_sample_grads,
 )
 
@@ -313,3 +314,42 @@ def test_partly_trained_linear_gets_only_its_trained_grad_sample():
     _backward(wrapped, lambda m, x: m(x).pow(2).mean(dim=(1, 2)), (torch.randn(3, 2, 16),))
     assert getattr(model.net[0].weight, "grad_sample", None) is None and model.net[0].weight.grad is None
     assert model.net[0].bias.grad_sample.shape == (3, 32)
+
+
+class _ConvNorm(nn.Module):
+    """A frozen conv, a trained GroupNorm on [B, C, H, W], a trained LayerNorm on the tokens."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.group, self.layer = nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(4, 8), nn.LayerNorm(8)
+        self.conv.requires_grad_(False)
+
+    def forward(self, x):
+        h = self.group(self.conv(x))
+        return self.layer(h.flatten(2).transpose(1, 2))
+
+
+def test_norm_layers_fused_match_loop():
+    torch.manual_seed(0)
+    model = _ConvNorm()
+    with torch.no_grad():  # away from the identity init so that the weights matter
+        for p in (model.group.weight, model.layer.weight):
+            p.add_(torch.randn_like(p))
+    assert {type(m) for m in fusable_norm_layers(model)} == {nn.GroupNorm, nn.LayerNorm}
+    g = torch.Generator().manual_seed(4)
+    x, target = torch.randn(3, 3, 5, 5, generator=g), torch.randn(3, 25, 8, generator=g)
+
+    def losses(m, x, target):
+        return ((m(x) - target) ** 2 * torch.arange(1, 9.0)).mean(dim=(1, 2))
+
+    expected = _loop_grads(model, losses, [(x[i:i + 1], target[i:i + 1]) for i in range(3)])
+    xr = x.clone().requires_grad_()
+    losses(model, xr, target).mean().backward()
+    model.zero_grad(set_to_none=True)
+    wrapped = wrap_for_per_sample_grads(model, FUSED_MODE)
+    xf = x.clone().requires_grad_()
+    _backward(wrapped, losses, (xf, target))
+    _close(xf.grad, xr.grad)
+    for name, p in _trainable(model).items():
+        _close(p.grad_sample, expected[name])
+        assert p.grad is None, name

@@ -1,0 +1,229 @@
+"""The layers dpdiff computes per-example gradients for itself, each in one custom autograd Function
+whose backward returns the input gradient and writes every trained parameter's per-example gradient to
+`p.grad_sample` (Opacus' conventions), never a summed `p.grad`. `grad_samplers.FusedGradSampleModule`
+routes the layers' forwards here; the formulas are in its docstring."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+def _peft_lora_linear():
+    try:
+        from peft.tuners.lora.layer import Linear
+    except ImportError:  # peft absent: no LoRA layers to fuse
+        return None
+    return Linear
+
+
+def fusable_reason(layer: nn.Module) -> str | None:
+    """None if the closed-form path computes this peft LoRA Linear exactly; else why it cannot."""
+    lora_linear = _peft_lora_linear()
+    if lora_linear is None or not isinstance(layer, lora_linear):
+        return "not a peft LoRA Linear"
+    if not isinstance(layer.get_base_layer(), nn.Linear) or getattr(layer, "fan_in_fan_out", False):
+        return "base layer is not an nn.Linear"
+    if any(p.requires_grad for p in layer.get_base_layer().parameters()):
+        return "its base layer trains"
+    if list(layer.lora_A.keys()) != list(layer.active_adapters) or len(layer.lora_A) != 1:
+        return "not exactly one active adapter"
+    name = layer.active_adapters[0]
+    a, b = layer.lora_A[name], layer.lora_B[name]
+    if getattr(layer, "lora_variant", {}).get(name) is not None or layer.use_dora.get(name, False):
+        return "DoRA / LoRA variant"
+    dropout = layer.lora_dropout[name]
+    if not isinstance(dropout, nn.Identity) and not (isinstance(dropout, nn.Dropout) and dropout.p == 0):
+        return "lora_dropout > 0"
+    if not (isinstance(a, nn.Linear) and isinstance(b, nn.Linear)) or a.bias is not None or b.bias is not None:
+        return "LoRA A/B with bias"
+    if [id(p) for p in layer.parameters() if p.requires_grad] != [id(a.weight), id(b.weight)]:
+        return "trainable parameters other than (or fewer than) the active A and B"
+    if layer.merged or layer.disable_adapters:
+        return "adapter merged or disabled"
+    return None
+
+
+def fusable_lora_layers(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if fusable_reason(m) is None]
+
+
+def fusable_linear_layers(model: nn.Module) -> list[nn.Linear]:
+    """Plain `nn.Linear` layers (exact type) with a trainable weight or bias, outside the fused LoRA layers."""
+    inside_lora = {id(x) for layer in fusable_lora_layers(model) for x in layer.modules()}
+    return [m for m in model.modules() if type(m) is nn.Linear and id(m) not in inside_lora
+            and any(p.requires_grad for p in m.parameters(recurse=False))]
+
+
+NORMS = (nn.LayerNorm, nn.GroupNorm)
+
+
+def fusable_norm_layers(model: nn.Module) -> list[nn.Module]:
+    """`nn.LayerNorm` / `nn.GroupNorm` (exact types) with a trainable affine weight or bias."""
+    return [m for m in model.modules() if type(m) in NORMS and any(p.requires_grad for p in m.parameters(recurse=False))]
+
+
+def fused_layers_by_kind(model: nn.Module) -> list[tuple[nn.Module, object]]:
+    """(layer, the forward that routes it through its Function) for every layer the fused mode covers."""
+    return ([(m, lora_forward) for m in fusable_lora_layers(model)] + [(m, linear_forward) for m in fusable_linear_layers(model)]
+            + [(m, norm_forward) for m in fusable_norm_layers(model)])
+
+
+def fused_layers(model: nn.Module) -> list[nn.Module]:
+    return [layer for layer, _ in fused_layers_by_kind(model)]
+
+
+def unfused_trainable(model: nn.Module) -> list[str]:
+    """Trainable parameters that the fused mode leaves to Opacus' hooks."""
+    fused = {id(p) for layer in fused_layers(model) for p in layer.parameters()}
+    return [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in fused]
+
+
+def _store(p: nn.Parameter, grad_sample: torch.Tensor, pass_id: int) -> None:
+    """Opacus semantics: sum within one forward pass, stack (list) across passes before zero_grad."""
+    current = getattr(p, "grad_sample", None)
+    if current is None:
+        p.grad_sample = grad_sample
+    elif getattr(p, "_fused_pass", None) == pass_id:
+        if isinstance(current, list):
+            current[-1] = current[-1] + grad_sample
+        else:
+            p.grad_sample = current + grad_sample
+    else:
+        p.grad_sample = (current if isinstance(current, list) else [current]) + [grad_sample]
+    p._fused_pass = pass_id
+
+
+class _LoraPerSample(torch.autograd.Function):
+    """s * B(A x); backward: grad of x only, per-example grads of A and B into `grad_sample`."""
+
+    @staticmethod
+    def forward(ctx, x, a, b, scaling, batch_scale, pass_id):
+        h = F.linear(x, a)
+        ctx.save_for_backward(x, h, a, b)
+        ctx.scaling, ctx.batch_scale, ctx.pass_id, ctx.params = scaling, batch_scale, pass_id, (a, b)
+        return F.linear(h, b) * scaling
+
+    @staticmethod
+    def backward(ctx, g):
+        x, h, a, b = ctx.saved_tensors
+        s, n = ctx.scaling, x.shape[0]
+        # under autocast the forward ran in bf16/fp16 while A, B are fp32 masters: the input gradient
+        # goes back in the forward's dtype, the per-example gradients are formed in fp32
+        gh = g @ b.to(g.dtype)  # [n, ..., r]: B^T g_t
+        grad_x = ((gh * s) @ a.to(gh.dtype)).to(x.dtype) if ctx.needs_input_grad[0] else None
+        w = s * (n if ctx.batch_scale else 1)  # "mean": row i's own gradient, as Opacus stores it
+        g3, h3 = g.float().reshape(n, -1, g.shape[-1]), (h.float() * w).reshape(n, -1, h.shape[-1])
+        grad_b = torch.bmm(g3.transpose(1, 2), h3)  # [n, out, r]
+        grad_a = torch.bmm((gh.float() * w).reshape(n, -1, gh.shape[-1]).transpose(1, 2),
+                           x.float().reshape(n, -1, x.shape[-1]))
+        _store(ctx.params[0], grad_a, ctx.pass_id)
+        _store(ctx.params[1], grad_b, ctx.pass_id)
+        return grad_x, None, None, None, None, None  # no summed gradient for A, B: p.grad stays None
+
+
+class _LinearPerSample(torch.autograd.Function):
+    """W x + b; backward: grad of x only, per-example grads of W and b into `grad_sample`."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, batch_scale, pass_id):
+        ctx.save_for_backward(x, weight)
+        ctx.batch_scale, ctx.pass_id, ctx.params = batch_scale, pass_id, (weight, bias)
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight = ctx.saved_tensors
+        n = x.shape[0]
+        grad_x = (g @ weight.to(g.dtype)).to(x.dtype) if ctx.needs_input_grad[0] else None
+        # bf16 per-example products stay bf16 (the accelerator's fast path; the engine clips in fp32);
+        # fp16 and fp32 are formed in fp32, so a batch-scaled fp16 gradient cannot overflow
+        dtype = torch.bfloat16 if g.dtype == torch.bfloat16 else torch.float32
+        w = float(n) if ctx.batch_scale else 1.0
+        g3 = g.reshape(n, -1, g.shape[-1]).to(dtype)
+        weight_p, bias_p = ctx.params
+        if ctx.needs_input_grad[1]:
+            grad_w = torch.bmm(g3.transpose(1, 2), x.reshape(n, -1, x.shape[-1]).to(dtype))  # [n, out, in]
+            _store(weight_p, grad_w.float().mul_(w), ctx.pass_id)
+        if ctx.needs_input_grad[2]:
+            _store(bias_p, g3.float().sum(dim=1).mul_(w), ctx.pass_id)
+        return grad_x, None, None, None, None
+
+
+def _normalized(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The layer's normalisation without its affine part."""
+    if type(layer) is nn.LayerNorm:
+        return F.layer_norm(x, layer.normalized_shape, None, None, layer.eps)
+    return F.group_norm(x, layer.num_groups, None, None, layer.eps)
+
+
+class _NormPerSample(torch.autograd.Function):
+    """LayerNorm / GroupNorm y = xhat * w + b; backward: grad of x (by autograd on the recomputed xhat, in
+    fp32), per-example grads dw_i = sum (g * xhat)_i, db_i = sum g_i over example i's tokens / positions."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, layer, batch_scale, pass_id):
+        ctx.save_for_backward(x)
+        ctx.layer, ctx.batch_scale, ctx.pass_id = layer, batch_scale, pass_id
+        return layer._dpdiff_original_forward(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        layer, n = ctx.layer, x.shape[0]
+        with torch.enable_grad():
+            x32 = x.detach().float().requires_grad_(ctx.needs_input_grad[0])
+            xhat = _normalized(layer, x32)
+        g32 = g.float()
+        # LayerNorm's affine acts on the trailing dims; GroupNorm's on the channel dim 1
+        per_channel = (lambda t: t.reshape(n, t.shape[1], -1).sum(dim=2)) if type(layer) is nn.GroupNorm else (
+            lambda t: t.reshape(n, -1, *layer.normalized_shape).sum(dim=1))
+        w = float(n) if ctx.batch_scale else 1.0
+        if layer.weight is not None and layer.weight.requires_grad:
+            _store(layer.weight, per_channel(g32 * xhat.detach()).mul_(w), ctx.pass_id)
+        if layer.bias is not None and layer.bias.requires_grad:
+            _store(layer.bias, per_channel(g32).mul_(w), ctx.pass_id)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            weight = layer.weight.float() if layer.weight is not None else None
+            if weight is not None and type(layer) is nn.GroupNorm:
+                weight = weight.view(1, -1, *[1] * (x.dim() - 2))
+            (grad_x,) = torch.autograd.grad(xhat, x32, g32 * weight if weight is not None else g32)
+            grad_x = grad_x.to(x.dtype)
+        return grad_x, None, None, None, None, None
+
+
+def fused_active(layer: nn.Module) -> bool:
+    return layer._dpdiff_fused_owner._fused_on and layer.training and torch.is_grad_enabled()
+
+
+def linear_forward(self, x):
+    if not fused_active(self):
+        return self._dpdiff_original_forward(x)
+    wrapper = self._dpdiff_fused_owner
+    return _LinearPerSample.apply(x, self.weight, self.bias, wrapper.loss_reduction == "mean", wrapper._pass_id)
+
+
+def norm_forward(self, x):
+    if not fused_active(self):
+        return self._dpdiff_original_forward(x)
+    wrapper = self._dpdiff_fused_owner
+    return _NormPerSample.apply(x, self.weight, self.bias, self, wrapper.loss_reduction == "mean", wrapper._pass_id)
+
+
+def lora_forward(self, x, *args, **kwargs):
+    if not fused_active(self):
+        return self._dpdiff_original_forward(x, *args, **kwargs)
+    wrapper = self._dpdiff_fused_owner
+    # the full `fusable_reason` ran at wrapping; per call only what a user can toggle later (cheap)
+    name = self._dpdiff_adapter
+    if args or kwargs or self.merged or self.disable_adapters or list(self.active_adapters) != [name]:
+        raise RuntimeError("LoRA layer changed after wrapping for per-sample gradients (merged, disabled, another "
+                           "adapter or extra arguments); wrap the model again")
+    a, b = self.lora_A[name].weight, self.lora_B[name].weight
+    result = self.base_layer(x)
+    lora = _LoraPerSample.apply(self._cast_input_dtype(x, a.dtype), a, b, float(self.scaling[name]),
+                                wrapper.loss_reduction == "mean", wrapper._pass_id)
+    return (result + lora).to(result.dtype)
+
+
