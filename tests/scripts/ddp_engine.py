@@ -120,6 +120,9 @@ def main(out_path):
         with open(out_path, "w") as f:
             json.dump(result, f)
     accelerator.wait_for_everyone()
+    # tear gloo down before interpreter exit: left to the destructors, its threads can abort a rank
+    # ("terminate called without an active exception") after all the work is done
+    accelerator.end_training()
 
 
 if __name__ == "__main__":
