@@ -27,6 +27,7 @@ def _finetune(args: argparse.Namespace) -> int:
 
 def recipe_main(method: str, description: str, argv=None) -> int:
     """The body of `recipes/finetune_<method>.py`: flags + YAML -> finetune -> one summary line."""
+    import os
     import sys
 
     from dpdiff.config import parse_with_config
@@ -40,6 +41,8 @@ def recipe_main(method: str, description: str, argv=None) -> int:
     except DPDiffError as e:
         print(f"finetune_{method}: error: {e}", file=sys.stderr)
         return 2
+    if int(os.environ.get("RANK", "0")) != 0:  # one summary line per job, not one per process
+        return 0
     saved = "adapter" if method == "lora" else "UNet"
     print(f"(epsilon, delta) = ({record['epsilon']:.4g}, {record['delta']:g}) after {record['steps']} DP-SGD steps; "
           f"{saved}, privacy.json and model card in {args.output_dir}")
