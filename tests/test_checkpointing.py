@@ -1,8 +1,6 @@
-"""Gradient checkpointing under DP: the fused per-example gradients survive the recomputation of
-checkpointed blocks (compared with the same run unchecked); Opacus hooks do not, so any trained
-parameter on hooks refuses it before any work."""
-
-import copy
+"""Gradient checkpointing under DP: the fused per-example gradients (LoRA, Linear, Conv2d, norms) survive the
+recomputation of checkpointed blocks (compared with the same run unchecked); Opacus hooks do not, so any
+trained parameter on hooks refuses it before any work."""
 
 import pytest
 import torch
@@ -13,14 +11,15 @@ from dpdiff.errors import ConfigError
 from dpdiff.pipelines.preset import SCHEDULER_CONFIG, build_tiny_unet
 from dpdiff.privacy.diffusion_loss import draw_diffusion_inputs
 from dpdiff.privacy.engine import DPDiffusionEngine
+from dpdiff.privacy.fused_layers import unfused_trainable
 from dpdiff.training.latent_cache import LatentCache
 
 LINEAR_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
 
 
-def _unet(targets=LINEAR_TARGETS):
+def _unet(targets=LINEAR_TARGETS, method="lora"):
     unet = build_tiny_unet(seed=0)
-    prepare_trainable(unet, "lora", rank=4, target_modules=targets)
+    prepare_trainable(unet, method, **({"rank": 4, "target_modules": targets} if method == "lora" else {}))
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():  # B = 0 would zero every A gradient
         for name, p in unet.named_parameters():
@@ -42,8 +41,11 @@ def _engine(unet, **kwargs):
     return DPDiffusionEngine(unet, DDPMScheduler(**SCHEDULER_CONFIG), torch.optim.SGD(params, lr=1.0), _cache(), **settings)
 
 
-def test_checkpointed_per_example_gradients_equal_the_unchecked_run():
-    plain, checked = _unet(), _unet()
+# Linear LoRA; LoRA on 3x3/1x1 convolutions too; the attention blocks (1x1 proj_in/out); every parameter
+@pytest.mark.parametrize("method, targets", [("lora", LINEAR_TARGETS), ("lora", ["to_q", "conv1", "proj_in"]),
+                                             ("attention", None), ("full", None)])
+def test_checkpointed_per_example_gradients_equal_the_unchecked_run(method, targets):
+    plain, checked = _unet(targets, method), _unet(targets, method)
     checked.enable_gradient_checkpointing()
     assert checked.is_gradient_checkpointing
     engines = [_engine(plain), _engine(checked)]
@@ -71,14 +73,21 @@ def test_checkpointed_dp_steps_release_what_the_unchecked_run_releases():
 
 
 @pytest.mark.parametrize("method, targets", [("lora", ["to_q", "conv1"]), ("attention", None), ("full", None)])
-def test_checkpointing_with_parameters_on_opacus_hooks_is_refused(method, targets):
+def test_checkpointing_on_opacus_hooks_is_refused(method, targets):
     unet = build_tiny_unet(seed=0)
     prepare_trainable(unet, method, target_modules=targets)
     unet.enable_gradient_checkpointing()
     with pytest.raises(ConfigError, match="gradient checkpointing"):
+        _engine(unet, grad_sample_mode="hooks")
+
+
+def test_checkpointing_with_a_trained_layer_the_fused_mode_leaves_to_hooks_is_refused():
+    unet = _unet(method="full")
+    unet.conv_in.padding_mode = "reflect"  # not zero-padded: Opacus hooks compute this layer's per-example grads
+    assert unfused_trainable(unet) == ["conv_in.weight", "conv_in.bias"]
+    unet.enable_gradient_checkpointing()
+    with pytest.raises(ConfigError, match="gradient checkpointing.*conv_in.weight"):
         _engine(unet)
-    with pytest.raises(ConfigError, match="gradient checkpointing"):
-        _engine(copy.deepcopy(unet), grad_sample_mode="hooks")
 
 
 def test_checkpointing_enabled_after_the_engine_is_refused_on_hooks():

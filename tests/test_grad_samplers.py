@@ -19,14 +19,15 @@ from dpdiff.privacy.diffusion_loss import fold_multiplicity
 from dpdiff.privacy.engine_checks import resolve_grad_sample_mode
 from dpdiff.privacy.grad_samplers import (
     FUSED_MODE,
+    fusable_conv_layers,
     fusable_linear_layers,
     fusable_lora_layers,
     fusable_norm_layers,
     wrap_for_per_sample_grads,
 )
 
-# Linear attention/FF LoRA (fused), 1x1-conv proj_in/proj_out LoRA (Opacus hooks) and the resnets'
-# time_emb_proj LoRA on a 2-D [B, D] input (fused)
+# Linear attention/FF LoRA (closed form), 1x1-conv proj_in/proj_out LoRA (its A/B factors as fused convs) and
+# the resnets' time_emb_proj LoRA on a 2-D [B, D] input
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "time_emb_proj"]
 
 
@@ -95,7 +96,7 @@ def _fused_lora_params(model):
 @pytest.mark.parametrize("batch,k", [(1, 1), (3, 2)])  # batch 3 unfolded: the Sequential tests
 def test_unet_fused_matches_loop(batch, k):
     unet = _unet()
-    assert resolve_grad_sample_mode(unet, "auto") == FUSED_MODE  # conv LoRA rides Opacus hooks in the same wrapper
+    assert resolve_grad_sample_mode(unet, "auto") == FUSED_MODE
     x, t, ehs, target = _unet_inputs(batch * k)
     examples = [tuple(v[i * k:(i + 1) * k] for v in (x, t, ehs, target)) for i in range(batch)]
     expected = _loop_grads(unet, _unet_losses, examples)
@@ -121,7 +122,7 @@ def test_unet_fused_matches_loop(batch, k):
         # a batch-of-1 UNet rounds differently in fp32: Opacus' hooks deviate from this loop by the same
         # 6e-6 of the max as fused_lora (measured); the Sequential tests below hold to 1e-6
         _close(p.grad_sample, expected[name], atol=1e-5)
-    assert all(p.grad is None for p in fused)  # the saving: autograd never summed the LoRA weight grads
+    assert all(p.grad is None for p in params)  # the saving: autograd never summed a weight gradient
     wrapped._close()
 
 
@@ -248,8 +249,8 @@ def test_unknown_mode_refused():
         wrap_for_per_sample_grads(_seq(), "ghost")
 
 
-@pytest.mark.parametrize("groups", [1, 4])
-def test_conv_per_example_gradients_hold_on_a_permuted_non_contiguous_input(groups):
+@pytest.mark.parametrize("groups, mode", [(1, "hooks"), (4, "hooks"), (1, FUSED_MODE)])
+def test_conv_per_example_gradients_hold_on_a_permuted_non_contiguous_input(groups, mode):
     """Opacus' own conv rule reads a permuted input as if it were contiguous (wrong per-example
     gradients, silently); dpdiff registers a rule that makes it contiguous first."""
     torch.manual_seed(0)
@@ -264,7 +265,7 @@ def test_conv_per_example_gradients_hold_on_a_permuted_non_contiguous_input(grou
         def forward(self, x):
             return self.layer(x.unflatten(1, (4, 4)).permute(0, 3, 1, 2))
 
-    wrapped = wrap_for_per_sample_grads(TokensToImage(conv), "hooks")
+    wrapped = wrap_for_per_sample_grads(TokensToImage(conv), mode)
     x = torch.randn(3, 16, 8)
     wrapped(x).pow(2).sum().backward()
     plain = TokensToImage(reference)
@@ -272,6 +273,50 @@ def test_conv_per_example_gradients_hold_on_a_permuted_non_contiguous_input(grou
         reference.zero_grad()
         plain(x[i : i + 1]).pow(2).sum().backward()
         torch.testing.assert_close(conv.weight.grad_sample[i] / 3, reference.weight.grad, rtol=1e-4, atol=1e-5)
+
+
+class _Convs(nn.Module):
+    """3x3 padded, strided, 1x1 (no unfold), dilated non-square without bias, and a frozen one in between."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, stride=2, padding=1)
+        self.frozen, self.c = nn.Conv2d(8, 8, 3, padding=1).requires_grad_(False), nn.Conv2d(8, 4, 1)
+        self.d = nn.Conv2d(4, 4, (3, 1), padding=(2, 0), dilation=(2, 1), bias=False)
+
+    def forward(self, x):
+        for layer in (self.a, self.b, self.frozen, self.c):
+            x = torch.tanh(layer(x))
+        return self.d(x)
+
+
+def test_conv_layers_fused_match_loop():
+    torch.manual_seed(0)
+    model = _Convs()
+    assert fusable_conv_layers(model) == [model.a, model.b, model.c, model.d]
+    g = torch.Generator().manual_seed(4)
+    x, target = torch.randn(4, 3, 9, 9, generator=g), torch.randn(4, 4, 5, 5, generator=g)
+
+    def losses(m, x, target):
+        return ((m(x) - target) ** 2).flatten(1).mean(dim=1)
+
+    expected = _loop_grads(model, losses, [(x[i:i + 1], target[i:i + 1]) for i in range(4)])
+    xr = x.clone().requires_grad_()
+    losses(model, xr, target).mean().backward()
+    model.zero_grad(set_to_none=True)
+    wrapped = wrap_for_per_sample_grads(model, FUSED_MODE)
+    xf = x.clone().requires_grad_()
+    _backward(wrapped, losses, (xf, target))
+    _close(xf.grad, xr.grad)
+    for name, p in _trainable(model).items():
+        _close(p.grad_sample, expected[name])
+        assert p.grad is None, name
+    wrapped._close()
+
+
+def test_grouped_conv_stays_on_hooks():
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2), nn.Conv2d(4, 4, 3, padding_mode="reflect", padding=1))
+    assert fusable_conv_layers(model) == [] and resolve_grad_sample_mode(model, "auto") == "hooks"
 
 
 def _plain_seq():

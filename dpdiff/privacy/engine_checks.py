@@ -33,7 +33,7 @@ def trains_convolution(model: nn.Module) -> bool:
 
 
 def resolve_grad_sample_mode(model: nn.Module, grad_sample_mode: str) -> str:
-    """'auto': the fused mode when any LoRA Linear or plain Linear trains (per-example gradients inside the
+    """'auto': the fused mode when any LoRA, Linear, Conv2d or norm layer trains (per-example gradients inside the
     layer's backward, no summed weight gradient; every other trained module on Opacus hooks in the same
     wrapper): measured fastest, benchmarks/dp_overhead.py; otherwise Opacus hooks, which run on every
     family's layers and under autocast. (Expanded weights, 'ew', fail on trained convolutions, on
@@ -57,8 +57,8 @@ def check_checkpointing(model: nn.Module, grad_sample_mode: str) -> None:
         raise ConfigError(
             f"gradient checkpointing is enabled, but {len(on_hooks)} trained parameter(s) (e.g. {on_hooks[:3]}) get "
             f"per-example gradients from Opacus hooks (mode {mode!r}), which checkpointing silently breaks. Only "
-            "the fused mode on LoRA/plain Linear layers is checkpoint-safe: train only Linear targets "
-            "(e.g. --lora_target_modules to_q to_k to_v to_out.0) or call `disable_gradient_checkpointing()` "
+            "the fused mode (grad_sample_mode 'auto' or 'fused': LoRA, Linear, zero-padded ungrouped Conv2d, "
+            "LayerNorm/GroupNorm) is checkpoint-safe: freeze the other layers or call `disable_gradient_checkpointing()` "
             "and lower physical_batch_size to save memory instead"
         )
 

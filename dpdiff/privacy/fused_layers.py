@@ -55,6 +55,23 @@ def fusable_linear_layers(model: nn.Module) -> list[nn.Linear]:
             and any(p.requires_grad for p in m.parameters(recurse=False))]
 
 
+def fusable_conv_reason(layer: nn.Module) -> str | None:
+    """None if `_ConvPerSample` computes this convolution exactly; else why it stays on Opacus hooks."""
+    if type(layer) is not nn.Conv2d:
+        return "not an nn.Conv2d"
+    if not any(p.requires_grad for p in layer.parameters(recurse=False)):
+        return "nothing in it trains"
+    if layer.groups != 1 or layer.padding_mode != "zeros" or isinstance(layer.padding, str):
+        return "grouped, non-zero-padded or 'same'/'valid'-padded convolution"
+    return None
+
+
+def fusable_conv_layers(model: nn.Module) -> list[nn.Conv2d]:
+    """Plain `nn.Conv2d` (exact type, groups 1, zero padding) with a trainable weight or bias: the UNets'
+    resnet and projection convolutions, patch embeddings, and the A/B factors of a peft LoRA Conv2d."""
+    return [m for m in model.modules() if fusable_conv_reason(m) is None]
+
+
 NORMS = (nn.LayerNorm, nn.GroupNorm)
 
 
@@ -66,7 +83,7 @@ def fusable_norm_layers(model: nn.Module) -> list[nn.Module]:
 def fused_layers_by_kind(model: nn.Module) -> list[tuple[nn.Module, object]]:
     """(layer, the forward that routes it through its Function) for every layer the fused mode covers."""
     return ([(m, lora_forward) for m in fusable_lora_layers(model)] + [(m, linear_forward) for m in fusable_linear_layers(model)]
-            + [(m, norm_forward) for m in fusable_norm_layers(model)])
+            + [(m, norm_forward) for m in fusable_norm_layers(model)] + [(m, conv_forward) for m in fusable_conv_layers(model)])
 
 
 def fused_layers(model: nn.Module) -> list[nn.Module]:
@@ -150,6 +167,40 @@ class _LinearPerSample(torch.autograd.Function):
         return grad_x, None, None, None, None
 
 
+class _ConvPerSample(torch.autograd.Function):
+    """conv2d(x, W) + b; backward: grad of x only (aten's convolution_backward with the weight and bias
+    gradients masked off), per-example dW_i = G_i unfold(x_i)^T ([out, L] @ [L, in*kh*kw]; a 1x1,
+    stride-1, unpadded convolution needs no unfold) and db_i = sum of G_i over positions."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, layer, batch_scale, pass_id):
+        ctx.save_for_backward(x, weight)
+        ctx.layer, ctx.batch_scale, ctx.pass_id = layer, batch_scale, pass_id
+        return layer._conv_forward(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight = ctx.saved_tensors
+        layer, n = ctx.layer, x.shape[0]
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.ops.aten.convolution_backward(
+                g, x.to(g.dtype), weight.to(g.dtype), None, layer.stride, layer.padding, layer.dilation, False,
+                [0, 0], 1, [True, False, False])[0].to(x.dtype)
+        dtype = torch.bfloat16 if g.dtype == torch.bfloat16 else torch.float32  # as _LinearPerSample
+        w = float(n) if ctx.batch_scale else 1.0
+        g3 = g.reshape(n, g.shape[1], -1).to(dtype)  # [n, out, L]
+        if ctx.needs_input_grad[1]:
+            pointwise = layer.kernel_size == (1, 1) and layer.stride == (1, 1) and layer.padding == (0, 0)
+            cols = (x.reshape(n, x.shape[1], -1) if pointwise else
+                    F.unfold(x, layer.kernel_size, layer.dilation, layer.padding, layer.stride))  # [n, in*kh*kw, L]
+            grad_w = torch.bmm(g3, cols.to(dtype).transpose(1, 2))
+            _store(layer.weight, grad_w.float().mul_(w).view(n, *layer.weight.shape), ctx.pass_id)
+        if ctx.needs_input_grad[2]:
+            _store(layer.bias, g3.float().sum(dim=2).mul_(w), ctx.pass_id)
+        return grad_x, None, None, None, None, None
+
+
 def _normalized(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The layer's normalisation without its affine part."""
     if type(layer) is nn.LayerNorm:
@@ -209,6 +260,13 @@ def norm_forward(self, x):
         return self._dpdiff_original_forward(x)
     wrapper = self._dpdiff_fused_owner
     return _NormPerSample.apply(x, self.weight, self.bias, self, wrapper.loss_reduction == "mean", wrapper._pass_id)
+
+
+def conv_forward(self, x):
+    if not fused_active(self):
+        return self._dpdiff_original_forward(x)
+    wrapper = self._dpdiff_fused_owner
+    return _ConvPerSample.apply(x, self.weight, self.bias, self, wrapper.loss_reduction == "mean", wrapper._pass_id)
 
 
 def lora_forward(self, x, *args, **kwargs):

@@ -2,7 +2,7 @@
 
 `wrap_for_per_sample_grads(model, mode)` replaces `opacus.grad_sample.utils.prepare_module(model, mode,
 batch_first=True, loss_reduction="mean")`. Modes "hooks", "ew", "functorch" are Opacus' own. Mode
-"fused" computes the per-example gradients of two layer kinds inside a custom autograd Function:
+"fused" computes the per-example gradients of four layer kinds inside a custom autograd Function:
 
 - every plain peft LoRA Linear (y = W0 x + s * B A x, no dropout, no DoRA), in closed form:
       dB_i = s * sum_t g_t (A x_t)^T        dA_i = s * sum_t (B^T g_t) x_t^T
@@ -10,13 +10,16 @@ batch_first=True, loss_reduction="mean")`. Modes "hooks", "ew", "functorch" are 
       dW_i = sum_t g_t x_t^T                db_i = sum_t g_t
 - every `nn.LayerNorm` / `nn.GroupNorm` whose affine weight/bias trains (y = xhat * w + b):
       dw_i = sum_t g_t * xhat_t             db_i = sum_t g_t
+- every zero-padded, ungrouped `nn.Conv2d` whose weight/bias trains (resnet and projection convolutions,
+  patch embeddings, a peft LoRA Conv2d's A and B), with U_i = unfold(x_i) (x_i itself for a 1x1 conv):
+      dW_i = G_i U_i^T                      db_i = sum_positions G_i
 
 (g = output gradient, sums over example i's tokens), written to `p.grad_sample` under Opacus' conventions
 (loss_reduction "mean": multiplied by the batch size, so grad_sample[i] is row i's own gradient; shape
 [rows, *p.shape]; a layer called twice in one forward sums, a second forward/backward before
 `zero_grad` stacks a list as Opacus does). The Functions return no gradient for their parameters, so
 autograd never computes the summed weight gradient (`p.grad` stays None): the work that Opacus' hooks
-add on top of plain training. Every other trainable module (a convolution, a Conv LoRA, ...) gets
+add on top of plain training. Every other trainable module (a grouped convolution, an embedding, ...) gets
 Opacus hooks in the same wrapper, so every trainable parameter still receives a `grad_sample`.
 Forward outputs and input gradients are those of the unwrapped model. The fused path runs only for
 calls through the wrapper (or inside its `per_sample_pass()`, which also covers the recomputation of
@@ -35,6 +38,7 @@ from opacus.grad_sample.utils import prepare_module
 from torch import nn
 
 from dpdiff.privacy.fused_layers import (  # noqa: F401  (re-exported: what the fused mode covers)
+    fusable_conv_layers,
     fusable_linear_layers,
     fusable_lora_layers,
     fusable_norm_layers,
