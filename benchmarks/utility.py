@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--prompt_template", default=None, help="caption template of the diffusion methods ({class_name}, {article}, {label})")
     a("--rank", type=int, default=8, help="LoRA rank (lora and nonprivate_lora)")
     a("--lora_target_modules", nargs="+", default=list(DEFAULT_LORA_TARGETS), help="LoRA targets (lora and nonprivate_lora)")
+    a("--attention_start_index", type=int, default=0, help="attention (DP-LDM): train the attention blocks from this "
+      "depth index on (0: all of them)")
     a("--mepf_generator_steps", type=int, default=FULL_SCALE["mepf_generator_steps"])
     a("--num_per_class", type=int, default=FULL_SCALE["num_per_class"], help="synthetic images per class")
     a("--inference_steps", type=int, default=FULL_SCALE["inference_steps"], help="DDIM steps when sampling")
@@ -117,6 +119,8 @@ def check(args) -> None:
         raise ConfigError(f"--{err}") from None
     if args.checkpointing_steps < 0:
         raise ConfigError(f"--checkpointing_steps must be >= 0 (0: no checkpoints), got {args.checkpointing_steps}")
+    if args.attention_start_index < 0:
+        raise ConfigError(f"--attention_start_index must be >= 0 (0: every attention block), got {args.attention_start_index}")
     for name in ("max_train_samples", "test_limit", "eval_epochs", "max_steps"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ConfigError(f"--{name} must be >= 1, got {getattr(args, name)}")
@@ -157,7 +161,8 @@ def train_dp_sgd(args, method: str, epsilon: float, out: Path, resume: bool = Fa
              "epochs": None if args.max_steps else args.epochs, "learning_rate": args.learning_rate,
              "max_grad_norm": args.max_grad_norm, "noise_multiplicity": args.noise_multiplicity,
              **{k: getattr(args, k) for k in TIMESTEP_BIAS_FLAGS}, "prompt_template": args.prompt_template, "rank": args.rank,
-             "lora_target_modules": args.lora_target_modules, "checkpointing_steps": args.checkpointing_steps,
+             "lora_target_modules": args.lora_target_modules, "attention_start_index": args.attention_start_index,
+             "checkpointing_steps": args.checkpointing_steps,
              "resume_from_checkpoint": "latest" if resume else None}
     return finetune(finetune_args(**flags, overwrite_output_dir=True)).record
 
@@ -243,7 +248,7 @@ def _resumable_step(started: Path, run_id: dict) -> int | None:
 
 # flags added after results files were written: left out of `settings` at these values, so older runs still match
 LATER_FLAG_DEFAULTS = {"noise_multiplicity": 1, "eval_repeats": 1, "timestep_bias_strategy": "none", "timestep_bias_multiplier": 1.0,
-                       "timestep_bias_portion": 0.25}
+                       "timestep_bias_portion": 0.25, "attention_start_index": 0}
 TIMESTEP_BIAS_FLAGS = ("timestep_bias_strategy", "timestep_bias_multiplier", "timestep_bias_portion")
 
 
