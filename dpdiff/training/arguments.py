@@ -43,8 +43,8 @@ def add_finetune_arguments(parser: argparse.ArgumentParser, method: str | None =
     a("--timestep_bias_end", type=int, default=None, help="range: end of the biased timesteps (exclusive; default: the last)")
     a("--weighting_scheme", choices=WEIGHTING_SCHEMES, default="none", help="flow-matching families (SD3, Flux, Sana): how training timesteps are drawn (the diffusers flag; none = uniform)")
     a("--clipping", choices=("flat", "per_layer"), default="flat", help="one norm over all trained parameters, or an equal split per tensor")
-    a("--grad_sample_mode", choices=GRAD_SAMPLE_MODES, default="auto", help="how per-example gradients are computed (same result); auto: fused (LoRA Linear A/B in closed form and plain Linear weights inside their own backward, no summed weight gradient; other trained layers on Opacus hooks) when any Linear trains, else Opacus hooks; fused_lora: the earlier name of fused")
-    a("--gradient_checkpointing", action="store_true", help="recompute the denoiser's blocks in backward to save activation memory (the diffusers flag); only when every trained parameter is on the fused path (LoRA or plain Linear targets), else refused")
+    a("--grad_sample_mode", choices=GRAD_SAMPLE_MODES, default="auto", help="how per-example gradients are computed (same result); auto: fused (LoRA Linear A/B in closed form; plain Linear, Conv2d, LayerNorm/GroupNorm weights inside their own backward, no summed weight gradient; other trained layers, e.g. grouped convs or embeddings, on Opacus hooks) when any such layer trains, else Opacus hooks; fused_lora: the earlier name of fused")
+    a("--gradient_checkpointing", action="store_true", help="recompute the denoiser's blocks in backward to save activation memory (the diffusers flag); only when every trained parameter is on the fused path (LoRA, Linear, zero-padded ungrouped Conv2d, norms: every method on the UNets), else refused")
     a("--secure_mode", action="store_true", help="cryptographically secure noise (Opacus secure_mode)")
     # schedule
     a("--epochs", type=float, default=None, help="expected passes over the private set (default 1 unless --max_steps)")
