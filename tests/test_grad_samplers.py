@@ -314,6 +314,14 @@ def test_conv_layers_fused_match_loop():
     wrapped._close()
 
 
+@pytest.mark.parametrize("build, shape", [(_Convs, (0, 3, 9, 9)), (lambda: _ConvNorm(), (0, 3, 5, 5)), (lambda: _plain_seq(), (0, 2, 16))])
+def test_an_empty_batch_gives_empty_per_example_gradients(build, shape):
+    model = build()
+    wrapped = wrap_for_per_sample_grads(model, FUSED_MODE)
+    _backward(wrapped, lambda m, x: m(x).flatten(1).sum(dim=1), (torch.zeros(shape, requires_grad=True),))
+    assert all(p.grad_sample.shape == (0, *p.shape) for p in _trainable(model).values())
+
+
 def test_grouped_conv_stays_on_hooks():
     model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2), nn.Conv2d(4, 4, 3, padding_mode="reflect", padding=1))
     assert fusable_conv_layers(model) == [] and resolve_grad_sample_mode(model, "auto") == "hooks"

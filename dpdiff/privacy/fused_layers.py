@@ -5,6 +5,8 @@ routes the layers' forwards here; the formulas are in its docstring."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -96,6 +98,11 @@ def unfused_trainable(model: nn.Module) -> list[str]:
     return [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in fused]
 
 
+def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
+    """[n, tokens, features] view of a [n, ..., features] tensor; explicit sizes so n = 0 works too."""
+    return t.reshape(n, math.prod(t.shape[1:-1]), t.shape[-1])
+
+
 def _store(p: nn.Parameter, grad_sample: torch.Tensor, pass_id: int) -> None:
     """Opacus semantics: sum within one forward pass, stack (list) across passes before zero_grad."""
     current = getattr(p, "grad_sample", None)
@@ -130,10 +137,9 @@ class _LoraPerSample(torch.autograd.Function):
         gh = g @ b.to(g.dtype)  # [n, ..., r]: B^T g_t
         grad_x = ((gh * s) @ a.to(gh.dtype)).to(x.dtype) if ctx.needs_input_grad[0] else None
         w = s * (n if ctx.batch_scale else 1)  # "mean": row i's own gradient, as Opacus stores it
-        g3, h3 = g.float().reshape(n, -1, g.shape[-1]), (h.float() * w).reshape(n, -1, h.shape[-1])
+        g3, h3 = _rows(g.float(), n), _rows(h.float() * w, n)
         grad_b = torch.bmm(g3.transpose(1, 2), h3)  # [n, out, r]
-        grad_a = torch.bmm((gh.float() * w).reshape(n, -1, gh.shape[-1]).transpose(1, 2),
-                           x.float().reshape(n, -1, x.shape[-1]))
+        grad_a = torch.bmm(_rows(gh.float() * w, n).transpose(1, 2), _rows(x.float(), n))
         _store(ctx.params[0], grad_a, ctx.pass_id)
         _store(ctx.params[1], grad_b, ctx.pass_id)
         return grad_x, None, None, None, None, None  # no summed gradient for A, B: p.grad stays None
@@ -157,10 +163,10 @@ class _LinearPerSample(torch.autograd.Function):
         # fp16 and fp32 are formed in fp32, so a batch-scaled fp16 gradient cannot overflow
         dtype = torch.bfloat16 if g.dtype == torch.bfloat16 else torch.float32
         w = float(n) if ctx.batch_scale else 1.0
-        g3 = g.reshape(n, -1, g.shape[-1]).to(dtype)
+        g3 = _rows(g, n).to(dtype)
         weight_p, bias_p = ctx.params
         if ctx.needs_input_grad[1]:
-            grad_w = torch.bmm(g3.transpose(1, 2), x.reshape(n, -1, x.shape[-1]).to(dtype))  # [n, out, in]
+            grad_w = torch.bmm(g3.transpose(1, 2), _rows(x, n).to(dtype))  # [n, out, in]
             _store(weight_p, grad_w.float().mul_(w), ctx.pass_id)
         if ctx.needs_input_grad[2]:
             _store(bias_p, g3.float().sum(dim=1).mul_(w), ctx.pass_id)
@@ -182,6 +188,8 @@ class _ConvPerSample(torch.autograd.Function):
     def backward(ctx, g):
         x, weight = ctx.saved_tensors
         layer, n = ctx.layer, x.shape[0]
+        if x.dim() != 4:
+            raise RuntimeError(f"fused per-example conv gradients need a batched [N, C, H, W] input, got shape {tuple(x.shape)}")
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = torch.ops.aten.convolution_backward(
@@ -189,10 +197,10 @@ class _ConvPerSample(torch.autograd.Function):
                 [0, 0], 1, [True, False, False])[0].to(x.dtype)
         dtype = torch.bfloat16 if g.dtype == torch.bfloat16 else torch.float32  # as _LinearPerSample
         w = float(n) if ctx.batch_scale else 1.0
-        g3 = g.reshape(n, g.shape[1], -1).to(dtype)  # [n, out, L]
+        g3 = g.flatten(2).to(dtype)  # [n, out, L]
         if ctx.needs_input_grad[1]:
             pointwise = layer.kernel_size == (1, 1) and layer.stride == (1, 1) and layer.padding == (0, 0)
-            cols = (x.reshape(n, x.shape[1], -1) if pointwise else
+            cols = (x.flatten(2) if pointwise else
                     F.unfold(x, layer.kernel_size, layer.dilation, layer.padding, layer.stride))  # [n, in*kh*kw, L]
             grad_w = torch.bmm(g3, cols.to(dtype).transpose(1, 2))
             _store(layer.weight, grad_w.float().mul_(w).view(n, *layer.weight.shape), ctx.pass_id)
@@ -227,8 +235,9 @@ class _NormPerSample(torch.autograd.Function):
             xhat = _normalized(layer, x32)
         g32 = g.float()
         # LayerNorm's affine acts on the trailing dims; GroupNorm's on the channel dim 1
-        per_channel = (lambda t: t.reshape(n, t.shape[1], -1).sum(dim=2)) if type(layer) is nn.GroupNorm else (
-            lambda t: t.reshape(n, -1, *layer.normalized_shape).sum(dim=1))
+        trailing = len(layer.normalized_shape) if type(layer) is nn.LayerNorm else 0
+        per_channel = (lambda t: t.reshape(n, t.shape[1], math.prod(t.shape[2:])).sum(dim=2)) if type(layer) is nn.GroupNorm else (
+            lambda t: t.reshape(n, math.prod(t.shape[1:t.dim() - trailing]), *layer.normalized_shape).sum(dim=1))
         w = float(n) if ctx.batch_scale else 1.0
         if layer.weight is not None and layer.weight.requires_grad:
             _store(layer.weight, per_channel(g32 * xhat.detach()).mul_(w), ctx.pass_id)
