@@ -89,6 +89,26 @@ def _backward(wrapped, loss_fn, inputs):
     return losses
 
 
+def _mse_losses(m, x, target):
+    return ((m(x) - target) ** 2).flatten(1).mean(dim=1)
+
+
+def _fused_matches_loop(model, losses, x, target):
+    """The fused wrapper's per-example gradients equal the one-example loop's and its input gradient the bare
+    model's; returns the wrapper (its grad_samples still set)."""
+    expected = _loop_grads(model, losses, [(x[i:i + 1], target[i:i + 1]) for i in range(len(x))])
+    xr = x.clone().requires_grad_()
+    losses(model, xr, target).mean().backward()
+    model.zero_grad(set_to_none=True)
+    wrapped = wrap_for_per_sample_grads(model, FUSED_MODE)
+    xf = x.clone().requires_grad_()
+    _backward(wrapped, losses, (xf, target))
+    _close(xf.grad, xr.grad)
+    for name, p in _trainable(model).items():
+        _close(p.grad_sample, expected[name])
+    return wrapped
+
+
 def _fused_lora_params(model):
     return [p for layer in fusable_lora_layers(model) for p in layer.parameters() if p.requires_grad]
 
@@ -297,20 +317,8 @@ def test_conv_layers_fused_match_loop():
     g = torch.Generator().manual_seed(4)
     x, target = torch.randn(4, 3, 9, 9, generator=g), torch.randn(4, 4, 5, 5, generator=g)
 
-    def losses(m, x, target):
-        return ((m(x) - target) ** 2).flatten(1).mean(dim=1)
-
-    expected = _loop_grads(model, losses, [(x[i:i + 1], target[i:i + 1]) for i in range(4)])
-    xr = x.clone().requires_grad_()
-    losses(model, xr, target).mean().backward()
-    model.zero_grad(set_to_none=True)
-    wrapped = wrap_for_per_sample_grads(model, FUSED_MODE)
-    xf = x.clone().requires_grad_()
-    _backward(wrapped, losses, (xf, target))
-    _close(xf.grad, xr.grad)
-    for name, p in _trainable(model).items():
-        _close(p.grad_sample, expected[name])
-        assert p.grad is None, name
+    wrapped = _fused_matches_loop(model, _mse_losses, x, target)
+    assert all(p.grad is None for p in _trainable(model).values())
     wrapped._close()
 
 
@@ -341,19 +349,7 @@ def test_plain_linear_fused_matches_loop(tokens):
     shape = (4, 16) if tokens is None else (4, tokens, 16)
     x, target = torch.randn(*shape, generator=g), torch.randn(*shape[:-1], 5, generator=g)
 
-    def losses(m, x, target):
-        return ((m(x) - target) ** 2).flatten(1).mean(dim=1)
-
-    expected = _loop_grads(model, losses, [(x[i:i + 1], target[i:i + 1]) for i in range(4)])
-    xr = x.clone().requires_grad_()
-    losses(model, xr, target).mean().backward()
-    model.zero_grad(set_to_none=True)
-    wrapped = wrap_for_per_sample_grads(model, FUSED_MODE)
-    xf = x.clone().requires_grad_()
-    _backward(wrapped, losses, (xf, target))
-    _close(xf.grad, xr.grad)
-    for name, p in _trainable(model).items():
-        _close(p.grad_sample, expected[name])
+    wrapped = _fused_matches_loop(model, _mse_losses, x, target)
     linear = [p for layer in fusable_linear_layers(model) for p in layer.parameters()]
     assert linear and all(p.grad is None for p in linear)  # no summed weight gradient was computed
     wrapped._close()
@@ -395,14 +391,5 @@ def test_norm_layers_fused_match_loop():
     def losses(m, x, target):
         return ((m(x) - target) ** 2 * torch.arange(1, 9.0)).mean(dim=(1, 2))
 
-    expected = _loop_grads(model, losses, [(x[i:i + 1], target[i:i + 1]) for i in range(3)])
-    xr = x.clone().requires_grad_()
-    losses(model, xr, target).mean().backward()
-    model.zero_grad(set_to_none=True)
-    wrapped = wrap_for_per_sample_grads(model, FUSED_MODE)
-    xf = x.clone().requires_grad_()
-    _backward(wrapped, losses, (xf, target))
-    _close(xf.grad, xr.grad)
-    for name, p in _trainable(model).items():
-        _close(p.grad_sample, expected[name])
-        assert p.grad is None, name
+    _fused_matches_loop(model, losses, x, target)
+    assert all(p.grad is None for p in _trainable(model).values())
