@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from dpdiff.privacy.factored import FactoredGradSample
+
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 TIMESTEP_BIAS_STRATEGIES = ("none", "earlier", "later", "range")
 
@@ -131,4 +133,7 @@ def fold_multiplicity(params: list[nn.Parameter], num_examples: int, multiplicit
                 f"per-sample gradient of shape {tuple(grad_sample.shape)} does not have "
                 f"{num_examples}x{multiplicity} rows; cannot fold the noise multiplicity"
             )
-        p.grad_sample = grad_sample.reshape(num_examples, multiplicity, *grad_sample.shape[1:]).mean(dim=1)
+        if isinstance(grad_sample, FactoredGradSample):
+            p.grad_sample = grad_sample.fold(num_examples, multiplicity)
+        else:
+            p.grad_sample = grad_sample.reshape(num_examples, multiplicity, *grad_sample.shape[1:]).mean(dim=1)

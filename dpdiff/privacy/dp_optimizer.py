@@ -21,6 +21,8 @@ import torch
 from opacus.optimizers import DistributedDPOptimizer, DPOptimizer
 from opacus.optimizers.optimizer import _check_processed_flag, _generate_noise, _mark_as_processed
 
+from dpdiff.privacy.factored import clipped_sum, sq_norms
+
 
 class FlatClipDPOptimizer(DPOptimizer):
     last_per_sample_norms: torch.Tensor | None = None  # of the latest clip_and_accumulate (private: diagnostics only)
@@ -31,14 +33,14 @@ class FlatClipDPOptimizer(DPOptimizer):
         device = grad_samples[0].device
         if n == 0:
             norms = torch.zeros(0, device=device)
-        else:
-            norms = torch.stack([g.reshape(n, -1).norm(2, dim=-1).to(device) for g in grad_samples], dim=1).norm(2, dim=1)
+        else:  # factored (book-keeping) gradients give their norms without being materialised
+            norms = torch.stack([sq_norms(g).to(device) for g in grad_samples], dim=1).sum(dim=1).sqrt()
         factor = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
         self.last_per_sample_norms = norms.detach()
         for p, grad_sample in zip(self.params, grad_samples):
             _check_processed_flag(p.grad_sample)
-            grad_sample = grad_sample.to(p.dtype)  # low-precision per-sample gradients join fp32 masters
-            grad = (factor.to(grad_sample) @ grad_sample.reshape(n, p.numel())).view_as(p)
+            # low-precision per-sample gradients join fp32 masters; a factored one in one [out, rows] product
+            grad = clipped_sum(grad_sample, factor, p)
             p.summed_grad = grad if p.summed_grad is None else p.summed_grad.add_(grad)
             _mark_as_processed(p.grad_sample)
 

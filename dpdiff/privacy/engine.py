@@ -33,6 +33,7 @@ from dpdiff.adapters import unwrap_model
 from dpdiff.errors import DataError, PrivacyError
 from dpdiff.privacy.diffusion_loss import example_generator, fold_multiplicity
 from dpdiff.privacy.dp_optimizer import flat_clip_optimizer_class
+from dpdiff.privacy.factored import FactoredGradSample, sq_norms
 from dpdiff.privacy.grad_samplers import wrap_for_per_sample_grads
 from dpdiff.privacy.engine_checks import (  # noqa: F401  (re-exported: the engine's settings)
     CLIPPING_MODES,
@@ -133,6 +134,8 @@ class DPDiffusionEngine:
 
             wrapped = DPDDP(wrapped)  # broadcasts rank 0's parameters: identical start on every rank
         self.module = wrap_for_per_sample_grads(wrapped, self.grad_sample_mode, loss_reduction="mean")
+        if hasattr(self.module, "book_keeping"):  # the fused mode: factored gradients where cheaper
+            self.module.book_keeping = clipping == "flat"
 
         # this rank's shard; each of its examples is then Poisson-sampled independently with rate q
         self.shard = list(range(self.rank, len(dataset), self.world_size))
@@ -203,8 +206,8 @@ class DPDiffusionEngine:
 
     def _per_example_norms(self, num_examples: int) -> torch.Tensor:
         """The flat norm of each example's (folded) gradient over every trained parameter: what clipping compares to C."""
-        per_param = [p.grad_sample.reshape(num_examples, -1).norm(dim=1) for p in self.params if p.grad_sample is not None]
-        return torch.stack(per_param, dim=1).norm(dim=1) if per_param else torch.zeros(num_examples)
+        per_param = [sq_norms(p.grad_sample) for p in self.params if p.grad_sample is not None]
+        return torch.stack(per_param, dim=1).sum(dim=1).sqrt() if per_param else torch.zeros(num_examples)
 
     def _accumulate(self, indices: list[int]) -> torch.Tensor:
         """Forward + backward one micro-batch; leaves one folded per-example gradient per example."""
@@ -265,7 +268,9 @@ class DPDiffusionEngine:
         """Low precision: per-sample gradients back to fp32 and unscaled, before K-folding and clipping."""
         if self.precision != "no":
             for p in self.params:
-                if p.grad_sample is not None:
+                if isinstance(p.grad_sample, FactoredGradSample):
+                    p.grad_sample = p.grad_sample.scaled(scale)  # its factors are fp32 already
+                elif p.grad_sample is not None:
                     p.grad_sample = p.grad_sample.float() / scale
 
     def _zero_nonfinite(self, num_examples: int) -> None:
@@ -276,10 +281,14 @@ class DPDiffusionEngine:
         grads = [p for p in self.params if p.grad_sample is not None]
         bad = torch.zeros(num_examples, dtype=torch.bool, device=self.device)
         for p in grads:
-            bad |= ~torch.isfinite(p.grad_sample.reshape(num_examples, -1)).all(dim=1)
+            gs = p.grad_sample
+            bad |= gs.nonfinite_rows() if isinstance(gs, FactoredGradSample) else ~torch.isfinite(gs.reshape(num_examples, -1)).all(dim=1)
         if bool(bad.any()):
             for p in grads:
-                p.grad_sample[bad] = 0.0
+                if isinstance(p.grad_sample, FactoredGradSample):
+                    p.grad_sample = p.grad_sample.zero_rows(bad)
+                else:
+                    p.grad_sample[bad] = 0.0
             self._nonfinite += int(bad.sum())
 
     def _accumulate_nothing(self) -> None:

@@ -69,7 +69,7 @@ def validate(model, params, optimizer, dataset, batch_size, physical_batch_size,
     if grad_sample_mode not in GRAD_SAMPLE_MODES:
         raise ConfigError(
             f"grad_sample_mode {grad_sample_mode!r} is not supported; choose one of {list(GRAD_SAMPLE_MODES)} "
-            "(ghost clipping is not offered: its cost grows with the square of the latent size)"
+            "(ghost norms / book-keeping clipping are part of 'fused', used per layer where they are cheaper)"
         )
     if precision not in PRECISIONS:
         raise ConfigError(f"precision {precision!r} is not supported; choose one of {list(PRECISIONS)} (Accelerate's --mixed_precision)")

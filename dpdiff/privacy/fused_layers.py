@@ -11,6 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dpdiff.privacy.factored import FactoredGradSample, worth_factoring
+
+
 def _peft_lora_linear():
     try:
         from peft.tuners.lora.layer import Linear
@@ -103,6 +106,12 @@ def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
     return t.reshape(n, math.prod(t.shape[1:-1]), t.shape[-1])
 
 
+def _added(current: torch.Tensor, grad_sample: torch.Tensor) -> torch.Tensor:
+    if isinstance(current, FactoredGradSample) and isinstance(grad_sample, FactoredGradSample):
+        return current.plus(grad_sample)  # stays factored: the two calls' tokens side by side
+    return current + grad_sample  # a factored operand is materialised
+
+
 def _store(p: nn.Parameter, grad_sample: torch.Tensor, pass_id: int) -> None:
     """Opacus semantics: sum within one forward pass, stack (list) across passes before zero_grad."""
     current = getattr(p, "grad_sample", None)
@@ -110,12 +119,24 @@ def _store(p: nn.Parameter, grad_sample: torch.Tensor, pass_id: int) -> None:
         p.grad_sample = grad_sample
     elif getattr(p, "_fused_pass", None) == pass_id:
         if isinstance(current, list):
-            current[-1] = current[-1] + grad_sample
+            current[-1] = _added(current[-1], grad_sample)
         else:
-            p.grad_sample = current + grad_sample
+            p.grad_sample = _added(current, grad_sample)
     else:
         p.grad_sample = (current if isinstance(current, list) else [current]) + [grad_sample]
     p._fused_pass = pass_id
+
+
+def _store_weight(p: nn.Parameter, g3: torch.Tensor, x3: torch.Tensor, w: float, factored: bool, pass_id: int) -> None:
+    """dW_i = w * g3[i]^T x3[i] (g3: [n, T, out], x3: [n, T, in]): kept factored for book-keeping clipping
+    where that is cheaper (`worth_factoring`), else materialised as [n, *p.shape]."""
+    n, tokens, fan_out = g3.shape
+    if factored and worth_factoring(tokens, x3.shape[2], fan_out):
+        _store(p, FactoredGradSample(g3.float() * w, x3, p.shape), pass_id)
+        return
+    dtype = torch.bfloat16 if g3.dtype == torch.bfloat16 else torch.float32
+    grad_w = torch.bmm(g3.to(dtype).transpose(1, 2), x3.to(dtype))  # [n, out, in]
+    _store(p, grad_w.float().mul_(w).view(n, *p.shape), pass_id)
 
 
 class _LoraPerSample(torch.autograd.Function):
@@ -149,9 +170,9 @@ class _LinearPerSample(torch.autograd.Function):
     """W x + b; backward: grad of x only, per-example grads of W and b into `grad_sample`."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, batch_scale, pass_id):
+    def forward(ctx, x, weight, bias, batch_scale, factored, pass_id):
         ctx.save_for_backward(x, weight)
-        ctx.batch_scale, ctx.pass_id, ctx.params = batch_scale, pass_id, (weight, bias)
+        ctx.batch_scale, ctx.factored, ctx.pass_id, ctx.params = batch_scale, factored, pass_id, (weight, bias)
         return F.linear(x, weight, bias)
 
     @staticmethod
@@ -161,16 +182,14 @@ class _LinearPerSample(torch.autograd.Function):
         grad_x = (g @ weight.to(g.dtype)).to(x.dtype) if ctx.needs_input_grad[0] else None
         # bf16 per-example products stay bf16 (the accelerator's fast path; the engine clips in fp32);
         # fp16 and fp32 are formed in fp32, so a batch-scaled fp16 gradient cannot overflow
-        dtype = torch.bfloat16 if g.dtype == torch.bfloat16 else torch.float32
         w = float(n) if ctx.batch_scale else 1.0
-        g3 = _rows(g, n).to(dtype)
+        g3 = _rows(g, n)
         weight_p, bias_p = ctx.params
         if ctx.needs_input_grad[1]:
-            grad_w = torch.bmm(g3.transpose(1, 2), _rows(x, n).to(dtype))  # [n, out, in]
-            _store(weight_p, grad_w.float().mul_(w), ctx.pass_id)
+            _store_weight(weight_p, g3, _rows(x, n), w, ctx.factored, ctx.pass_id)
         if ctx.needs_input_grad[2]:
             _store(bias_p, g3.float().sum(dim=1).mul_(w), ctx.pass_id)
-        return grad_x, None, None, None, None
+        return grad_x, None, None, None, None, None
 
 
 class _ConvPerSample(torch.autograd.Function):
@@ -179,9 +198,9 @@ class _ConvPerSample(torch.autograd.Function):
     stride-1, unpadded convolution needs no unfold) and db_i = sum of G_i over positions."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, layer, batch_scale, pass_id):
+    def forward(ctx, x, weight, bias, layer, batch_scale, factored, pass_id):
         ctx.save_for_backward(x, weight)
-        ctx.layer, ctx.batch_scale, ctx.pass_id = layer, batch_scale, pass_id
+        ctx.layer, ctx.batch_scale, ctx.factored, ctx.pass_id = layer, batch_scale, factored, pass_id
         return layer._conv_forward(x, weight, bias)
 
     @staticmethod
@@ -195,18 +214,16 @@ class _ConvPerSample(torch.autograd.Function):
             grad_x = torch.ops.aten.convolution_backward(
                 g, x.to(g.dtype), weight.to(g.dtype), None, layer.stride, layer.padding, layer.dilation, False,
                 [0, 0], 1, [True, False, False])[0].to(x.dtype)
-        dtype = torch.bfloat16 if g.dtype == torch.bfloat16 else torch.float32  # as _LinearPerSample
         w = float(n) if ctx.batch_scale else 1.0
-        g3 = g.flatten(2).to(dtype)  # [n, out, L]
+        g3 = g.flatten(2)  # [n, out, L]
         if ctx.needs_input_grad[1]:
             pointwise = layer.kernel_size == (1, 1) and layer.stride == (1, 1) and layer.padding == (0, 0)
             cols = (x.flatten(2) if pointwise else
                     F.unfold(x, layer.kernel_size, layer.dilation, layer.padding, layer.stride))  # [n, in*kh*kw, L]
-            grad_w = torch.bmm(g3, cols.to(dtype).transpose(1, 2))
-            _store(layer.weight, grad_w.float().mul_(w).view(n, *layer.weight.shape), ctx.pass_id)
+            _store_weight(layer.weight, g3.transpose(1, 2), cols.transpose(1, 2), w, ctx.factored, ctx.pass_id)
         if ctx.needs_input_grad[2]:
             _store(layer.bias, g3.float().sum(dim=2).mul_(w), ctx.pass_id)
-        return grad_x, None, None, None, None, None
+        return grad_x, None, None, None, None, None, None
 
 
 def _normalized(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -261,7 +278,8 @@ def linear_forward(self, x):
     if not fused_active(self):
         return self._dpdiff_original_forward(x)
     wrapper = self._dpdiff_fused_owner
-    return _LinearPerSample.apply(x, self.weight, self.bias, wrapper.loss_reduction == "mean", wrapper._pass_id)
+    return _LinearPerSample.apply(x, self.weight, self.bias, wrapper.loss_reduction == "mean", wrapper.book_keeping,
+                                  wrapper._pass_id)
 
 
 def norm_forward(self, x):
@@ -275,7 +293,8 @@ def conv_forward(self, x):
     if not fused_active(self):
         return self._dpdiff_original_forward(x)
     wrapper = self._dpdiff_fused_owner
-    return _ConvPerSample.apply(x, self.weight, self.bias, self, wrapper.loss_reduction == "mean", wrapper._pass_id)
+    return _ConvPerSample.apply(x, self.weight, self.bias, self, wrapper.loss_reduction == "mean", wrapper.book_keeping,
+                                wrapper._pass_id)
 
 
 def lora_forward(self, x, *args, **kwargs):

@@ -21,6 +21,9 @@ batch_first=True, loss_reduction="mean")`. Modes "hooks", "ew", "functorch" are 
 autograd never computes the summed weight gradient (`p.grad` stays None): the work that Opacus' hooks
 add on top of plain training. Every other trainable module (a grouped convolution, an embedding, ...) gets
 Opacus hooks in the same wrapper, so every trainable parameter still receives a `grad_sample`.
+With `book_keeping` on (the engine's flat clipping), a Linear or conv weight whose T*(in + out) <
+in*out keeps its per-example gradients factored as (G, X) (`dpdiff.privacy.factored`): clipping then
+takes ghost norms and one clipped-sum product instead of a [rows, out, in] buffer.
 Forward outputs and input gradients are those of the unwrapped model. The fused path runs only for
 calls through the wrapper (or inside its `per_sample_pass()`, which also covers the recomputation of
 gradient-checkpointed blocks during backward), in training mode, with grad enabled; the bare model is
@@ -66,6 +69,9 @@ class FusedGradSampleModule(GradSampleModule):
         object.__setattr__(self, "_skip", {id(x) for layer in self._fused_layers for x in layer.modules()})
         super().__init__(m, batch_first=batch_first, loss_reduction=loss_reduction, strict=strict)
         self._fused_on, self._pass_counter, self._pass_id = False, itertools.count(), -1
+        # True: Linear/conv weight gradients may be left factored (dpdiff.privacy.factored) where that is
+        # cheaper; the engine turns it on for flat clipping, whose optimizer uses the factored fast paths
+        self.book_keeping = False
         for layer, forward in by_kind:  # plain attributes: the wrapper must not become a submodule
             object.__setattr__(layer, "_dpdiff_original_forward", layer.forward)
             object.__setattr__(layer, "_dpdiff_fused_owner", self)

@@ -1,0 +1,117 @@
+"""Per-example gradients of a linear map kept in factored form (book-keeping, Bu et al. 2023).
+
+The weight gradient of one example of a Linear layer (or of a convolution, on its unfolded input) is
+
+    dW_i = G_i^T X_i          G_i: [T, out] output gradients,  X_i: [T, in] inputs of example i's T rows
+
+Materialising all dW_i costs b*T*in*out operations and a [b, out, in] buffer. Kept as (G, X) instead,
+clipping needs only
+  - the per-example norms, by the ghost-norm identity ||G_i^T X_i||_F^2 = sum((G_i G_i^T) * (X_i X_i^T)),
+    b*T^2*(in+out) operations and no per-example weight buffer, and
+  - ONE product for the clipped sum, sum_i c_i dW_i = (c * G)^T X over all b*T rows: the cost of the
+    weight gradient of plain training.
+That wins exactly when T*(in + out) < in*out (short sequences, wide layers: `worth_factoring`); with
+long sequences (64x64 latents: T = 4096) the dense per-example gradient is cheaper and is kept.
+
+`FactoredGradSample` is a tensor subclass of shape [b, *param.shape]: every torch operation on it sees
+the dense per-example gradients (materialised once, on first use), so any reader of `p.grad_sample`
+gets the same numbers as before; the engine and the flat-clipping optimizer use its fast paths
+(`sq_norms`, `clipped_sum`, `fold`, ...). In-place operations are refused: they would change only the
+dense copy. Both factors are kept in fp32, so norms and clipped sums are formed in fp32 whatever the
+forward's precision."""
+
+from __future__ import annotations
+
+import torch
+from torch.utils._pytree import tree_map
+
+
+def worth_factoring(tokens: int, fan_in: int, fan_out: int) -> bool:
+    """True where the ghost norm + one clipped-sum product beat materialising b x out x in gradients."""
+    return tokens * (fan_in + fan_out) < fan_in * fan_out
+
+
+class FactoredGradSample(torch.Tensor):
+    """[b, *param_shape] per-example gradients dW_i = g[i]^T x[i] (g: [b, T, out], x: [b, T, in])."""
+
+    @staticmethod
+    def __new__(cls, g: torch.Tensor, x: torch.Tensor, param_shape):
+        return torch.Tensor._make_wrapper_subclass(cls, (g.shape[0], *param_shape), dtype=torch.float32, device=g.device)
+
+    def __init__(self, g: torch.Tensor, x: torch.Tensor, param_shape):
+        if g.dim() != 3 or x.dim() != 3 or g.shape[:2] != x.shape[:2]:
+            raise ValueError(f"factors must be [b, T, out] and [b, T, in], got {tuple(g.shape)} and {tuple(x.shape)}")
+        self.g, self.x, self.param_shape = g.float(), x.float(), tuple(param_shape)
+        self._dense = None
+
+    def __repr__(self, *, tensor_contents=None):
+        return f"FactoredGradSample(shape={tuple(self.shape)}, tokens={self.g.shape[1]})"
+
+    # ---- what clipping needs ------------------------------------------------------------------
+
+    def sq_norms(self) -> torch.Tensor:
+        """[b] squared Frobenius norms of every dW_i, by the ghost-norm identity (no dW_i formed)."""
+        gram_g = torch.bmm(self.g, self.g.transpose(1, 2))
+        gram_x = torch.bmm(self.x, self.x.transpose(1, 2))
+        return (gram_g * gram_x).sum(dim=(1, 2))
+
+    def clipped_sum(self, factor: torch.Tensor) -> torch.Tensor:
+        """sum_i factor[i] * dW_i, in one [out, b*T] x [b*T, in] product."""
+        b, t, out = self.g.shape
+        scaled = (self.g * factor.to(self.g).view(b, 1, 1)).reshape(b * t, out)
+        return (scaled.t() @ self.x.reshape(b * t, -1)).view(self.param_shape)
+
+    def materialize(self) -> torch.Tensor:
+        if self._dense is None:
+            self._dense = torch.bmm(self.g.transpose(1, 2), self.x).view(self.g.shape[0], *self.param_shape)
+        return self._dense
+
+    # ---- what the engine does to per-example gradients, without materialising them ------------
+
+    def fold(self, num_examples: int, multiplicity: int) -> "FactoredGradSample":
+        """The mean of each example's K consecutive rows: their tokens side by side, G scaled by 1/K."""
+        t = self.g.shape[1]
+        g = self.g.reshape(num_examples, multiplicity * t, -1) / multiplicity
+        return FactoredGradSample(g, self.x.reshape(num_examples, multiplicity * t, -1), self.param_shape)
+
+    def plus(self, other: "FactoredGradSample") -> "FactoredGradSample":
+        """dW_i + dW'_i for the same examples (a layer called twice in one forward): tokens concatenated."""
+        return FactoredGradSample(torch.cat([self.g, other.g], dim=1), torch.cat([self.x, other.x], dim=1), self.param_shape)
+
+    def scaled(self, scale: float) -> "FactoredGradSample":
+        return FactoredGradSample(self.g / scale, self.x, self.param_shape)
+
+    def nonfinite_rows(self) -> torch.Tensor:
+        """[b] True where example i's factors hold a NaN/inf (then so may its gradient)."""
+        b = self.g.shape[0]
+        return ~(torch.isfinite(self.g.reshape(b, -1)).all(dim=1) & torch.isfinite(self.x.reshape(b, -1)).all(dim=1))
+
+    def zero_rows(self, rows: torch.Tensor) -> "FactoredGradSample":
+        """The same with example rows' gradients exactly zero (out of place: X may be shared by layers)."""
+        keep = (~rows).view(-1, 1, 1)
+        return FactoredGradSample(torch.where(keep, self.g, 0.0), torch.where(keep, self.x, 0.0), self.param_shape)
+
+    # ---- every other use sees the dense tensor --------------------------------------------------
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        if func._schema.is_mutable:
+            raise RuntimeError(f"{func} would modify only a dense copy of a factored per-example gradient; "
+                               "assign a new tensor to p.grad_sample instead")
+        dense = lambda t: t.materialize() if isinstance(t, FactoredGradSample) else t  # noqa: E731
+        return func(*tree_map(dense, args), **tree_map(dense, kwargs or {}))
+
+
+def sq_norms(grad_sample: torch.Tensor) -> torch.Tensor:
+    """[b] squared norms of per-example gradients, factored or dense."""
+    if isinstance(grad_sample, FactoredGradSample):
+        return grad_sample.sq_norms()
+    return grad_sample.reshape(len(grad_sample), -1).float().pow(2).sum(dim=1)
+
+
+def clipped_sum(grad_sample: torch.Tensor, factor: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """sum_i factor[i] * grad_sample[i] in the parameter's dtype and shape."""
+    if isinstance(grad_sample, FactoredGradSample):
+        return grad_sample.clipped_sum(factor).to(param.dtype).view_as(param)
+    grad_sample = grad_sample.to(param.dtype)
+    return (factor.to(grad_sample) @ grad_sample.reshape(len(grad_sample), param.numel())).view_as(param)

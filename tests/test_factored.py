@@ -1,0 +1,110 @@
+"""Book-keeping clipping: per-example gradients kept factored as (G, X) give the same norms, clipped sums,
+K-folds and non-finite handling as the dense per-example gradients, and the engine's released step on
+attention and full fine-tuning is the clipped sum of one-example-at-a-time gradients."""
+
+import pytest
+import torch
+
+from dpdiff.privacy.factored import FactoredGradSample, clipped_sum, sq_norms, worth_factoring
+from dpdiff.privacy.fused_layers import _store
+from test_engine import clipped_contribution_check, expected_clipped_sum, flat_params, make_engine
+
+
+def _factors(b=4, t=5, fan_out=3, fan_in=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, t, fan_out, generator=g), torch.randn(b, t, fan_in, generator=g)
+
+
+def _dense(g, x):
+    return torch.einsum("bto,bti->boi", g, x)
+
+
+def test_norms_clipped_sum_and_dense_view_match_the_materialised_gradients():
+    g, x = _factors()
+    f, dense = FactoredGradSample(g, x, (3, 7)), _dense(g, x)
+    assert f.shape == (4, 3, 7) and isinstance(f, torch.Tensor)
+    torch.testing.assert_close(f.sq_norms(), dense.flatten(1).pow(2).sum(1), rtol=1e-5, atol=1e-6)
+    factor = torch.tensor([1.0, 0.5, 0.0, 2.0])
+    torch.testing.assert_close(f.clipped_sum(factor), torch.einsum("b,boi->oi", factor, dense), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(clipped_sum(f, factor, torch.zeros(3, 7)), clipped_sum(dense, factor, torch.zeros(3, 7)))
+    torch.testing.assert_close(sq_norms(f), sq_norms(dense))
+    # every other torch operation sees the dense per-example gradients
+    torch.testing.assert_close(f[2] + 0, dense[2])
+    torch.testing.assert_close(f.flatten(1).norm(dim=1), dense.flatten(1).norm(dim=1))
+    # a conv weight's shape: [out, in*kh*kw] factors viewed as [out, in, kh, kw]
+    conv = FactoredGradSample(*_factors(fan_in=2 * 3 * 3), (3, 2, 3, 3))
+    assert conv.clipped_sum(torch.ones(4)).shape == (3, 2, 3, 3) and conv[0].shape == (3, 2, 3, 3)
+
+
+def test_in_place_operations_are_refused():
+    f = FactoredGradSample(*_factors(), (3, 7))
+    with pytest.raises(RuntimeError, match="dense copy"):
+        f[torch.tensor([True, False, False, False])] = 0.0
+    with pytest.raises(RuntimeError, match="dense copy"):
+        f.mul_(2)
+
+
+def test_fold_plus_scale_and_zero_rows_equal_their_dense_counterparts():
+    g, x = _factors(b=6)
+    f, dense = FactoredGradSample(g, x, (3, 7)), _dense(g, x)
+    folded = f.fold(3, 2)  # examples 0..2, rows 2i and 2i+1
+    torch.testing.assert_close(folded.materialize(), dense.view(3, 2, 3, 7).mean(1), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(folded.sq_norms(), dense.view(3, 2, 3, 7).mean(1).flatten(1).pow(2).sum(1), rtol=1e-5, atol=1e-6)
+    g2, x2 = _factors(b=6, t=2, seed=1)  # a second call of the same layer, with other tokens
+    torch.testing.assert_close(f.plus(FactoredGradSample(g2, x2, (3, 7))).materialize(), dense + _dense(g2, x2))
+    torch.testing.assert_close(f.scaled(4.0).materialize(), dense / 4)
+    g[1, 0, 0], x[4, 2, 1] = float("nan"), float("inf")
+    bad = FactoredGradSample(g, x, (3, 7))
+    rows = bad.nonfinite_rows()
+    assert rows.tolist() == [False, True, False, False, True, False]
+    zeroed = bad.zero_rows(rows).materialize()
+    assert torch.isfinite(zeroed).all() and zeroed[[1, 4]].abs().max() == 0
+    torch.testing.assert_close(zeroed[0], dense[0])
+
+
+def test_two_calls_in_one_pass_stay_factored_and_a_second_pass_stacks():
+    p = torch.nn.Parameter(torch.zeros(3, 7))
+    (g1, x1), (g2, x2) = _factors(), _factors(t=2, seed=1)
+    _store(p, FactoredGradSample(g1, x1, (3, 7)), pass_id=0)
+    _store(p, FactoredGradSample(g2, x2, (3, 7)), pass_id=0)
+    assert isinstance(p.grad_sample, FactoredGradSample) and p.grad_sample.g.shape[1] == 7
+    torch.testing.assert_close(p.grad_sample.materialize(), _dense(g1, x1) + _dense(g2, x2))
+    _store(p, _dense(g1, x1), pass_id=1)  # Opacus' convention: a list across passes
+    assert isinstance(p.grad_sample, list) and len(p.grad_sample) == 2
+
+
+def test_the_rule_factors_only_where_it_is_cheaper():
+    assert worth_factoring(16, 64, 64) and worth_factoring(8, 64, 512)
+    assert not worth_factoring(64, 32, 32) and not worth_factoring(4096, 320, 320)  # 64x64 SD latents
+
+
+@pytest.mark.parametrize("method", ["attention", "full"])
+def test_the_engine_factors_cheap_layers_and_releases_the_clipped_sum_of_one_example_gradients(method):
+    c, k, b, lr = 1e-3, 2, 4, 1e4  # tiny C: every example is clipped; a large lr keeps fp32 rounding of W - lr*grad small
+    engine = make_engine(method, lr=lr, max_grad_norm=c, noise_multiplicity=k, batch_size=b, physical_batch_size=2)
+    assert engine.module.book_keeping
+    reference = engine.reference
+    # the 4x4 level's layers (16 tokens, 64 channels) are factored: this test runs the book-keeping path
+    item = engine.dataset[0]
+    engine.per_example_backward(item["latents"][None].repeat(2, 1, 1, 1), item["encoder_hidden_states"][None].repeat(2, 1, 1))
+    factored = [p for p in engine.params if isinstance(p.grad_sample, FactoredGradSample)]
+    assert factored and len(factored) < len(engine.params)  # and the 8x8 level's 64-token layers are not
+    engine.optimizer.zero_grad(set_to_none=True)
+    before = flat_params(engine)
+    engine._logical_step([3])
+    contribution = (before - flat_params(engine)) * b / lr  # SGD, sigma=0, grads divided by B
+    clipped_contribution_check(contribution, expected_clipped_sum(engine, reference, [3], 0, c), c)
+    reference.load_state_dict(engine.model.state_dict())
+    before = flat_params(engine)
+    engine._logical_step([0, 5, 7])  # two micro-batches
+    summed = (before - flat_params(engine)) * b / lr
+    torch.testing.assert_close(summed, expected_clipped_sum(engine, reference, [0, 5, 7], 1, c), rtol=1e-3, atol=c * 1e-4)
+
+
+def test_book_keeping_and_dense_per_example_gradients_release_the_same_step():
+    """The same engine settings with the factored path off (per-layer bookkeeping aside) step identically."""
+    engines = [make_engine("attention", max_grad_norm=0.05, noise_multiplier=0.8) for _ in range(2)]
+    engines[1].module.book_keeping = False
+    for engine in engines:
+        engine._logical_step([1, 2, 6])
+    torch.testing.assert_close(flat_params(engines[0]), flat_params(engines[1]), rtol=1e-5, atol=1e-7)
