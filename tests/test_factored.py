@@ -53,6 +53,11 @@ def test_fold_plus_scale_and_zero_rows_equal_their_dense_counterparts():
     g2, x2 = _factors(b=6, t=2, seed=1)  # a second call of the same layer, with other tokens
     torch.testing.assert_close(f.plus(FactoredGradSample(g2, x2, (3, 7))).materialize(), dense + _dense(g2, x2))
     torch.testing.assert_close(f.scaled(4.0).materialize(), dense / 4)
+    tripled = FactoredGradSample(g, x, (3, 7), scale=3.0)  # the batch-size factor, kept as a number
+    torch.testing.assert_close(tripled.materialize(), 3 * dense)
+    torch.testing.assert_close(tripled.sq_norms(), 9 * dense.flatten(1).pow(2).sum(1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(tripled.clipped_sum(torch.ones(6)), 3 * dense.sum(0), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(tripled.plus(FactoredGradSample(g2, x2, (3, 7))).materialize(), 3 * dense + _dense(g2, x2))
     g[1, 0, 0], x[4, 2, 1] = float("nan"), float("inf")
     bad = FactoredGradSample(g, x, (3, 7))
     rows = bad.nonfinite_rows()

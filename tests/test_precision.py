@@ -8,6 +8,7 @@ import torch
 
 from dpdiff.errors import ConfigError
 from dpdiff.privacy.diffusion_loss import draw_diffusion_inputs
+from dpdiff.privacy.factored import FactoredGradSample
 from test_engine import TOKENS, flat_params, make_engine
 
 
@@ -47,24 +48,27 @@ def test_bf16_noise_is_drawn_in_fp32_with_std_sigma_c():
     assert noise.unique().numel() > 0.99 * noise.numel()
 
 
-def test_bf16_clipped_contributions_stay_within_c():
-    c = 1e-3
-    engine = make_engine("lora", max_grad_norm=c, noise_multiplier=0.0, batch_size=4, physical_batch_size=4, lr=1.0,
+@pytest.mark.parametrize("method", ["lora", "attention", "full"])  # attention/full: book-keeping (factored) layers too
+def test_bf16_clipped_contributions_stay_within_c(method):
+    c, lr = 1e-3, 1.0 if method == "lora" else 1e4  # large lr: fp32 rounding of W - lr*g stays far below C
+    engine = make_engine(method, max_grad_norm=c, noise_multiplier=0.0, batch_size=4, physical_batch_size=4, lr=lr,
                          precision="bf16")
     before = flat_params(engine)
     stats = engine._logical_step([0])
-    moved = (before - flat_params(engine)) * 4  # lr 1, expected batch 4: the clipped gradient of example 0
+    moved = (before - flat_params(engine)) * 4 / lr  # expected batch 4: the clipped gradient of example 0
     assert stats.nonfinite_examples == 0
     assert moved.norm() <= c * (1 + 1e-5) and moved.norm() > 0.5 * c
 
 
-def test_an_example_whose_low_precision_gradient_overflows_contributes_zero():
-    engine = make_engine("lora", precision="fp16", max_grad_norm=1.0, batch_size=4, physical_batch_size=4)
+@pytest.mark.parametrize("method", ["lora", "attention", "full"])
+def test_an_example_whose_low_precision_gradient_overflows_contributes_zero(method):
+    engine = make_engine(method, precision="fp16", max_grad_norm=1.0, batch_size=4, physical_batch_size=4)
     g = torch.Generator().manual_seed(1)
     latents, hidden = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, TOKENS, 64, generator=g)
     latents[1] = 1e6  # fp16 overflows on this example only
     _, noise, t = draw_diffusion_inputs(latents, 1, 1000, [g, g])
     engine.per_example_backward(latents, hidden, noise, t)
+    assert (method == "lora") != any(isinstance(p.grad_sample, FactoredGradSample) for p in engine.params)
     rows = torch.cat([p.grad_sample.flatten(1) for p in engine.params], dim=1)
     assert torch.isfinite(rows).all()
     assert rows[1].abs().max() == 0 and rows[0].abs().max() > 0

@@ -32,16 +32,19 @@ def worth_factoring(tokens: int, fan_in: int, fan_out: int) -> bool:
 
 
 class FactoredGradSample(torch.Tensor):
-    """[b, *param_shape] per-example gradients dW_i = g[i]^T x[i] (g: [b, T, out], x: [b, T, in])."""
+    """[b, *param_shape] per-example gradients dW_i = scale * g[i]^T x[i] (g: [b, T, out], x: [b, T, in]).
+
+    The scalar `scale` (Opacus' batch-size factor of loss_reduction="mean", 1/K of a fold, a loss scale)
+    stays a number until it multiplies the clip factors: no extra pass over G."""
 
     @staticmethod
-    def __new__(cls, g: torch.Tensor, x: torch.Tensor, param_shape):
+    def __new__(cls, g: torch.Tensor, x: torch.Tensor, param_shape, scale: float = 1.0):
         return torch.Tensor._make_wrapper_subclass(cls, (g.shape[0], *param_shape), dtype=torch.float32, device=g.device)
 
-    def __init__(self, g: torch.Tensor, x: torch.Tensor, param_shape):
+    def __init__(self, g: torch.Tensor, x: torch.Tensor, param_shape, scale: float = 1.0):
         if g.dim() != 3 or x.dim() != 3 or g.shape[:2] != x.shape[:2]:
             raise ValueError(f"factors must be [b, T, out] and [b, T, in], got {tuple(g.shape)} and {tuple(x.shape)}")
-        self.g, self.x, self.param_shape = g.float(), x.float(), tuple(param_shape)
+        self.g, self.x, self.param_shape, self.scale = g.float(), x.float(), tuple(param_shape), float(scale)
         self._dense = None
 
     def __repr__(self, *, tensor_contents=None):
@@ -53,17 +56,18 @@ class FactoredGradSample(torch.Tensor):
         """[b] squared Frobenius norms of every dW_i, by the ghost-norm identity (no dW_i formed)."""
         gram_g = torch.bmm(self.g, self.g.transpose(1, 2))
         gram_x = torch.bmm(self.x, self.x.transpose(1, 2))
-        return (gram_g * gram_x).sum(dim=(1, 2))
+        return (gram_g * gram_x).sum(dim=(1, 2)) * self.scale**2
 
     def clipped_sum(self, factor: torch.Tensor) -> torch.Tensor:
         """sum_i factor[i] * dW_i, in one [out, b*T] x [b*T, in] product."""
         b, t, out = self.g.shape
-        scaled = (self.g * factor.to(self.g).view(b, 1, 1)).reshape(b * t, out)
+        scaled = (self.g * (factor.to(self.g) * self.scale).view(b, 1, 1)).reshape(b * t, out)
         return (scaled.t() @ self.x.reshape(b * t, -1)).view(self.param_shape)
 
     def materialize(self) -> torch.Tensor:
         if self._dense is None:
-            self._dense = torch.bmm(self.g.transpose(1, 2), self.x).view(self.g.shape[0], *self.param_shape)
+            dense = torch.bmm(self.g.transpose(1, 2), self.x).view(self.g.shape[0], *self.param_shape)
+            self._dense = dense.mul_(self.scale) if self.scale != 1.0 else dense
         return self._dense
 
     # ---- what the engine does to per-example gradients, without materialising them ------------
@@ -71,15 +75,19 @@ class FactoredGradSample(torch.Tensor):
     def fold(self, num_examples: int, multiplicity: int) -> "FactoredGradSample":
         """The mean of each example's K consecutive rows: their tokens side by side, G scaled by 1/K."""
         t = self.g.shape[1]
-        g = self.g.reshape(num_examples, multiplicity * t, -1) / multiplicity
-        return FactoredGradSample(g, self.x.reshape(num_examples, multiplicity * t, -1), self.param_shape)
+        return FactoredGradSample(self.g.reshape(num_examples, multiplicity * t, -1),
+                                  self.x.reshape(num_examples, multiplicity * t, -1), self.param_shape, self.scale / multiplicity)
 
     def plus(self, other: "FactoredGradSample") -> "FactoredGradSample":
         """dW_i + dW'_i for the same examples (a layer called twice in one forward): tokens concatenated."""
-        return FactoredGradSample(torch.cat([self.g, other.g], dim=1), torch.cat([self.x, other.x], dim=1), self.param_shape)
+        if other.scale == self.scale:
+            return FactoredGradSample(torch.cat([self.g, other.g], dim=1), torch.cat([self.x, other.x], dim=1),
+                                      self.param_shape, self.scale)
+        g = torch.cat([self.g * self.scale, other.g * other.scale], dim=1)
+        return FactoredGradSample(g, torch.cat([self.x, other.x], dim=1), self.param_shape)
 
     def scaled(self, scale: float) -> "FactoredGradSample":
-        return FactoredGradSample(self.g / scale, self.x, self.param_shape)
+        return FactoredGradSample(self.g, self.x, self.param_shape, self.scale / scale)
 
     def nonfinite_rows(self) -> torch.Tensor:
         """[b] True where example i's factors hold a NaN/inf (then so may its gradient)."""
@@ -89,7 +97,7 @@ class FactoredGradSample(torch.Tensor):
     def zero_rows(self, rows: torch.Tensor) -> "FactoredGradSample":
         """The same with example rows' gradients exactly zero (out of place: X may be shared by layers)."""
         keep = (~rows).view(-1, 1, 1)
-        return FactoredGradSample(torch.where(keep, self.g, 0.0), torch.where(keep, self.x, 0.0), self.param_shape)
+        return FactoredGradSample(torch.where(keep, self.g, 0.0), torch.where(keep, self.x, 0.0), self.param_shape, self.scale)
 
     # ---- every other use sees the dense tensor --------------------------------------------------
 
@@ -106,7 +114,7 @@ def sq_norms(grad_sample: torch.Tensor) -> torch.Tensor:
     """[b] squared norms of per-example gradients, factored or dense."""
     if isinstance(grad_sample, FactoredGradSample):
         return grad_sample.sq_norms()
-    return grad_sample.reshape(len(grad_sample), -1).float().pow(2).sum(dim=1)
+    return grad_sample.reshape(len(grad_sample), -1).float().norm(dim=1).square()  # a fused reduction, no b x P temporary
 
 
 def clipped_sum(grad_sample: torch.Tensor, factor: torch.Tensor, param: torch.Tensor) -> torch.Tensor:

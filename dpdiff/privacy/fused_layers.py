@@ -132,7 +132,7 @@ def _store_weight(p: nn.Parameter, g3: torch.Tensor, x3: torch.Tensor, w: float,
     where that is cheaper (`worth_factoring`), else materialised as [n, *p.shape]."""
     n, tokens, fan_out = g3.shape
     if factored and worth_factoring(tokens, x3.shape[2], fan_out):
-        _store(p, FactoredGradSample(g3.float() * w, x3, p.shape), pass_id)
+        _store(p, FactoredGradSample(g3, x3, p.shape, scale=w), pass_id)
         return
     dtype = torch.bfloat16 if g3.dtype == torch.bfloat16 else torch.float32
     grad_w = torch.bmm(g3.to(dtype).transpose(1, 2), x3.to(dtype))  # [n, out, in]
