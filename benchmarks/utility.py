@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--attention_start_index", type=int, default=0, help="attention (DP-LDM): train the attention blocks from this "
       "depth index on (0: all of them)")
     a("--mepf_generator_steps", type=int, default=FULL_SCALE["mepf_generator_steps"])
+    a("--mepf_base_channels", type=int, default=32, help="DP-MEPF generator width (its --base_channels)")
+    a("--mepf_feature_input_size", type=int, default=32, help="side DP-MEPF's feature extractor sees (its --feature_input_size)")
     a("--num_per_class", type=int, default=FULL_SCALE["num_per_class"], help="synthetic images per class")
     a("--inference_steps", type=int, default=FULL_SCALE["inference_steps"], help="DDIM steps when sampling")
     a("--guidance_scale", type=float, default=2.0)
@@ -110,7 +112,7 @@ def check(args) -> None:
     if any(not (e > 0 and e < float("inf")) for e in args.epsilons) or (args.methods and not args.epsilons):
         raise ConfigError(f"--epsilons must be finite positive numbers, got {args.epsilons}")
     for name in ("num_per_class", "batch_size", "physical_batch_size", "mepf_generator_steps", "inference_steps", "fd_input_size",
-                 "noise_multiplicity", "eval_repeats"):
+                 "noise_multiplicity", "eval_repeats", "mepf_base_channels", "mepf_feature_input_size"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name} must be >= 1, got {getattr(args, name)}")
     try:
@@ -173,8 +175,9 @@ def train_mepf(args, epsilon: float, out: Path) -> dict:
     parser = argparse.ArgumentParser()
     mepf_cli.add_arguments(parser)
     flags = ["--dataset", DATASET, "--target_epsilon", str(epsilon), "--delta", str(args.delta), "--output_dir", str(out),
-             "--generator_steps", str(args.mepf_generator_steps), "--moments", "2", "--feature_input_size", "32",
-             "--base_channels", "32", "--batch_size", "50", "--seed", str(args.seed), "--no-progress",
+             "--generator_steps", str(args.mepf_generator_steps), "--moments", "2",
+             "--feature_input_size", str(args.mepf_feature_input_size), "--base_channels", str(args.mepf_base_channels),
+             "--batch_size", "50", "--seed", str(args.seed), "--no-progress",
              "--eval_every", str(max(1, args.mepf_generator_steps // 10)), "--eval_samples_per_class", "20"]
     if args.max_train_samples:
         flags += ["--limit", str(args.max_train_samples)]
@@ -248,7 +251,8 @@ def _resumable_step(started: Path, run_id: dict) -> int | None:
 
 # flags added after results files were written: left out of `settings` at these values, so older runs still match
 LATER_FLAG_DEFAULTS = {"noise_multiplicity": 1, "eval_repeats": 1, "timestep_bias_strategy": "none", "timestep_bias_multiplier": 1.0,
-                       "timestep_bias_portion": 0.25, "attention_start_index": 0}
+                       "timestep_bias_portion": 0.25, "attention_start_index": 0, "mepf_base_channels": 32,
+                       "mepf_feature_input_size": 32}
 TIMESTEP_BIAS_FLAGS = ("timestep_bias_strategy", "timestep_bias_multiplier", "timestep_bias_portion")
 
 

@@ -111,6 +111,8 @@ def test_bad_options_refused_before_work(tmp_path):
         bench.main(["--noise_multiplicity", "0", "--output_dir", str(tmp_path / "o")])
     with pytest.raises(ConfigError, match="attention_start_index"):
         bench.main(["--attention_start_index", "-1", "--output_dir", str(tmp_path / "o")])
+    with pytest.raises(ConfigError, match="mepf_base_channels"):
+        bench.main(["--mepf_base_channels", "0", "--output_dir", str(tmp_path / "o")])
     with pytest.raises(PrivacyError, match="1/n"):
         bench.main(["--max_train_samples", "1000", "--delta", "1e-3", "--output_dir", str(tmp_path / "o")])
     assert not (tmp_path / "o").exists()
@@ -236,7 +238,8 @@ def test_interrupted_training_resumes_from_its_checkpoint_with_the_budget_spent(
     assert other["settings"]["timestep_bias_strategy"] == "later" and other["settings"]["timestep_bias_multiplier"] == 4
     assert set(other["accuracy_std"]) == {"cnn", "logreg", "mlp"} and "accuracy_std" not in whole  # --eval_repeats 2
     # flags at their defaults are left out: results files from before the flags existed still match
-    assert not {"noise_multiplicity", "timestep_bias_strategy", "eval_repeats", "attention_start_index"} & set(whole["settings"])
+    assert not {"noise_multiplicity", "timestep_bias_strategy", "eval_repeats", "attention_start_index", "mepf_base_channels",
+                "mepf_feature_input_size"} & set(whole["settings"])
 
 
 def test_ema_lever_scores_raw_and_ema_weights_of_one_checkpoint(tiny_pipeline_dir, tmp_path):
