@@ -23,15 +23,17 @@ def free_port():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family_build", [None, "flux"])  # the preset-shaped UNet; a packed flow-matching DiT
-def test_two_processes_match_one_and_stay_identical(tmp_path, family_build):
+# LoRA on the preset-shaped UNet and on a packed flow-matching DiT; the UNet's attention blocks, where the
+# 4x4 level's layers keep factored (book-keeping) per-example gradients
+@pytest.mark.parametrize("family_build, method", [(None, "lora"), ("flux", "lora"), (None, "attention")])
+def test_two_processes_match_one_and_stay_identical(tmp_path, family_build, method):
     out = tmp_path / "result.json"
     accelerate = Path(sys.executable).parent / "accelerate"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-           str(SCRIPT), str(out), *([family_build] if family_build else [])]
+           str(SCRIPT), str(out), family_build or "unet", method]
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(out.read_text())

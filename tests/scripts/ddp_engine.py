@@ -38,7 +38,9 @@ def family_cache(pipe, family, n):
     return LatentCache.per_example(torch.randn(n, channels, 8, 8, generator=g), family.encode_conditions(pipe, keys, 32))
 
 
-FAMILY_BUILD = sys.argv[2] if len(sys.argv) > 2 else None  # a dpdiff.pipelines.tiny_families name, or the UNet
+# a dpdiff.pipelines.tiny_families name, or "unet" / none: the preset UNet; then the trained subset (lora | attention)
+FAMILY_BUILD = sys.argv[2] if len(sys.argv) > 2 and sys.argv[2] != "unet" else None
+METHOD = sys.argv[3] if len(sys.argv) > 3 else "lora"
 
 
 def build(distributed, noise_multiplier, rank_seed):
@@ -53,7 +55,7 @@ def build(distributed, noise_multiplier, rank_seed):
         unet, scheduler, data = family.denoiser(pipe), family.training_scheduler(pipe), family_cache(pipe, family, 24)
         family.train_mode(unet)
     torch.manual_seed(rank_seed)  # a different LoRA init per rank: DPDDP must broadcast rank 0's
-    prepare_trainable(unet, "lora", rank=4, family=family)
+    prepare_trainable(unet, METHOD, family=family, **({"rank": 4} if METHOD == "lora" else {}))
     with torch.no_grad():  # LoRA B starts at 0 (A then gets no gradient): give both factors a gradient
         for name, p in unet.named_parameters():
             if "lora_B" in name:
