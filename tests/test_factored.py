@@ -2,6 +2,9 @@
 K-folds and non-finite handling as the dense per-example gradients, and the engine's released step on
 attention and full fine-tuning is the clipped sum of one-example-at-a-time gradients."""
 
+import copy
+import io
+
 import pytest
 import torch
 
@@ -28,9 +31,17 @@ def test_norms_clipped_sum_and_dense_view_match_the_materialised_gradients():
     torch.testing.assert_close(f.clipped_sum(factor), torch.einsum("b,boi->oi", factor, dense), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(clipped_sum(f, factor, torch.zeros(3, 7)), clipped_sum(dense, factor, torch.zeros(3, 7)))
     torch.testing.assert_close(sq_norms(f), sq_norms(dense))
-    # every other torch operation sees the dense per-example gradients
+    # every other use sees the dense per-example gradients: torch ops, numpy, lists, copies, pickling
     torch.testing.assert_close(f[2] + 0, dense[2])
     torch.testing.assert_close(f.flatten(1).norm(dim=1), dense.flatten(1).norm(dim=1))
+    torch.testing.assert_close(f, dense)
+    torch.testing.assert_close(torch.from_numpy(f.numpy()), dense)
+    torch.testing.assert_close(torch.tensor(f.tolist()), dense)
+    torch.testing.assert_close(copy.deepcopy(f), dense)
+    buffer = io.BytesIO()
+    torch.save({"grad_sample": f}, buffer)
+    buffer.seek(0)
+    torch.testing.assert_close(torch.load(buffer)["grad_sample"], dense)
     # a conv weight's shape: [out, in*kh*kw] factors viewed as [out, in, kh, kw]
     conv = FactoredGradSample(*_factors(fan_in=2 * 3 * 3), (3, 2, 3, 3))
     assert conv.clipped_sum(torch.ones(4)).shape == (3, 2, 3, 3) and conv[0].shape == (3, 2, 3, 3)

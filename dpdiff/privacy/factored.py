@@ -101,6 +101,18 @@ class FactoredGradSample(torch.Tensor):
 
     # ---- every other use sees the dense tensor --------------------------------------------------
 
+    def numpy(self, *args, **kwargs):  # not torch ops: a wrapper subclass has no storage of its own
+        return self.materialize().numpy(*args, **kwargs)
+
+    def tolist(self):
+        return self.materialize().tolist()
+
+    def __deepcopy__(self, memo):
+        return self.materialize().clone()
+
+    def __reduce_ex__(self, protocol):  # pickles / torch.save as the dense tensor
+        return self.materialize().__reduce_ex__(protocol)
+
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
         if func._schema.is_mutable:
