@@ -124,3 +124,16 @@ def test_book_keeping_and_dense_per_example_gradients_release_the_same_step():
     for engine in engines:
         engine._logical_step([1, 2, 6])
     torch.testing.assert_close(flat_params(engines[0]), flat_params(engines[1]), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("method", ["attention", "full"])
+def test_an_empty_batch_releases_exactly_the_noise(method):
+    """No example: the step is N(0, sigma^2 C^2) / B alone, drawn once, for the factored layers too."""
+    sigma, c, b, lr = 2.0, 0.5, 4, 1e3  # large lr: the noise dwarfs the fp32 rounding of W - lr*noise
+    engine = make_engine(method, lr=lr, noise_multiplier=sigma, max_grad_norm=c, batch_size=b)
+    before = flat_params(engine)
+    stats = engine._logical_step([])
+    noise = (before - flat_params(engine)) * b / lr
+    assert stats.num_examples == 0
+    assert noise.std().item() == pytest.approx(sigma * c, rel=0.03)
+    assert abs(noise.mean().item()) < 5 * sigma * c / noise.numel() ** 0.5
