@@ -4,7 +4,8 @@ One logical step = the sampled Gaussian mechanism the accountant assumes:
   1. Poisson sampling: every private example joins with probability q = batch_size / n, drawn
      from a generator the engine owns (on each rank for its own shard of the data);
   2. per-example denoising loss (K noise/timestep draws averaged inside the example);
-  3. per-example gradients (Opacus GradSampleModule), each clipped to norm C (flat or per layer);
+  3. per-example gradients (Opacus GradSampleModule or dpdiff's fused layers; with flat clipping, kept
+     factored where that is cheaper: dpdiff/privacy/factored.py), each clipped to norm C (flat or per layer);
   4. their sum + ONE draw of N(0, sigma^2 C^2) (rank 0 only when distributed), divided by the
      expected batch size, then the wrapped optimizer's step.
 Physical micro-batches only split the work of 2-3 (Opacus' skip-step accumulation); they never
