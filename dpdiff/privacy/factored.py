@@ -53,10 +53,15 @@ class FactoredGradSample(torch.Tensor):
     # ---- what clipping needs ------------------------------------------------------------------
 
     def sq_norms(self) -> torch.Tensor:
-        """[b] squared Frobenius norms of every dW_i, by the ghost-norm identity (no dW_i formed)."""
-        gram_g = torch.bmm(self.g, self.g.transpose(1, 2))
-        gram_x = torch.bmm(self.x, self.x.transpose(1, 2))
-        return (gram_g * gram_x).sum(dim=(1, 2)) * self.scale**2
+        """[b] squared Frobenius norms of every dW_i, by the ghost-norm identity (no dW_i formed).
+
+        In fp64: where example i's tokens cancel (||dW_i|| far below sum_t ||g_t|| ||x_t||), fp32 Grams
+        would carry a rounding error relative to the cancelled terms, and an under-estimated norm would
+        let the clipped gradient exceed C. The Grams are [T, T] per example: small where factoring pays."""
+        g, x = self.g.double(), self.x.double()
+        total = (torch.bmm(g, g.transpose(1, 2)) * torch.bmm(x, x.transpose(1, 2))).sum(dim=(1, 2))
+        # >= 0 in exact arithmetic; clamped so that rounding can never give the square root a NaN
+        return (total.clamp_(min=0.0) * self.scale**2).float()
 
     def clipped_sum(self, factor: torch.Tensor) -> torch.Tensor:
         """sum_i factor[i] * dW_i, in one [out, b*T] x [b*T, in] product."""
