@@ -26,11 +26,13 @@ def test_norms_clipped_sum_and_dense_view_match_the_materialised_gradients():
     g, x = _factors()
     f, dense = FactoredGradSample(g, x, (3, 7)), _dense(g, x)
     assert f.shape == (4, 3, 7) and isinstance(f, torch.Tensor)
-    torch.testing.assert_close(f.sq_norms(), dense.flatten(1).pow(2).sum(1), rtol=1e-5, atol=1e-6)
+    exact = dense.double().flatten(1).pow(2).sum(1)
+    assert (f.sq_norms().double() >= exact).all()  # rounded up: clipping never under-estimates a norm
+    torch.testing.assert_close(f.sq_norms(), dense.flatten(1).pow(2).sum(1), rtol=1e-4, atol=1e-6)
     factor = torch.tensor([1.0, 0.5, 0.0, 2.0])
     torch.testing.assert_close(f.clipped_sum(factor), torch.einsum("b,boi->oi", factor, dense), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(clipped_sum(f, factor, torch.zeros(3, 7)), clipped_sum(dense, factor, torch.zeros(3, 7)))
-    torch.testing.assert_close(sq_norms(f), sq_norms(dense))
+    torch.testing.assert_close(sq_norms(f), sq_norms(dense), rtol=1e-4, atol=1e-6)
     # every other use sees the dense per-example gradients: torch ops, numpy, lists, copies, pickling
     torch.testing.assert_close(f[2] + 0, dense[2])
     torch.testing.assert_close(f.flatten(1).norm(dim=1), dense.flatten(1).norm(dim=1))
@@ -47,16 +49,17 @@ def test_norms_clipped_sum_and_dense_view_match_the_materialised_gradients():
     assert conv.clipped_sum(torch.ones(4)).shape == (3, 2, 3, 3) and conv[0].shape == (3, 2, 3, 3)
 
 
-def test_a_gradient_that_cancels_to_zero_has_norm_zero_not_nan():
-    """Three tokens with one output gradient and inputs a, b, -(a + b): dW_i = 0 up to rounding. With fp32
-    Grams the raw sum was negative for ~40% of such examples and the norms up to 0.006 (terms ~10)."""
+def test_a_gradient_that_cancels_is_never_under_estimated():
+    """Three tokens with one output gradient and inputs a, b, -(a + b): dW_i ~ 0. The raw fp32 Gram sum was
+    negative for ~40% of such examples (NaN under a square root) and off by up to 4e-5 on terms ~10: the
+    norm is rounded up by a bound on that error, so clipping can only over-clip such an example."""
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(64, 1, 7, generator=g), torch.randn(64, 1, 7, generator=g)
     f = FactoredGradSample(torch.randn(64, 1, 5, generator=g).repeat(1, 3, 1), torch.cat([a, b, -(a + b)], dim=1), (5, 7))
     norms = f.sq_norms()
-    assert (norms >= 0).all() and torch.isfinite(norms.sqrt()).all()
-    assert norms.sqrt().max() < 1e-5
-    torch.testing.assert_close(norms.sqrt(), f.materialize().flatten(1).norm(dim=1), rtol=0, atol=1e-5)
+    exact = torch.einsum("bto,bti->boi", f.g.double(), f.x.double()).flatten(1).pow(2).sum(1)
+    assert torch.isfinite(norms.sqrt()).all() and (norms.double() >= exact).all()
+    assert norms.sqrt().max() < 0.1  # and still small next to the cancelled terms (~10)
 
 
 def test_in_place_operations_are_refused():
@@ -72,13 +75,13 @@ def test_fold_plus_scale_and_zero_rows_equal_their_dense_counterparts():
     f, dense = FactoredGradSample(g, x, (3, 7)), _dense(g, x)
     folded = f.fold(3, 2)  # examples 0..2, rows 2i and 2i+1
     torch.testing.assert_close(folded.materialize(), dense.view(3, 2, 3, 7).mean(1), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(folded.sq_norms(), dense.view(3, 2, 3, 7).mean(1).flatten(1).pow(2).sum(1), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(folded.sq_norms(), dense.view(3, 2, 3, 7).mean(1).flatten(1).pow(2).sum(1), rtol=1e-3, atol=1e-6)  # rounded up
     g2, x2 = _factors(b=6, t=2, seed=1)  # a second call of the same layer, with other tokens
     torch.testing.assert_close(f.plus(FactoredGradSample(g2, x2, (3, 7))).materialize(), dense + _dense(g2, x2))
     torch.testing.assert_close(f.scaled(4.0).materialize(), dense / 4)
     tripled = FactoredGradSample(g, x, (3, 7), scale=3.0)  # the batch-size factor, kept as a number
     torch.testing.assert_close(tripled.materialize(), 3 * dense)
-    torch.testing.assert_close(tripled.sq_norms(), 9 * dense.flatten(1).pow(2).sum(1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(tripled.sq_norms(), 9 * dense.flatten(1).pow(2).sum(1), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(tripled.clipped_sum(torch.ones(6)), 3 * dense.sum(0), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(tripled.plus(FactoredGradSample(g2, x2, (3, 7))).materialize(), 3 * dense + _dense(g2, x2))
     g[1, 0, 0], x[4, 2, 1] = float("nan"), float("inf")

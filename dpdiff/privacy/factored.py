@@ -53,15 +53,19 @@ class FactoredGradSample(torch.Tensor):
     # ---- what clipping needs ------------------------------------------------------------------
 
     def sq_norms(self) -> torch.Tensor:
-        """[b] squared Frobenius norms of every dW_i, by the ghost-norm identity (no dW_i formed).
+        """[b] squared Frobenius norms of every dW_i, by the ghost-norm identity (no dW_i formed), rounded UP.
 
-        In fp64: where example i's tokens cancel (||dW_i|| far below sum_t ||g_t|| ||x_t||), fp32 Grams
-        would carry a rounding error relative to the cancelled terms, and an under-estimated norm would
-        let the clipped gradient exceed C. The Grams are [T, T] per example: small where factoring pays."""
-        g, x = self.g.double(), self.x.double()
-        total = (torch.bmm(g, g.transpose(1, 2)) * torch.bmm(x, x.transpose(1, 2))).sum(dim=(1, 2))
-        # >= 0 in exact arithmetic; clamped so that rounding can never give the square root a NaN
-        return (total.clamp_(min=0.0) * self.scale**2).float()
+        Where example i's tokens cancel (||dW_i|| far below s_i = sum_t ||g_t|| ||x_t||), the fp32 Grams'
+        rounding could under-estimate the norm and so let the clipped gradient exceed C. Every Gram entry
+        errs by at most (d u) ||g_t|| ||g_s|| (resp. x), the Hadamard sum by (T^2 u) of its terms, so the
+        whole error is below gamma * s_i^2 with gamma = (in + out + T^2 + 4) u; twice that is added: an
+        upper bound (privacy-safe), ~1e-4 relative on ordinary examples, fp32 speed (fp64 Grams: 1.6x
+        the DP step instead of 1.2x on the wide UNet)."""
+        b, t, fan_out = self.g.shape
+        estimate = (torch.bmm(self.g, self.g.transpose(1, 2)) * torch.bmm(self.x, self.x.transpose(1, 2))).sum(dim=(1, 2))
+        s = (self.g.norm(dim=2) * self.x.norm(dim=2)).sum(dim=1)
+        gamma = 2.0 * (self.x.shape[2] + fan_out + t * t + 4) * 2.0**-24
+        return (estimate.clamp(min=0.0) + gamma * s * s) * self.scale**2
 
     def clipped_sum(self, factor: torch.Tensor) -> torch.Tensor:
         """sum_i factor[i] * dW_i, in one [out, b*T] x [b*T, in] product."""
