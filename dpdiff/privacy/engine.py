@@ -34,7 +34,7 @@ from dpdiff.adapters import unwrap_model
 from dpdiff.errors import DataError, PrivacyError
 from dpdiff.privacy.diffusion_loss import example_generator, fold_multiplicity
 from dpdiff.privacy.dp_optimizer import flat_clip_optimizer_class
-from dpdiff.privacy.factored import FactoredGradSample, sq_norms
+from dpdiff.privacy.factored import nonfinite_rows, sq_norms, unscaled, zero_rows
 from dpdiff.privacy.grad_samplers import wrap_for_per_sample_grads
 from dpdiff.privacy.engine_checks import (  # noqa: F401  (re-exported: the engine's settings)
     CLIPPING_MODES,
@@ -269,10 +269,8 @@ class DPDiffusionEngine:
         """Low precision: per-sample gradients back to fp32 and unscaled, before K-folding and clipping."""
         if self.precision != "no":
             for p in self.params:
-                if isinstance(p.grad_sample, FactoredGradSample):
-                    p.grad_sample = p.grad_sample.scaled(scale)  # its factors are fp32 already
-                elif p.grad_sample is not None:
-                    p.grad_sample = p.grad_sample.float() / scale
+                if p.grad_sample is not None:
+                    p.grad_sample = unscaled(p.grad_sample, scale)
 
     def _zero_nonfinite(self, num_examples: int) -> None:
         """Low precision: an example whose gradient overflowed contributes zeros instead of NaN/inf
@@ -282,14 +280,10 @@ class DPDiffusionEngine:
         grads = [p for p in self.params if p.grad_sample is not None]
         bad = torch.zeros(num_examples, dtype=torch.bool, device=self.device)
         for p in grads:
-            gs = p.grad_sample
-            bad |= gs.nonfinite_rows() if isinstance(gs, FactoredGradSample) else ~torch.isfinite(gs.reshape(num_examples, -1)).all(dim=1)
+            bad |= nonfinite_rows(p.grad_sample)
         if bool(bad.any()):
             for p in grads:
-                if isinstance(p.grad_sample, FactoredGradSample):
-                    p.grad_sample = p.grad_sample.zero_rows(bad)
-                else:
-                    p.grad_sample[bad] = 0.0
+                p.grad_sample = zero_rows(p.grad_sample, bad)
             self._nonfinite += int(bad.sum())
 
     def _accumulate_nothing(self) -> None:

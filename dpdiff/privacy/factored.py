@@ -144,3 +144,24 @@ def clipped_sum(grad_sample: torch.Tensor, factor: torch.Tensor, param: torch.Te
         return grad_sample.clipped_sum(factor).to(param.dtype).view_as(param)
     grad_sample = grad_sample.to(param.dtype)
     return (factor.to(grad_sample) @ grad_sample.reshape(len(grad_sample), param.numel())).view_as(param)
+
+
+def unscaled(grad_sample: torch.Tensor, scale: float) -> torch.Tensor:
+    """fp32 per-example gradients divided by a loss scale, factored or dense."""
+    if isinstance(grad_sample, FactoredGradSample):
+        return grad_sample.scaled(scale)  # its factors are fp32 already
+    return grad_sample.float() / scale
+
+
+def nonfinite_rows(grad_sample: torch.Tensor) -> torch.Tensor:
+    """[b] True where an example's per-example gradient (or its factors) holds a NaN/inf."""
+    if isinstance(grad_sample, FactoredGradSample):
+        return grad_sample.nonfinite_rows()
+    return ~torch.isfinite(grad_sample.reshape(len(grad_sample), -1)).all(dim=1)
+
+
+def zero_rows(grad_sample: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The same per-example gradients with `rows` exactly zero (out of place)."""
+    if isinstance(grad_sample, FactoredGradSample):
+        return grad_sample.zero_rows(rows)
+    return torch.where(rows.view(-1, *[1] * (grad_sample.dim() - 1)), 0.0, grad_sample)
