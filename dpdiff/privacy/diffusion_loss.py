@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dpdiff.privacy.factored import FactoredGradSample
+from dpdiff.privacy.factored import folded
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 TIMESTEP_BIAS_STRATEGIES = ("none", "earlier", "later", "range")
@@ -133,7 +133,4 @@ def fold_multiplicity(params: list[nn.Parameter], num_examples: int, multiplicit
                 f"per-sample gradient of shape {tuple(grad_sample.shape)} does not have "
                 f"{num_examples}x{multiplicity} rows; cannot fold the noise multiplicity"
             )
-        if isinstance(grad_sample, FactoredGradSample):
-            p.grad_sample = grad_sample.fold(num_examples, multiplicity)
-        else:
-            p.grad_sample = grad_sample.reshape(num_examples, multiplicity, *grad_sample.shape[1:]).mean(dim=1)
+        p.grad_sample = folded(grad_sample, num_examples, multiplicity)

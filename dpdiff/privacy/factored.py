@@ -153,6 +153,13 @@ def unscaled(grad_sample: torch.Tensor, scale: float) -> torch.Tensor:
     return grad_sample.float() / scale
 
 
+def folded(grad_sample: torch.Tensor, num_examples: int, multiplicity: int) -> torch.Tensor:
+    """[num_examples, ...]: the mean of each example's `multiplicity` consecutive rows, factored or dense."""
+    if isinstance(grad_sample, FactoredGradSample):
+        return grad_sample.fold(num_examples, multiplicity)
+    return grad_sample.reshape(num_examples, multiplicity, *grad_sample.shape[1:]).mean(dim=1)
+
+
 def nonfinite_rows(grad_sample: torch.Tensor) -> torch.Tensor:
     """[b] True where an example's per-example gradient (or its factors) holds a NaN/inf."""
     if isinstance(grad_sample, FactoredGradSample):
