@@ -60,6 +60,16 @@ def test_a_gradient_that_cancels_is_never_under_estimated():
     exact = torch.einsum("bto,bti->boi", f.g.double(), f.x.double()).flatten(1).pow(2).sum(1)
     assert torch.isfinite(norms.sqrt()).all() and (norms.double() >= exact).all()
     assert norms.sqrt().max() < 0.1  # and still small next to the cancelled terms (~10)
+    # the bound assumes fp32 rounding: a caller's autocast (bf16 Grams) or reduced matmul precision must not apply
+    previous = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            under_autocast = f.sq_norms()
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    assert (under_autocast.double() >= exact).all() and torch.equal(under_autocast, norms)
+    assert torch.get_float32_matmul_precision() == previous
 
 
 def test_in_place_operations_are_refused():

@@ -22,6 +22,8 @@ forward's precision."""
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch.utils._pytree import tree_map
 
@@ -29,6 +31,18 @@ from torch.utils._pytree import tree_map
 def worth_factoring(tokens: int, fan_in: int, fan_out: int) -> bool:
     """True where the ghost norm + one clipped-sum product beat materialising b x out x in gradients."""
     return tokens * (fan_in + fan_out) < fan_in * fan_out
+
+
+@contextlib.contextmanager
+def _full_fp32_matmuls(device_type: str):
+    """fp32 products with fp32 rounding (u = 2^-24) whatever autocast or TF32 settings the caller runs under."""
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        with torch.autocast(device_type=device_type, enabled=False):
+            yield
+    finally:
+        torch.set_float32_matmul_precision(precision)
 
 
 class FactoredGradSample(torch.Tensor):
@@ -62,7 +76,8 @@ class FactoredGradSample(torch.Tensor):
         upper bound (privacy-safe), ~1e-4 relative on ordinary examples, fp32 speed (fp64 Grams: 1.6x
         the DP step instead of 1.2x on the wide UNet)."""
         b, t, fan_out = self.g.shape
-        estimate = (torch.bmm(self.g, self.g.transpose(1, 2)) * torch.bmm(self.x, self.x.transpose(1, 2))).sum(dim=(1, 2))
+        with _full_fp32_matmuls(self.g.device.type):  # the bound assumes fp32 rounding: no autocast, no TF32
+            estimate = (torch.bmm(self.g, self.g.transpose(1, 2)) * torch.bmm(self.x, self.x.transpose(1, 2))).sum(dim=(1, 2))
         s = (self.g.norm(dim=2) * self.x.norm(dim=2)).sum(dim=1)
         gamma = 2.0 * (self.x.shape[2] + fan_out + t * t + 4) * 2.0**-24
         return (estimate.clamp(min=0.0) + gamma * s * s) * self.scale**2
