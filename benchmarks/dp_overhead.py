@@ -4,10 +4,11 @@ Same denoiser, trainable subset, cached examples, objective and per-example nois
 DP step is the engine's whole logical step (per-example gradients, flat clipping, one noise draw, SGD
 step), the non-DP step plain autograd backward + SGD step. DP and non-DP steps alternate in one
 process (a busy machine slows both alike); each row reports the median step times, the median of the
-per-pair ratios and their min-max. Memory: CPU, the step's working memory = peak RSS during the step
-(sampled every 0.5 ms, glibc returning blocks >= 64 KiB on free) minus RSS just before; CUDA,
-torch.cuda.max_memory_allocated minus the allocation before the step. Max over the timed steps;
-weights and optimizer state are equal for both and not counted.
+per-pair ratios and their min-max, timed with the allocator as it is in training. Memory, in a second
+pass over fresh models: CPU, the step's working memory = peak RSS during the step (sampled every 0.5 ms,
+glibc returning blocks >= 64 KiB on free, which slows every step) minus RSS just before; CUDA,
+torch.cuda.max_memory_allocated minus the allocation before the step. Max over two steps after a
+warm-up; weights and optimizer state are equal for both and not counted.
 
     python benchmarks/dp_overhead.py                  # CPU, ~10 min: docs/benchmarks.md `## DP overhead` + docs/dp_overhead.png
     python benchmarks/dp_overhead.py --quick          # < 2 min smoke run, prints only
@@ -24,7 +25,9 @@ import json
 import math
 import re
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -95,34 +98,47 @@ def sync(device):
 
 
 def side_by_side(plain, dp, warmup: int, pairs: int, device) -> dict:
-    """Alternating timed steps: medians, per-pair ratios, max working memory of each."""
+    """Alternating timed steps (the allocator as a training run has it): medians, per-pair ratios."""
     for _ in range(warmup):
         plain()
         dp()
-    times, memory = {"plain": [], "dp": []}, {"plain": 0, "dp": 0}
+    times = {"plain": [], "dp": []}
     for i in range(pairs):
         order = (("plain", plain), ("dp", dp)) if i % 2 == 0 else (("dp", dp), ("plain", plain))
         for name, fn in order:
             gc.collect()
-            with om.PeakRSS(device) as watch:
-                sync(device)
-                start = time.perf_counter()
-                fn()
-                sync(device)
-                times[name].append(time.perf_counter() - start)
-            memory[name] = max(memory[name], watch.used)
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
     ratios = [d / p for d, p in zip(times["dp"], times["plain"])]
     return dict(t_plain=statistics.median(times["plain"]), t_dp=statistics.median(times["dp"]),
-                time_ratio=statistics.median(ratios), ratio_min=min(ratios), ratio_max=max(ratios),
-                mem_plain_mb=memory["plain"] / 2**20, mem_dp_mb=memory["dp"] / 2**20,
+                time_ratio=statistics.median(ratios), ratio_min=min(ratios), ratio_max=max(ratios))
+
+
+def step_memory(plain, dp, steps: int, device) -> dict:
+    """Max working memory of each step over `steps` steps after one warm-up step each."""
+    plain()
+    dp()
+    memory = {"plain": 0, "dp": 0}
+    for _ in range(steps):
+        for name, fn in (("plain", plain), ("dp", dp)):
+            gc.collect()
+            with om.PeakRSS(device) as watch:
+                fn()
+                sync(device)
+            memory[name] = max(memory[name], watch.used)
+    return dict(mem_plain_mb=memory["plain"] / 2**20, mem_dp_mb=memory["dp"] / 2**20,
                 mem_ratio=memory["dp"] / max(memory["plain"], 1))
 
 
-def run(plan: list[dict], warmup: int, device) -> list[dict]:
+def each_row(plan: list[dict], device, measure) -> list[dict]:
+    """measure(plain_step, dp_step, row) for every row, fresh models; a failing row records its error."""
     results, plain_cache = [], {}
     for r in plan:
         key = (r["group"], r["method"], r["precision"])
-        out = {k: v for k, v in r.items() if k != "build"}
+        out = {}
         try:
             if key not in plain_cache:
                 plain_cache.clear()  # free the previous model before building the next
@@ -131,13 +147,46 @@ def run(plan: list[dict], warmup: int, device) -> list[dict]:
             dp = om.DPStep(r["build"](r["method"]), r["mode"], r["precision"])
             out["mode_ran"] = dp.engine.grad_sample_mode
             out["trainable"] = sum(p.numel() for p in dp.engine.params)
-            out.update(side_by_side(plain_cache[key], dp, warmup, r["pairs"], device))
-            out["images_per_s_dp"], out["images_per_s_plain"] = r["batch"] / out["t_dp"], r["batch"] / out["t_plain"]
+            out.update(measure(plain_cache[key], dp, r))
             del dp
         except Exception as error:  # a failing variant is a result too: record it, go on
             out["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
         if device == "cuda":
             torch.cuda.empty_cache()
+        results.append(out)
+    plain_cache.clear()
+    gc.collect()
+    return results
+
+
+def memory_in_child(plan: list[dict], steps: int) -> list[dict]:
+    """CPU memory rows measured by a fresh process of this script: RSS follows a step's working memory only
+    when glibc returns every freed block to the OS from the start (a heap already grown by the timing pass
+    serves the step from its free lists, and RSS does not move)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "memory.json"
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--memory_pass", str(steps), "--json", str(out),
+               "--threads", str(torch.get_num_threads()), "--rows", *[row_id(r) for r in plan]]
+        subprocess.run(cmd, check=True)
+        return json.loads(out.read_text())
+
+
+def run(plan: list[dict], warmup: int, device, memory_steps: int = 2, exact_rss: bool = True) -> list[dict]:
+    """Time every row, then measure its memory in a second pass over fresh models (on CPU with `exact_rss`,
+    in a child process with glibc set to return freed blocks: that setting makes every step 2-3x slower,
+    so it must not be on while steps are timed)."""
+    timed = each_row(plan, device, lambda plain, dp, r: side_by_side(plain, dp, warmup, r["pairs"], device))
+    if exact_rss and torch.device(device).type == "cpu":
+        measured = memory_in_child(plan, memory_steps)
+    else:
+        measured = each_row(plan, device, lambda plain, dp, r: step_memory(plain, dp, memory_steps, device))
+    results = []
+    for r, t, m in zip(plan, timed, measured):
+        out = {k: v for k, v in r.items() if k != "build"}
+        out.update(m)
+        out.update(t)  # the timing pass's error (if any) wins: without a time the row has no result
+        if "error" not in out:
+            out["images_per_s_dp"], out["images_per_s_plain"] = r["batch"] / out["t_dp"], r["batch"] / out["t_plain"]
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}), flush=True)
         results.append(out)
     return results
@@ -262,9 +311,15 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--wall_min", type=float, default=None, help="with --from_json: that run's minutes")
     parser.add_argument("--write", action="store_true", help="with --quick: write the docs anyway")
     parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument("--memory_pass", type=int, metavar="STEPS", help=argparse.SUPPRESS)  # memory_in_child's process
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    om.release_freed_memory_to_os()
+    if args.memory_pass:
+        om.release_freed_memory_to_os()
+        plan = cpu_plan(False, args.rows)
+        rows = each_row(plan, "cpu", lambda plain, dp, r: step_memory(plain, dp, args.memory_pass, "cpu"))
+        args.json.write_text(json.dumps(rows))
+        return rows
     if args.gpu:
         plan = gpu_plan(args.gpu_specs, args.methods, args.precisions, args.device, args.dry_run, args.pairs or 5)
     else:

@@ -34,7 +34,7 @@ def run_rows(script, plan):
     torch.set_num_threads(1)
     for row in plan:
         row["pairs"] = 1
-    return script.run(plan, warmup=0, device="cpu")
+    return script.run(plan, warmup=0, device="cpu", memory_steps=1, exact_rss=False)  # keep glibc's default here
 
 
 def check_finite(rows):
@@ -60,3 +60,16 @@ def test_gpu_rows_dry_run_on_cpu(script):
 @pytest.mark.skipif(shutil.which("bash") is None, reason="no bash")
 def test_gpu_check_script_parses():
     subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu_check.sh")], check=True)
+
+
+def test_memory_is_measured_by_a_fresh_process_with_rss_following_the_step(script):
+    """The CPU memory pass runs in a child process (glibc returning freed blocks from its start); its rows
+    come back in plan order beside the in-process timings, and the preset's DP step has a working set RSS sees."""
+    torch.set_num_threads(1)
+    plan = script.cpu_plan(quick=True, patterns=["family:dit/lora/auto/fp32", "preset/lora/fused/fp32"])
+    for row in plan:
+        row["pairs"] = 1
+    rows = script.run(plan, warmup=0, device="cpu", memory_steps=1, exact_rss=True)
+    check_finite(rows)
+    assert [r["group"] for r in rows] == ["preset", "family:dit"]
+    assert rows[0]["mem_dp_mb"] > 20 and rows[0]["mem_plain_mb"] > 20  # ~46 MiB; measured in this grown heap: 2-6
