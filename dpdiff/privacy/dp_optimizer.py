@@ -50,11 +50,15 @@ class FlatClipDPOptimizer(DPOptimizer):
             _check_processed_flag(p.summed_grad)
         reference = params[0].summed_grad
         flat = torch.empty(sum(p.numel() for p in params), device=reference.device, dtype=reference.dtype)
-        noise = _generate_noise(std=self.noise_multiplier * self.max_grad_norm, reference=flat,
-                                generator=self.generator, secure_mode=self.secure_mode)
-        for p, part in zip(params, noise.split([p.numel() for p in params])):
-            p.grad = (p.summed_grad + part.view_as(p.summed_grad)).view_as(p)
-            _mark_as_processed(p.summed_grad)
+        std = self.noise_multiplier * self.max_grad_norm
+        if self.secure_mode or std == 0:
+            noise = _generate_noise(std=std, reference=flat, generator=self.generator, secure_mode=self.secure_mode)
+        else:  # the draw torch.normal makes inside _generate_noise, without its unused zero-filled buffer
+            noise = flat.normal_(0.0, std, generator=self.generator)
+        with torch.no_grad():  # in-place into split views: allowed (and correct) only outside autograd
+            for p, part in zip(params, noise.split([p.numel() for p in params])):
+                p.grad = part.view_as(p).add_(p.summed_grad.view_as(p))  # in the noise buffer: no third P-sized tensor
+                _mark_as_processed(p.summed_grad)
 
     def scale_grad(self) -> None:
         if self.loss_reduction == "mean":

@@ -226,16 +226,30 @@ class _ConvPerSample(torch.autograd.Function):
         return grad_x, None, None, None, None, None, None
 
 
-def _normalized(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The layer's normalisation without its affine part."""
+def _normalized(layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(xhat, mean, rstd): the layer's normalisation without its affine part, and the statistics its
+    fused backward kernel takes."""
     if type(layer) is nn.LayerNorm:
-        return F.layer_norm(x, layer.normalized_shape, None, None, layer.eps)
-    return F.group_norm(x, layer.num_groups, None, None, layer.eps)
+        return torch.native_layer_norm(x, layer.normalized_shape, None, None, layer.eps)
+    n, c = x.shape[:2]
+    return torch.native_group_norm(x, None, None, n, c, math.prod(x.shape[2:]), layer.num_groups, layer.eps)
+
+
+def _normalized_input_grad(layer: nn.Module, g: torch.Tensor, x: torch.Tensor, mean, rstd) -> torch.Tensor:
+    """d loss / d x of the affine norm through aten's own fused backward kernel (input gradient only)."""
+    weight = layer.weight.float() if layer.weight is not None else None
+    if type(layer) is nn.LayerNorm:
+        return torch.ops.aten.native_layer_norm_backward(g, x, layer.normalized_shape, mean, rstd, weight, None,
+                                                         [True, False, False])[0]
+    n, c = x.shape[:2]
+    return torch.ops.aten.native_group_norm_backward(g, x, mean, rstd, weight, n, c, math.prod(x.shape[2:]),
+                                                     layer.num_groups, [True, False, False])[0]
 
 
 class _NormPerSample(torch.autograd.Function):
-    """LayerNorm / GroupNorm y = xhat * w + b; backward: grad of x (by autograd on the recomputed xhat, in
-    fp32), per-example grads dw_i = sum (g * xhat)_i, db_i = sum g_i over example i's tokens / positions."""
+    """LayerNorm / GroupNorm y = xhat * w + b; backward: grad of x (aten's fused norm backward on the
+    recomputed statistics, in fp32), per-example grads dw_i = sum (g * xhat)_i, db_i = sum g_i over
+    example i's tokens / positions."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, layer, batch_scale, pass_id):
@@ -247,26 +261,18 @@ class _NormPerSample(torch.autograd.Function):
     def backward(ctx, g):
         (x,) = ctx.saved_tensors
         layer, n = ctx.layer, x.shape[0]
-        with torch.enable_grad():
-            x32 = x.detach().float().requires_grad_(ctx.needs_input_grad[0])
-            xhat = _normalized(layer, x32)
-        g32 = g.float()
+        x32, g32 = x.float().contiguous(), g.float().contiguous()  # the aten kernels read them as laid out
+        xhat, mean, rstd = _normalized(layer, x32)
         # LayerNorm's affine acts on the trailing dims; GroupNorm's on the channel dim 1
         trailing = len(layer.normalized_shape) if type(layer) is nn.LayerNorm else 0
         per_channel = (lambda t: t.reshape(n, t.shape[1], math.prod(t.shape[2:])).sum(dim=2)) if type(layer) is nn.GroupNorm else (
             lambda t: t.reshape(n, math.prod(t.shape[1:t.dim() - trailing]), *layer.normalized_shape).sum(dim=1))
         w = float(n) if ctx.batch_scale else 1.0
         if layer.weight is not None and layer.weight.requires_grad:
-            _store(layer.weight, per_channel(g32 * xhat.detach()).mul_(w), ctx.pass_id)
+            _store(layer.weight, per_channel(g32 * xhat).mul_(w), ctx.pass_id)
         if layer.bias is not None and layer.bias.requires_grad:
             _store(layer.bias, per_channel(g32).mul_(w), ctx.pass_id)
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            weight = layer.weight.float() if layer.weight is not None else None
-            if weight is not None and type(layer) is nn.GroupNorm:
-                weight = weight.view(1, -1, *[1] * (x.dim() - 2))
-            (grad_x,) = torch.autograd.grad(xhat, x32, g32 * weight if weight is not None else g32)
-            grad_x = grad_x.to(x.dtype)
+        grad_x = _normalized_input_grad(layer, g32, x32, mean, rstd).to(x.dtype) if ctx.needs_input_grad[0] else None
         return grad_x, None, None, None, None, None
 
 
