@@ -49,17 +49,31 @@ class FactoredGradSample(torch.Tensor):
     """[b, *param_shape] per-example gradients dW_i = scale * g[i]^T x[i] (g: [b, T, out], x: [b, T, in]).
 
     The scalar `scale` (Opacus' batch-size factor of loss_reduction="mean", 1/K of a fold, a loss scale)
-    stays a number until it multiplies the clip factors: no extra pass over G."""
+    stays a number until it multiplies the clip factors: no extra pass over G. `kernel_last`: x's columns
+    are a conv's patches in (kh, kw, in) order (`patches_token_major`), the weight's are (in, kh, kw)."""
 
     @staticmethod
-    def __new__(cls, g: torch.Tensor, x: torch.Tensor, param_shape, scale: float = 1.0):
+    def __new__(cls, g: torch.Tensor, x: torch.Tensor, param_shape, scale: float = 1.0, kernel_last: bool = False):
         return torch.Tensor._make_wrapper_subclass(cls, (g.shape[0], *param_shape), dtype=torch.float32, device=g.device)
 
-    def __init__(self, g: torch.Tensor, x: torch.Tensor, param_shape, scale: float = 1.0):
+    def __init__(self, g: torch.Tensor, x: torch.Tensor, param_shape, scale: float = 1.0, kernel_last: bool = False):
         if g.dim() != 3 or x.dim() != 3 or g.shape[:2] != x.shape[:2]:
             raise ValueError(f"factors must be [b, T, out] and [b, T, in], got {tuple(g.shape)} and {tuple(x.shape)}")
+        if kernel_last and len(param_shape) != 4:
+            raise ValueError(f"kernel_last factors need a conv weight shape [out, in, kh, kw], got {tuple(param_shape)}")
         self.g, self.x, self.param_shape, self.scale = g.float(), x.float(), tuple(param_shape), float(scale)
+        self.kernel_last = kernel_last
         self._dense = None
+
+    def _like(self, g: torch.Tensor, x: torch.Tensor, scale: float) -> "FactoredGradSample":
+        return FactoredGradSample(g, x, self.param_shape, scale, self.kernel_last)
+
+    def _in_param_layout(self, t: torch.Tensor) -> torch.Tensor:
+        """[*lead, out, columns] -> [*lead, *param_shape] (a kernel_last conv's columns reordered to (in, kh, kw))."""
+        if not self.kernel_last:
+            return t.reshape(*t.shape[:-2], *self.param_shape)
+        out, fan_in, kh, kw = self.param_shape
+        return t.reshape(*t.shape[:-2], out, kh, kw, fan_in).movedim(-1, -3).contiguous()
 
     def __repr__(self, *, tensor_contents=None):
         return f"FactoredGradSample(shape={tuple(self.shape)}, tokens={self.g.shape[1]})"
@@ -92,11 +106,11 @@ class FactoredGradSample(torch.Tensor):
         b, t, out = self.g.shape
         c = (factor.to(self.g) * self.scale).view(b, 1, 1)
         g, x = (self.g, self.x * c) if self.x.shape[2] < out else (self.g * c, self.x)
-        return (g.reshape(b * t, out).t() @ x.reshape(b * t, -1)).view(self.param_shape)
+        return self._in_param_layout(g.reshape(b * t, out).t() @ x.reshape(b * t, -1))
 
     def materialize(self) -> torch.Tensor:
         if self._dense is None:
-            dense = torch.bmm(self.g.transpose(1, 2), self.x).view(self.g.shape[0], *self.param_shape)
+            dense = self._in_param_layout(torch.bmm(self.g.transpose(1, 2), self.x))
             self._dense = dense.mul_(self.scale) if self.scale != 1.0 else dense
         return self._dense
 
@@ -105,19 +119,20 @@ class FactoredGradSample(torch.Tensor):
     def fold(self, num_examples: int, multiplicity: int) -> "FactoredGradSample":
         """The mean of each example's K consecutive rows: their tokens side by side, G scaled by 1/K."""
         t = self.g.shape[1]
-        return FactoredGradSample(self.g.reshape(num_examples, multiplicity * t, -1),
-                                  self.x.reshape(num_examples, multiplicity * t, -1), self.param_shape, self.scale / multiplicity)
+        return self._like(self.g.reshape(num_examples, multiplicity * t, -1), self.x.reshape(num_examples, multiplicity * t, -1),
+                          self.scale / multiplicity)
 
     def plus(self, other: "FactoredGradSample") -> "FactoredGradSample":
         """dW_i + dW'_i for the same examples (a layer called twice in one forward): tokens concatenated."""
+        if other.kernel_last != self.kernel_last:
+            raise ValueError("cannot add factored gradients whose columns are in different orders")
         if other.scale == self.scale:
-            return FactoredGradSample(torch.cat([self.g, other.g], dim=1), torch.cat([self.x, other.x], dim=1),
-                                      self.param_shape, self.scale)
+            return self._like(torch.cat([self.g, other.g], dim=1), torch.cat([self.x, other.x], dim=1), self.scale)
         g = torch.cat([self.g * self.scale, other.g * other.scale], dim=1)
-        return FactoredGradSample(g, torch.cat([self.x, other.x], dim=1), self.param_shape)
+        return self._like(g, torch.cat([self.x, other.x], dim=1), 1.0)
 
     def scaled(self, scale: float) -> "FactoredGradSample":
-        return FactoredGradSample(self.g, self.x, self.param_shape, self.scale / scale)
+        return self._like(self.g, self.x, self.scale / scale)
 
     def nonfinite_rows(self) -> torch.Tensor:
         """[b] True where example i's factors hold a NaN/inf (then so may its gradient)."""
@@ -127,7 +142,7 @@ class FactoredGradSample(torch.Tensor):
     def zero_rows(self, rows: torch.Tensor) -> "FactoredGradSample":
         """The same with example rows' gradients exactly zero (out of place: X may be shared by layers)."""
         keep = (~rows).view(-1, 1, 1)
-        return FactoredGradSample(torch.where(keep, self.g, 0.0), torch.where(keep, self.x, 0.0), self.param_shape, self.scale)
+        return self._like(torch.where(keep, self.g, 0.0), torch.where(keep, self.x, 0.0), self.scale)
 
     # ---- every other use sees the dense tensor --------------------------------------------------
 

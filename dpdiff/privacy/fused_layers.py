@@ -127,16 +127,34 @@ def _store(p: nn.Parameter, grad_sample: torch.Tensor, pass_id: int) -> None:
     p._fused_pass = pass_id
 
 
-def _store_weight(p: nn.Parameter, g3: torch.Tensor, x3: torch.Tensor, w: float, factored: bool, pass_id: int) -> None:
+def _store_weight(p: nn.Parameter, g3: torch.Tensor, x3: torch.Tensor, w: float, factored: bool, pass_id: int,
+                  kernel_last: bool = False) -> None:
     """dW_i = w * g3[i]^T x3[i] (g3: [n, T, out], x3: [n, T, in]): kept factored for book-keeping clipping
-    where that is cheaper (`worth_factoring`), else materialised as [n, *p.shape]."""
+    where that is cheaper (`worth_factoring`), else materialised as [n, *p.shape]. `kernel_last`: x3 holds
+    a conv's patches in (kh, kw, in) column order (`patches_token_major`)."""
     n, tokens, fan_out = g3.shape
     if factored and worth_factoring(tokens, x3.shape[2], fan_out):
-        _store(p, FactoredGradSample(g3, x3, p.shape, scale=w), pass_id)
+        _store(p, FactoredGradSample(g3, x3, p.shape, scale=w, kernel_last=kernel_last), pass_id)
         return
     dtype = torch.bfloat16 if g3.dtype == torch.bfloat16 else torch.float32
-    grad_w = torch.bmm(g3.to(dtype).transpose(1, 2), x3.to(dtype))  # [n, out, in]
-    _store(p, grad_w.float().mul_(w).view(n, *p.shape), pass_id)
+    grad_w = torch.bmm(g3.to(dtype).transpose(1, 2), x3.to(dtype)).float().mul_(w)  # [n, out, columns]
+    if kernel_last:
+        out, fan_in, kh, kw = p.shape
+        grad_w = grad_w.view(n, out, kh, kw, fan_in).permute(0, 1, 4, 2, 3)
+    _store(p, grad_w.reshape(n, *p.shape), pass_id)
+
+
+def patches_token_major(x: torch.Tensor, layer: nn.Conv2d) -> torch.Tensor:
+    """[n, L, kh*kw*in]: every output position's input patch, columns in (kh, kw, in) order, contiguous.
+
+    One strided gather from a zero-padded channels-last copy: 3-4x faster on CPU than F.unfold (whose
+    [n, in*kh*kw, L] layout the token-major products then copy again)."""
+    n, c, h, w = x.shape
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = layer.kernel_size, layer.stride, layer.padding, layer.dilation
+    xp = F.pad(x, (pw, pw, ph, ph)).permute(0, 2, 3, 1).contiguous()  # [n, h + 2ph, w + 2pw, c]
+    ho, wo = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    s0, s1, s2, s3 = xp.stride()
+    return xp.as_strided((n, ho, wo, kh, kw, c), (s0, s1 * sh, s2 * sw, s1 * dh, s2 * dw, s3)).reshape(n, ho * wo, kh * kw * c)
 
 
 class _LoraPerSample(torch.autograd.Function):
@@ -194,8 +212,9 @@ class _LinearPerSample(torch.autograd.Function):
 
 class _ConvPerSample(torch.autograd.Function):
     """conv2d(x, W) + b; backward: grad of x only (aten's convolution_backward with the weight and bias
-    gradients masked off), per-example dW_i = G_i unfold(x_i)^T ([out, L] @ [L, in*kh*kw]; a 1x1,
-    stride-1, unpadded convolution needs no unfold) and db_i = sum of G_i over positions."""
+    gradients masked off), per-example dW_i = G_i P_i^T ([out, L] @ [L, in*kh*kw], P_i = unfold(x_i); x_i itself
+    for a 1x1 conv) and db_i = sum of G_i over positions. Kept factored (book-keeping), the patches are
+    gathered token-major by `patches_token_major` instead, the layout the Gram and clipped-sum products read."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, layer, batch_scale, factored, pass_id):
@@ -217,10 +236,14 @@ class _ConvPerSample(torch.autograd.Function):
         w = float(n) if ctx.batch_scale else 1.0
         g3 = g.flatten(2)  # [n, out, L]
         if ctx.needs_input_grad[1]:
-            pointwise = layer.kernel_size == (1, 1) and layer.stride == (1, 1) and layer.padding == (0, 0)
-            cols = (x.flatten(2) if pointwise else
-                    F.unfold(x, layer.kernel_size, layer.dilation, layer.padding, layer.stride))  # [n, in*kh*kw, L]
-            _store_weight(layer.weight, g3.transpose(1, 2), cols.transpose(1, 2), w, ctx.factored, ctx.pass_id)
+            fan_in = layer.in_channels * layer.kernel_size[0] * layer.kernel_size[1]
+            if ctx.factored and worth_factoring(g3.shape[2], fan_in, g3.shape[1]):  # token-major patches, kept factored
+                _store_weight(layer.weight, g3.transpose(1, 2), patches_token_major(x, layer), w, True, ctx.pass_id,
+                              kernel_last=True)
+            else:  # unfold's [n, in*kh*kw, L] is already the dense product's layout (a reorder would cost more)
+                pointwise = layer.kernel_size == (1, 1) and layer.stride == (1, 1) and layer.padding == (0, 0)
+                cols = x.flatten(2) if pointwise else F.unfold(x, layer.kernel_size, layer.dilation, layer.padding, layer.stride)
+                _store_weight(layer.weight, g3.transpose(1, 2), cols.transpose(1, 2), w, False, ctx.pass_id)
         if ctx.needs_input_grad[2]:
             _store(layer.bias, g3.float().sum(dim=2).mul_(w), ctx.pass_id)
         return grad_x, None, None, None, None, None, None
