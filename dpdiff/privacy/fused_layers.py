@@ -127,21 +127,16 @@ def _store(p: nn.Parameter, grad_sample: torch.Tensor, pass_id: int) -> None:
     p._fused_pass = pass_id
 
 
-def _store_weight(p: nn.Parameter, g3: torch.Tensor, x3: torch.Tensor, w: float, factored: bool, pass_id: int,
-                  kernel_last: bool = False) -> None:
+def _store_weight(p: nn.Parameter, g3: torch.Tensor, x3: torch.Tensor, w: float, factored: bool, pass_id: int) -> None:
     """dW_i = w * g3[i]^T x3[i] (g3: [n, T, out], x3: [n, T, in]): kept factored for book-keeping clipping
-    where that is cheaper (`worth_factoring`), else materialised as [n, *p.shape]. `kernel_last`: x3 holds
-    a conv's patches in (kh, kw, in) column order (`patches_token_major`)."""
+    where that is cheaper (`worth_factoring`), else materialised as [n, *p.shape]."""
     n, tokens, fan_out = g3.shape
     if factored and worth_factoring(tokens, x3.shape[2], fan_out):
-        _store(p, FactoredGradSample(g3, x3, p.shape, scale=w, kernel_last=kernel_last), pass_id)
+        _store(p, FactoredGradSample(g3, x3, p.shape, scale=w), pass_id)
         return
     dtype = torch.bfloat16 if g3.dtype == torch.bfloat16 else torch.float32
-    grad_w = torch.bmm(g3.to(dtype).transpose(1, 2), x3.to(dtype)).float().mul_(w)  # [n, out, columns]
-    if kernel_last:
-        out, fan_in, kh, kw = p.shape
-        grad_w = grad_w.view(n, out, kh, kw, fan_in).permute(0, 1, 4, 2, 3)
-    _store(p, grad_w.reshape(n, *p.shape), pass_id)
+    grad_w = torch.bmm(g3.to(dtype).transpose(1, 2), x3.to(dtype))  # [n, out, in]
+    _store(p, grad_w.float().mul_(w).view(n, *p.shape), pass_id)
 
 
 def patches_token_major(x: torch.Tensor, layer: nn.Conv2d) -> torch.Tensor:
@@ -238,8 +233,9 @@ class _ConvPerSample(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             fan_in = layer.in_channels * layer.kernel_size[0] * layer.kernel_size[1]
             if ctx.factored and worth_factoring(g3.shape[2], fan_in, g3.shape[1]):  # token-major patches, kept factored
-                _store_weight(layer.weight, g3.transpose(1, 2), patches_token_major(x, layer), w, True, ctx.pass_id,
-                              kernel_last=True)
+                factored = FactoredGradSample(g3.transpose(1, 2), patches_token_major(x, layer), layer.weight.shape, scale=w,
+                                              kernel_last=True)
+                _store(layer.weight, factored, ctx.pass_id)
             else:  # unfold's [n, in*kh*kw, L] is already the dense product's layout (a reorder would cost more)
                 pointwise = layer.kernel_size == (1, 1) and layer.stride == (1, 1) and layer.padding == (0, 0)
                 cols = x.flatten(2) if pointwise else F.unfold(x, layer.kernel_size, layer.dilation, layer.padding, layer.stride)
