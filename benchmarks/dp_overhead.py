@@ -180,6 +180,8 @@ def run(plan: list[dict], warmup: int, device, memory_steps: int = 2, exact_rss:
         measured = memory_in_child(plan, memory_steps)
     else:
         measured = each_row(plan, device, lambda plain, dp, r: step_memory(plain, dp, memory_steps, device))
+    if len(measured) != len(plan):
+        raise RuntimeError(f"memory pass returned {len(measured)} rows for {len(plan)}: the child rebuilds only cpu_plan rows")
     results = []
     for r, t, m in zip(plan, timed, measured):
         out = {k: v for k, v in r.items() if k != "build"}
@@ -336,7 +338,7 @@ def main(argv=None) -> list[dict]:
     if args.from_json:
         results, wall = json.loads(args.from_json.read_text()), 60 * (args.wall_min or 0)
     else:
-        results = run(plan, args.warmup, args.device)
+        results = run(plan, args.warmup, args.device, exact_rss=not args.gpu)  # the child rebuilds cpu_plan rows only
         wall = time.perf_counter() - start
     text = header(results, args.device, wall) + "\n\n" + table(results, gpu=args.gpu)
     print(text)
