@@ -33,7 +33,7 @@ PUBLISHED = [
 # classifier's accuracy, in the CNN column)
 DPIMAGEBENCH = {"DP-FETA": (81.7, 87.3), "PrivImage": (79.9, 87.1), "DPDM": (76.4, 85.6), "DP-LoRA": (63.5, 83.8),
                 "DP-LDM": (62.3, 86.3), "DP-MERF": (62.2, 62.2)}
-PUBLISHED += [{"name": f"{name} (DPImageBench)", "epsilon": eps, "accuracy": {"cnn": acc}, "protocol": "DPImageBench protocol"}
+PUBLISHED += [{"name": name, "epsilon": eps, "accuracy": {"cnn": acc}, "protocol": "DPImageBench protocol"}
               for name, pair in DPIMAGEBENCH.items() for eps, acc in zip((1, 10), pair)]
 
 
@@ -88,10 +88,11 @@ def render_docs(results: dict, docs_dir: Path, md_path: Path) -> None:
                 ax.plot(*zip(*points), marker="o", label=name)
         for i, (key, r) in enumerate(refs.items()):
             ax.axhline(value[metric](r), ls="--", color=f"C{5 + i}", label=series_of.get(id(r), key))
-        for name, marker in zip(dict.fromkeys(p["name"] for p in PUBLISHED), "xP*vD^<>sph"):
+        protocol = {p["name"]: p.get("protocol", "paper") for p in PUBLISHED}
+        for name, marker in zip(protocol, "xP*vD^<>sph"):
             points = [(p["epsilon"], p["accuracy"]["cnn"]) for p in PUBLISHED if p["name"] == name and "cnn" in p["accuracy"]]
             if metric == "accuracy" and points:
-                ax.scatter(*zip(*points), marker=marker, color="k", zorder=3, label=name if name.endswith("(DPImageBench)") else f"{name}, paper")
+                ax.scatter(*zip(*points), marker=marker, color="k", zorder=3, label=f"{name}, {protocol[name]}")
         ax.set(xscale="log", xlabel="epsilon (delta = 1e-5)", ylabel=ylabel, title=f"Fashion-MNIST{tag}")
         ax.legend(fontsize=7)
         plots[metric] = docs_dir / f"utility_{metric}.png"
@@ -193,7 +194,7 @@ def markdown(results: dict, plots: dict) -> str:
         "| run | target ε | spent ε | σ | DP steps | CNN % | LogReg % | MLP % | FD | train CPU min | sample CPU min | eval CPU min | wall min |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         *rows, "",
-        ("Published rows: the papers' own settings (full 60k, GPU-long training), δ = 1e-5; `(DPImageBench)` rows: "
+        ("Published rows: the papers' own settings (full 60k, GPU-long training), δ = 1e-5; `DPImageBench protocol` rows: "
          "DPImageBench's one protocol for every method (a classifier trained on 60k synthetic images, in the CNN "
          "column; ImageNet32 pretraining; GPUs), not ours."), "",
         *[f"![{k}]({v})" for k, v in plots.items()], "",

@@ -261,7 +261,7 @@ def header(results: list[dict], device: str, wall: float) -> str:
             f"step. {device.upper()}, torch.set_num_threads({torch.get_num_threads()}), torch {torch.__version__}; "
             "DP and non-DP steps alternate in one process; time ratio = median of the per-pair ratios [min-max]. "
             + ("Memory = torch.cuda.max_memory_allocated during the step minus the allocation before it"
-               if device.startswith("cuda") else "Memory = the step's working memory (peak RSS during the step minus RSS before")
+               if device.startswith("cuda") else "Memory = the step's working memory, measured by a fresh process after the timing (peak RSS during the step minus RSS before")
             + "; weights and optimizer state, equal for both, not counted). `preset` = `load_pipeline(\"dpdiff-tiny\").unet` (32,64), 8x8; "
             "`wide` = (64,128), 2 layers per block, 8x8. Targets (issue 22): time lora <= 1.05x, attention <= 1.15x, "
             "full <= 1.5x; memory <= 1.15x for lora/attention. `before`: the previous run of this benchmark "

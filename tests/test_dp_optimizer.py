@@ -75,3 +75,24 @@ def test_noise_std_is_sigma_c_drawn_once(sizes):
     # independent across coordinates and tensors (one flat draw split over the parameters)
     corr = torch.corrcoef(noise[:, [0, 31, 40, 100]].T)
     assert float((corr - torch.eye(4)).abs().max()) < 0.25
+
+
+@pytest.mark.parametrize("secure_mode", [False, True])
+def test_noise_is_opacus_draw_over_the_flat_parameters(secure_mode):
+    """Zero per-example gradients, a seeded generator: each parameter's noise is its slice of
+    `_generate_noise` over all parameters flattened (the fast path skips only Opacus' unused zero buffer)."""
+    from opacus.optimizers.optimizer import _generate_noise
+
+    sigma, clip = 0.7, 1.5
+    params = _params()
+    start = torch.cat([p.detach().flatten() for p in params])
+    optimizer = FlatClipDPOptimizer(torch.optim.SGD(params, lr=1.0), noise_multiplier=sigma, max_grad_norm=clip,
+                                    expected_batch_size=1, loss_reduction="sum", generator=torch.Generator().manual_seed(3),
+                                    secure_mode=secure_mode)
+    for p, s in zip(params, _grad_samples(2, seed=0)):
+        p.grad_sample = torch.zeros_like(s)
+    optimizer.step()
+    released = start - torch.cat([p.detach().flatten() for p in params])
+    expected = _generate_noise(std=sigma * clip, reference=torch.empty_like(start),
+                               generator=torch.Generator().manual_seed(3), secure_mode=secure_mode)
+    torch.testing.assert_close(released, expected, rtol=1e-6, atol=1e-6)
