@@ -42,7 +42,7 @@ from dpdiff.privacy.diffusion_loss import timestep_weights  # noqa: E402
 from dpdiff.training.arguments import DEFAULT_MAX_GRAD_NORM  # noqa: E402
 
 TRAINED_FILE = "benchmark_trained.json"
-STARTED_FILE = "benchmark_started.json"  # an unfinished DP-SGD training with these settings: resumable
+STARTED_FILE = "benchmark_started.json"  # an unfinished DP-SGD or DP-MEPF training with these settings: resumable
 # the defaults are the complete benchmark; changing one of these makes the run "reduced"
 FULL_SCALE = {"max_train_samples": None, "epochs": 10.0, "max_steps": None, "num_per_class": 6000, "eval_epochs": None,
               "test_limit": None, "num_fd_samples": 2000, "mepf_generator_steps": 2000, "inference_steps": 50}
@@ -169,7 +169,7 @@ def train_dp_sgd(args, method: str, epsilon: float, out: Path, resume: bool = Fa
     return finetune(finetune_args(**flags, overwrite_output_dir=True)).record
 
 
-def train_mepf(args, epsilon: float, out: Path) -> dict:
+def train_mepf(args, epsilon: float, out: Path, resume: bool = False) -> dict:
     from dpdiff.mepf import cli as mepf_cli
 
     parser = argparse.ArgumentParser()
@@ -181,6 +181,8 @@ def train_mepf(args, epsilon: float, out: Path) -> dict:
              "--eval_every", str(max(1, args.mepf_generator_steps // 10)), "--eval_samples_per_class", "20"]
     if args.max_train_samples:
         flags += ["--limit", str(args.max_train_samples)]
+    if resume:  # the release of the interrupted run is reused (no second privacy cost), its generator continues
+        flags.append("--resume")
     ns = parser.parse_args(flags)
     mepf_cli.train_mepf(ns, mepf_cli.validate(ns))
     return json.loads((out / "privacy.json").read_text())
@@ -193,8 +195,8 @@ def run_one(args, key: str, method: str, epsilon: float | None, evaluate: Evalua
     if trained is not None and (trained["settings"], trained["method"]) != (settings(args), method):
         trained = None
     started, run_id = run_dir / STARTED_FILE, {"settings": settings(args), "method": method}
-    resume_at = _resumable_step(started, run_id) if args.skip_existing and not trained and method in DP_SGD_METHODS else None
-    for folder in (synthetic,) if trained or resume_at else (run_dir, synthetic):
+    resume_at = _resumable_step(started, run_id, method) if args.skip_existing and not trained else None
+    for folder in (synthetic,) if trained or resume_at is not None else (run_dir, synthetic):
         shutil.rmtree(folder, ignore_errors=True)  # a rerun starts clean: no stale release or samples
     timings: dict = {}
     entry = {"method": method, "target_epsilon": epsilon, "run_kind": run_kind(args), "settings": settings(args)}
@@ -220,11 +222,13 @@ def run_one(args, key: str, method: str, epsilon: float | None, evaluate: Evalua
         if trained:
             record, timings["train"] = trained["record"], trained["train_timing"]
         else:
-            if method in DP_SGD_METHODS and not resume_at:
+            if resume_at is None:
                 write_json(started, run_id)
+            resume = resume_at is not None
             with phase(timings, "train"):
-                record = train_mepf(args, epsilon, run_dir) if method == "mepf" else train_dp_sgd(args, method, epsilon, run_dir, bool(resume_at))
-            if resume_at:  # this process timed only the steps after the checkpoint
+                record = (train_mepf(args, epsilon, run_dir, resume) if method == "mepf"
+                          else train_dp_sgd(args, method, epsilon, run_dir, resume))
+            if resume:  # this process timed only the steps after the checkpoint
                 timings["train"]["resumed_at_step"] = resume_at
             write_json(marker, {"settings": settings(args), "method": method, "record": record, "train_timing": timings["train"]})
         with phase(timings, "sample"):
@@ -239,13 +243,25 @@ def run_one(args, key: str, method: str, epsilon: float | None, evaluate: Evalua
     return entry
 
 
-def _resumable_step(started: Path, run_id: dict) -> int | None:
-    """The step of the latest checkpoint of an interrupted training with these settings, else None."""
+def _resumable_step(started: Path, run_id: dict, method: str) -> int | None:
+    """The step an interrupted training with these settings continues from, else None (start over). DP-SGD: its
+    latest checkpoint (ledger included). DP-MEPF: once its embedding is released, the release is reused (never
+    released twice) and the generator continues from its checkpoint, or from step 0 when it has none yet."""
+    from dpdiff.mepf.release import RELEASE_FILE
+    from dpdiff.mepf.train import CHECKPOINT_DIR
     from dpdiff.training.checkpoint import checkpoint_step, list_checkpoints
 
     if not started.is_file() or json.loads(started.read_text()) != json.loads(json.dumps(run_id)):
         return None
-    found = list_checkpoints(started.parent)
+    run_dir = started.parent
+    if method == "mepf":
+        if not (run_dir / RELEASE_FILE).is_file():
+            return None
+        state = run_dir / CHECKPOINT_DIR / "trainer_state.json"
+        return int(json.loads(state.read_text())["step"]) if state.is_file() else 0
+    if method not in DP_SGD_METHODS:
+        return None
+    found = list_checkpoints(run_dir)
     return checkpoint_step(found[-1]) if found else None
 
 

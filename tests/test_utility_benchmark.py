@@ -299,3 +299,42 @@ def test_vae_reconstruction_reference_is_each_private_image_through_the_preset_v
     others = ((images - originals.roll(1, dims=0)) ** 2).mean(dim=(1, 2, 3))
     # a lossy copy of its own image (the preset's stated Fashion-MNIST error is ~0.02), far from the next image
     assert 0 < own.mean() < 0.1 and (own < others).all()
+
+
+def test_interrupted_mepf_reuses_its_release_and_continues_its_generator(tiny_pipeline_dir, tmp_path):
+    """DP-MEPF under --skip_existing: once the embedding is released, an interrupted run never releases again
+    (that would spend the budget twice on the same data while the row shows one release); the generator
+    continues from its checkpoint, or from step 0 when the process died before the first one."""
+    from dpdiff.io import sha256_file
+
+    bench = load_benchmark()
+    argv = smoke_argv(tiny_pipeline_dir, tmp_path, "--methods", "mepf", "--references", "--mepf_generator_steps", "4",
+                      "--mepf_base_channels", "8", "--skip_existing")
+    whole = bench.main(argv)["runs"]["mepf_eps10"]
+    run = tmp_path / "out" / "runs" / "mepf_eps10"
+    release = sha256_file(run / "release.safetensors")
+    state = run / "checkpoint" / "trainer_state.json"
+    assert json.loads(state.read_text())["step"] == 4 and "resumed_at_step" not in whole["timings"]["train"]
+
+    def interrupt(checkpoint: bool):  # a process killed after the release (and maybe after a checkpoint)
+        for name in ("benchmark_trained.json", "generation_config.json", "mepf_config.json"):
+            (run / name).unlink()
+        (tmp_path / "out" / "results.json").unlink()
+        if not checkpoint:
+            shutil.rmtree(run / "checkpoint")
+            shutil.rmtree(run / "generator")
+
+    interrupt(checkpoint=True)
+    resumed = bench.main(argv)["runs"]["mepf_eps10"]
+    assert resumed["timings"]["train"]["resumed_at_step"] == 4
+    assert sha256_file(run / "release.safetensors") == release and resumed["guarantee"] == whole["guarantee"]
+
+    interrupt(checkpoint=False)
+    restarted = bench.main(argv)["runs"]["mepf_eps10"]
+    assert restarted["timings"]["train"]["resumed_at_step"] == 0 and json.loads(state.read_text())["step"] == 4
+    assert sha256_file(run / "release.safetensors") == release and restarted["guarantee"] == whole["guarantee"]
+
+    # other settings never continue this release: a new run releases anew
+    interrupt(checkpoint=True)
+    other = bench.main([*argv, "--mepf_generator_steps", "2"])["runs"]["mepf_eps10"]
+    assert "resumed_at_step" not in other["timings"]["train"] and sha256_file(run / "release.safetensors") != release
