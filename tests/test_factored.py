@@ -162,3 +162,26 @@ def test_an_empty_batch_releases_exactly_the_noise(method):
     assert stats.num_examples == 0
     assert noise.std().item() == pytest.approx(sigma * c, rel=0.03)
     assert abs(noise.mean().item()) < 5 * sigma * c / noise.numel() ** 0.5
+
+
+def test_clipped_sums_are_full_fp32_under_a_callers_autocast_or_tf32():
+    """The clipped sum is what the noise covers: formed in bf16 / TF32 (the caller's autocast or matmul
+    precision), each example's share would be its factors rounded to 7 / 10 mantissa bits, not the
+    gradient whose exact norm was clipped to C. Factored and dense, it matches fp64 to fp32 accuracy."""
+    g = torch.Generator().manual_seed(1)
+    f = FactoredGradSample(torch.randn(6, 5, 40, generator=g), torch.randn(6, 5, 48, generator=g), (40, 48))
+    dense = torch.einsum("bto,bti->boi", f.g, f.x)
+    factor = torch.rand(6, generator=g)
+    exact = torch.einsum("b,bto,bti->oi", factor.double(), f.g.double(), f.x.double())
+    param = torch.zeros(40, 48)
+    previous = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            sums = [clipped_sum(f, factor, param), clipped_sum(dense, factor, param)]
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    for total in sums:
+        assert total.dtype == torch.float32
+        torch.testing.assert_close(total.double(), exact, rtol=1e-5, atol=1e-5)
+    assert torch.get_float32_matmul_precision() == previous

@@ -102,11 +102,15 @@ class FactoredGradSample(torch.Tensor):
         return (estimate.clamp(min=0.0) + gamma * s * s) * self.scale**2
 
     def clipped_sum(self, factor: torch.Tensor) -> torch.Tensor:
-        """sum_i factor[i] * dW_i, in one [out, b*T] x [b*T, in] product; the factor scales the narrower of G, X."""
+        """sum_i factor[i] * dW_i, in one [out, b*T] x [b*T, in] product; the factor scales the narrower of G, X.
+        In full fp32 like the norms: a TF32 / bf16 product would round the factors to a 10 / 7-bit mantissa
+        first, so each example's share of the sum could exceed the C its exact norm was clipped to."""
         b, t, out = self.g.shape
         c = (factor.to(self.g) * self.scale).view(b, 1, 1)
         g, x = (self.g, self.x * c) if self.x.shape[2] < out else (self.g * c, self.x)
-        return self._in_param_layout(g.reshape(b * t, out).t() @ x.reshape(b * t, -1))
+        with _full_fp32_matmuls(self.g.device.type):
+            total = g.reshape(b * t, out).t() @ x.reshape(b * t, -1)
+        return self._in_param_layout(total)
 
     def materialize(self) -> torch.Tensor:
         if self._dense is None:
@@ -179,7 +183,9 @@ def clipped_sum(grad_sample: torch.Tensor, factor: torch.Tensor, param: torch.Te
     if isinstance(grad_sample, FactoredGradSample):
         return grad_sample.clipped_sum(factor).to(param.dtype).view_as(param)
     grad_sample = grad_sample.to(param.dtype)
-    return (factor.to(grad_sample) @ grad_sample.reshape(len(grad_sample), param.numel())).view_as(param)
+    with _full_fp32_matmuls(grad_sample.device.type):  # the norms were taken of these very rows: no rounding between
+        total = factor.to(grad_sample) @ grad_sample.reshape(len(grad_sample), param.numel())
+    return total.view_as(param)
 
 
 def unscaled(grad_sample: torch.Tensor, scale: float) -> torch.Tensor:
