@@ -153,3 +153,30 @@ def test_epsilon_curve_and_plot(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] and not list(tmp_path.glob(".*.tmp"))
     with pytest.raises(PrivacyError, match="lack"):
         plot_epsilon_curve({"noise_multiplier": 1.0}, tmp_path / "bad.png")
+
+
+def test_epsilon_after_bounds_the_steps_between_accountant_calls():
+    """The progress bar calls the accountant every `every` steps; in between it shows the epsilon of the
+    next call's step, which is never below what the steps before it have spent (and exact at the calls)."""
+    from types import SimpleNamespace
+
+    from dpdiff.training.loop import _epsilon_bound
+
+    ledger = PrivacyLedger(DELTA, "rdp")
+    ledger.record(SIGMA, Q, 3)
+    assert ledger.epsilon_after(4, SIGMA, Q) == epsilon_for(SIGMA, Q, 7, DELTA, "rdp")
+    assert ledger.steps == 3 and ledger.history == [(SIGMA, Q, 3)]  # nothing recorded
+    with pytest.raises(PrivacyError):
+        ledger.epsilon_after(-1, SIGMA, Q)
+    run = SimpleNamespace(steps=11, noise_multiplier=SIGMA, sample_rate=Q)
+    walk = PrivacyLedger(DELTA, "rdp")
+    bound = _epsilon_bound(walk, run, 0, 4)  # what the loop computes before its first step
+    assert bound == epsilon_for(SIGMA, Q, 4, DELTA, "rdp")
+    for done in range(1, run.steps + 1):  # the loop of dpdiff.training.loop._train, every = 4
+        walk.record(SIGMA, Q)
+        if done % 4 == 0 or done == run.steps:
+            bound = _epsilon_bound(walk, run, done, 4)
+            assert bound == epsilon_for(SIGMA, Q, min(done + 4 - done % 4, 11), DELTA, "rdp")
+        else:
+            assert bound >= walk.epsilon() > 0.0  # shown between calls: never below the spent
+    assert bound == walk.epsilon()  # at the end the bound is the spent epsilon itself

@@ -67,6 +67,16 @@ class PrivacyLedger:
         """Epsilon spent so far at `delta` (the ledger's own by default); 0.0 before any step."""
         return epsilon_of_history(self._history, self.delta if delta is None else delta, self.accountant)
 
+    def epsilon_after(self, steps: int, noise_multiplier: float, sample_rate: float) -> float:
+        """Epsilon once `steps` more steps of (noise_multiplier, sample_rate) are spent, recording nothing:
+        ε only grows with steps, so this bounds every step in between (what a progress bar can show
+        without an accountant call per step)."""
+        sigma, q, steps = validate_step(noise_multiplier, sample_rate, steps)
+        ahead = PrivacyLedger(self.delta, self.accountant)
+        ahead._history = [list(entry) for entry in self._history]
+        ahead.record(sigma, q, steps)
+        return ahead.epsilon()
+
     def epsilon_curve(self, num_points: int = 20) -> tuple[list[int], list[float]]:
         """(steps, epsilon) at up to `num_points` evenly spaced points of the recorded history."""
         total = self.steps

@@ -181,11 +181,18 @@ def _finetune(args: argparse.Namespace) -> FinetuneResult:
     return FinetuneResult(record, pipeline, output_dir)
 
 
+def _epsilon_bound(ledger, plan, done: int, every: int) -> float:
+    """Epsilon after the next accountant call's step (every `every` steps, and the last): an upper bound on the
+    epsilon of every step up to it."""
+    ahead = min(plan.steps, (done // every + 1) * every) - done
+    return ledger.epsilon_after(ahead, plan.noise_multiplier, plan.sample_rate) if ahead > 0 else ledger.epsilon()
+
+
 def _train(args, accelerator, pipeline, engine, cache, ema, ledger, plan, output_dir: Path, source, encoders) -> None:
     main = accelerator.is_main_process
     start = ledger.steps
-    every = max(1, plan.steps // 50)
-    epsilon = ledger.epsilon()
+    every = max(1, plan.steps // 50)  # an accountant call (~0.25 s with PRV) every `every` steps, not every step
+    epsilon, bound = ledger.epsilon(), _epsilon_bound(ledger, plan, start, every)
     bar = tqdm(range(start, plan.steps), initial=start, total=plan.steps, desc=f"DP {args.method}", disable=not main)
     clip_watch = _ClipWatch(args.max_grad_norm, warn=main)
     for step in bar:
@@ -195,13 +202,15 @@ def _train(args, accelerator, pipeline, engine, cache, ema, ledger, plan, output
         if ema is not None:
             ema.step(engine.params)
         done = step + 1
-        if done % every == 0 or done == plan.steps:
-            epsilon = ledger.epsilon()
-        bar.set_postfix(loss=f"{stats.loss:.4f}", eps=f"{epsilon:.3f}", batch=stats.num_examples,
-                        clipped=f"{stats.clipped_fraction:.2f}")
+        exact = done % every == 0 or done == plan.steps
+        if exact:
+            epsilon, bound = ledger.epsilon(), _epsilon_bound(ledger, plan, done, every)
+        # between two accountant calls the bar shows the epsilon spent by the next one: never below the spent
+        bar.set_postfix_str(f"loss={stats.loss:.4f}, eps{'=' if exact else '<='}{epsilon if exact else bound:.3f}, "
+                            f"batch={stats.num_examples}, clipped={stats.clipped_fraction:.2f}")
         clip_watch.add(stats)
-        if args.report_to:
-            accelerator.log({"loss": stats.loss, "epsilon": epsilon, "examples": stats.num_examples,
+        if args.report_to:  # trackers get epsilon where it is exact, so their curve is the spent one
+            accelerator.log({"loss": stats.loss, **({"epsilon": epsilon} if exact else {}), "examples": stats.num_examples,
                              "clipped_fraction": stats.clipped_fraction}, step=done)
         if args.checkpointing_steps and done % args.checkpointing_steps == 0 and done < plan.steps:
             _checkpoint(args, accelerator, engine.model, engine, ema, ledger, output_dir, done)
