@@ -381,3 +381,17 @@ def test_a_c_far_above_the_gradients_is_reported_once(caplog):
         for step in range(1, 30):
             mostly_clipped.add(StepStats(loss=0.1, num_examples=100, num_micro_batches=1, step=step, clipped_fraction=0.9))
     assert not caplog.records
+
+
+def test_each_step_rechecks_modes_changed_after_the_engine_was_built():
+    """The engine finds its modules once, but each step still sees what changed since: an eval() in
+    between (a validation grid) is undone before per-example gradients are taken, and gradient
+    checkpointing switched on later is refused on Opacus hooks, as at construction."""
+    engine = make_engine("attention", grad_sample_mode="hooks")
+    engine.model.eval()
+    engine._logical_step([0, 1, 2])
+    assert all(m.training for m in engine.model.modules())
+    assert engine.steps_taken == 1
+    engine.model.enable_gradient_checkpointing()
+    with pytest.raises(ConfigError, match="gradient checkpointing"):
+        engine._logical_step([0, 1, 2])

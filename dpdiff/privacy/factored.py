@@ -37,6 +37,9 @@ def worth_factoring(tokens: int, fan_in: int, fan_out: int) -> bool:
 def _full_fp32_matmuls(device_type: str):
     """fp32 products with fp32 rounding (u = 2^-24) whatever autocast or TF32 settings the caller runs under."""
     precision = torch.get_float32_matmul_precision()
+    if precision == "highest" and not torch.is_autocast_enabled(device_type):
+        yield  # already so (the common case, once per layer and step): no context switches
+        return
     torch.set_float32_matmul_precision("highest")
     try:
         with torch.autocast(device_type=device_type, enabled=False):
