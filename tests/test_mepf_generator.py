@@ -80,6 +80,14 @@ def test_matching_loss_falls_and_best_checkpoint_is_saved(setup, tmp_path):
     assert len(resumed.losses) == 30
     torch.testing.assert_close(torch.tensor(resumed.losses[15:]), torch.tensor(result.losses[15:]), rtol=1e-4, atol=1e-6)
 
+    # a resume with another learning rate uses it (a step decay), not the checkpoint's: other losses from step 15
+    g4 = small_generator(release)  # the same first 15 steps as the resumed run above
+    train_generator(release, extractor, g4, short, tmp_path / "decayed", progress=False)
+    g5 = small_generator(release, seed=97)
+    decayed_cfg = TrainConfig(steps=30, batch_size=10, learning_rate=2e-4, eval_every=15, eval_samples_per_class=2, seed=0)
+    decayed = train_generator(release, extractor, g5, decayed_cfg, tmp_path / "decayed", resume=True, progress=False)
+    assert decayed.losses[:16] == resumed.losses[:16] and decayed.losses[16:] != resumed.losses[16:]
+
 
 def test_sample_mepf_returns_the_dataset_format(setup, tmp_path):
     _, _, release = setup

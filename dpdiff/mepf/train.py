@@ -129,6 +129,8 @@ def train_generator(
     start = 0
     if resume and output_dir is not None and (Path(output_dir) / CHECKPOINT_DIR).is_dir():
         start, averages = _load_checkpoint(Path(output_dir) / CHECKPOINT_DIR, model, optimizer, result, rng)
+        for group in optimizer.param_groups:  # the checkpoint's Adam moments, this run's learning rate (a decay step)
+            group["lr"] = config.learning_rate
     model.train()
     device = next(model.parameters()).device
     beta = config.moving_average
