@@ -1,5 +1,8 @@
 """DP-MEPF generator: shapes, save/load, the matching loss falls, checkpoints resume, sampling."""
 
+import json
+import math
+
 import pytest
 import torch
 
@@ -87,6 +90,26 @@ def test_matching_loss_falls_and_best_checkpoint_is_saved(setup, tmp_path):
     decayed_cfg = TrainConfig(steps=30, batch_size=10, learning_rate=2e-4, eval_every=15, eval_samples_per_class=2, seed=0)
     decayed = train_generator(release, extractor, g5, decayed_cfg, tmp_path / "decayed", resume=True, progress=False)
     assert decayed.losses[:16] == resumed.losses[:16] and decayed.losses[16:] != resumed.losses[16:]
+
+
+def test_cosine_schedule_decays_to_zero_and_continues_after_a_resume(setup, tmp_path):
+    cfg = TrainConfig(steps=30, batch_size=10, learning_rate=2e-3, lr_schedule="cosine", eval_every=15, eval_samples_per_class=2, seed=0)
+    assert cfg.learning_rate_at(0) == 2e-3 and math.isclose(cfg.learning_rate_at(15), 1e-3) and cfg.learning_rate_at(29) < 2e-5
+    assert TrainConfig(learning_rate=2e-3).learning_rate_at(1999) == 2e-3  # constant is the default
+    with pytest.raises(ConfigError, match="lr_schedule"):
+        TrainConfig(lr_schedule="linear")
+    _, extractor, release = setup
+    train_generator(release, extractor, small_generator(release), cfg, tmp_path / "cosine", progress=False)
+    last = json.loads((tmp_path / "cosine" / "checkpoint" / "trainer_state.json").read_text())
+    assert last["param_groups"][0]["lr"] == cfg.learning_rate_at(29)  # the rate the last step ran at
+
+    # a constant run's checkpoint resumed under the cosine schedule runs at the schedule's rate of the absolute step
+    short = TrainConfig(steps=15, batch_size=10, learning_rate=2e-3, eval_every=15, eval_samples_per_class=2, seed=0)
+    train_generator(release, extractor, small_generator(release), short, tmp_path / "resumed", progress=False)
+    resumed = train_generator(release, extractor, small_generator(release, seed=98), cfg, tmp_path / "resumed", resume=True, progress=False)
+    state = json.loads((tmp_path / "resumed" / "checkpoint" / "trainer_state.json").read_text())
+    assert state["step"] == 30 and state["param_groups"][0]["lr"] == cfg.learning_rate_at(29)
+    assert len(resumed.losses) == 30
 
 
 def test_sample_mepf_returns_the_dataset_format(setup, tmp_path):

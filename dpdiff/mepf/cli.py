@@ -29,7 +29,7 @@ from dpdiff.mepf.embedding import CHANNEL_STATS, EmbeddingConfig, build_extracto
 from dpdiff.mepf.generator import ConditionalGenerator, GeneratorConfig, upsampling_plan
 from dpdiff.mepf.release import RELEASE_FILE, load_release, planned_releases, release_embedding, save_release
 from dpdiff.mepf.sample import sample_mepf
-from dpdiff.mepf.train import TrainConfig, train_generator
+from dpdiff.mepf.train import LR_SCHEDULES, TrainConfig, train_generator
 from dpdiff.privacy.accounting import DEFAULT_DELTA
 
 GENERATION_FILE = "generation_config.json"
@@ -61,6 +61,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     gen.add_argument("--generator_steps", type=int, default=2000)
     gen.add_argument("--batch_size", type=int, default=100)
     gen.add_argument("--learning_rate", type=float, default=1e-3)
+    gen.add_argument("--lr_schedule", choices=LR_SCHEDULES, default="constant",
+                     help="cosine: decay from --learning_rate to 0 over --generator_steps (continued by --resume)")
     gen.add_argument("--moving_average", type=float, default=0.9, help="beta of the generated-moment average")
     gen.add_argument("--eval_every", type=int, default=200)
     gen.add_argument("--eval_samples_per_class", type=int, default=50)
@@ -155,7 +157,7 @@ def train_mepf(args: argparse.Namespace, config: EmbeddingConfig) -> int:
     model = ConditionalGenerator(gen_config).to(device)
     train_config = TrainConfig(
         steps=args.generator_steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
-        moving_average=args.moving_average, eval_every=args.eval_every,
+        lr_schedule=args.lr_schedule, moving_average=args.moving_average, eval_every=args.eval_every,
         eval_samples_per_class=args.eval_samples_per_class, seed=args.seed,
     )
     result = train_generator(release, extractor, model, train_config, out, resume=args.resume, progress=args.progress)

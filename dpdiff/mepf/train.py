@@ -33,6 +33,7 @@ from dpdiff.mepf.generator import GENERATOR_DIR, ConditionalGenerator, save_gene
 from dpdiff.mepf.release import EmbeddingTarget, ReleasedEmbedding
 
 CHECKPOINT_DIR = "checkpoint"
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass
@@ -40,6 +41,7 @@ class TrainConfig:
     steps: int = 2000
     batch_size: int = 100
     learning_rate: float = 1e-3
+    lr_schedule: str = "constant"  # or "cosine": from learning_rate at step 0 down to 0 at `steps`
     moving_average: float = 0.9  # beta of the generated-moment average; 0 = match each batch
     eval_every: int = 200
     eval_samples_per_class: int = 50
@@ -50,8 +52,17 @@ class TrainConfig:
             raise ConfigError(f"generator_steps, batch_size, eval_every and eval_samples_per_class must be >= 1: {self}")
         if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
             raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if not (0.0 <= self.moving_average < 1.0):
             raise ConfigError(f"moving_average must be in [0, 1), got {self.moving_average}")
+
+    def learning_rate_at(self, step: int) -> float:
+        """The rate of step `step` (0-based): a function of the absolute step, so a resumed run continues the
+        schedule where it stopped (the matching score stalls at a constant rate; a decay keeps lowering it)."""
+        if self.lr_schedule == "cosine":
+            return self.learning_rate * 0.5 * (1.0 + math.cos(math.pi * step / self.steps))
+        return self.learning_rate
 
 
 @dataclass
@@ -129,8 +140,6 @@ def train_generator(
     start = 0
     if resume and output_dir is not None and (Path(output_dir) / CHECKPOINT_DIR).is_dir():
         start, averages = _load_checkpoint(Path(output_dir) / CHECKPOINT_DIR, model, optimizer, result, rng)
-        for group in optimizer.param_groups:  # the checkpoint's Adam moments, this run's learning rate (a decay step)
-            group["lr"] = config.learning_rate
     model.train()
     device = next(model.parameters()).device
     beta = config.moving_average
@@ -149,6 +158,8 @@ def train_generator(
         loss = matching_distance(target, averages["mean1"], averages.get("mean2"))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        for group in optimizer.param_groups:  # this run's schedule, also after a resume (not the checkpoint's rate)
+            group["lr"] = config.learning_rate_at(step)
         optimizer.step()
         averages = {n: v.detach() for n, v in averages.items()}
         result.losses.append(float(loss.detach()))
