@@ -170,6 +170,9 @@ def markdown(results: dict, plots: dict) -> str:
         schedule = f"{s.get('epochs')} epochs (or the max_steps a row names)"
     # None = each method's own default, which the reader should not have to look up in the code
     lr = s.get("learning_rate") or "each method's default (" + ", ".join(f"{m} {v:g}" for m, v in DEFAULT_LEARNING_RATES.items()) + ")"
+    # which layers LoRA adapts moves its score by ~10 points (`## Utility levers`): always said, never left to a command
+    lora = (f"LoRA rank {shared(('rank',), s.get('rank'))} on {shared(('lora_target_modules',), ' '.join(s.get('lora_target_modules') or []))}; "
+            if any(r["method"] in ("lora", "nonprivate_lora") for r in runs.values()) else "")
     n = s.get("eval_repeats") or 1
     repeats = f" (each accuracy the mean over {n} classifier seeds ± their std)" if n > 1 else ""
     if "eval_repeats" in varying:
@@ -181,7 +184,7 @@ def markdown(results: dict, plots: dict) -> str:
         f"delta = {s.get('delta')}; base pipeline {shared(('base_model',), '`' + str(s.get('base_model')) + '`')} (pretrained on public data only); "
         f"DP-SGD for {shared(('epochs',), schedule)} at batch {shared(('batch_size',), s.get('batch_size'))}, "
         f"clipping norm {shared(('max_grad_norm',), s.get('max_grad_norm'))}, "
-        f"learning rate {shared(('learning_rate',), lr)} (AdamW); "
+        f"learning rate {shared(('learning_rate',), lr)} (AdamW); {lora}"
         f"MEPF generator {s.get('mepf_generator_steps')} steps; {s.get('num_per_class')} synthetic "
         f"images per class ({s.get('inference_steps')} DDIM steps, guidance {s.get('guidance_scale')}), resized to 28x28 grey. "
         f"Classifiers trained on the synthetic set, tested on {'a ' + str(s.get('test_limit')) + '-image subset of ' if s.get('test_limit') else ''}"

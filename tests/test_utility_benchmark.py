@@ -124,7 +124,8 @@ def test_merged_report_names_settings_the_runs_do_not_share():
 
     def run(method, eps, **settings):
         base = {"delta": 1e-5, "base_model": "dpdiff-tiny", "epochs": 2.5, "batch_size": 512, "max_grad_norm": 0.05,
-                "num_per_class": 300, "inference_steps": 25, "guidance_scale": 2.0, "mepf_generator_steps": 2000}
+                "num_per_class": 300, "inference_steps": 25, "guidance_scale": 2.0, "mepf_generator_steps": 2000,
+                "rank": 8, "lora_target_modules": ["to_q", "to_k", "to_v", "to_out.0"]}
         return {"method": method, "target_epsilon": eps, "settings": {**base, **settings},
                 "guarantee": {"epsilon": eps, "noise_multiplier": 0.625, "steps": 200}, "accuracy": {"cnn": 0.5, "logreg": 0.4, "mlp": 0.3},
                 "fd": {"value": 100.0, "description": "FD (EfficientNet-Lite0)"}, "timings": {}}
@@ -169,7 +170,13 @@ def test_merged_report_names_settings_the_runs_do_not_share():
     same = markdown({"runs": {"lora_eps10": run("lora", 10)}, "run_kind": "reduced", "commands": []}, {})
     assert "DP-SGD for 2.5 epochs at batch 512, clipping norm 0.05, learning rate each method's default (lora 0.002" in same
     named = markdown({"runs": {"lora_eps10": run("lora", 10, learning_rate=5e-4)}, "run_kind": "reduced", "commands": []}, {})
-    assert "clipping norm 0.05, learning rate 0.0005 (AdamW);" in named
+    assert "clipping norm 0.05, learning rate 0.0005 (AdamW); LoRA rank 8 on to_q to_k to_v to_out.0;" in named
+    # the LoRA targets are always said: once when shared, on the LoRA rows when not (never on the other methods' rows)
+    wider = markdown({"runs": {"lora_eps10": run("lora", 10), "lora_eps10_2": run("lora", 10, lora_target_modules=["to_q", "conv1"]),
+                               "full_eps10": run("full", 10)}, "run_kind": "reduced", "commands": []}, {})
+    assert "LoRA rank 8 on (see each row);" in wider and "| lora_eps10_2 (lora_target_modules=to_q conv1) |" in wider
+    assert "| full_eps10 |" in wider
+    assert "LoRA rank" not in markdown({"runs": {"full_eps10": run("full", 10)}, "run_kind": "reduced", "commands": []}, {})
 
 
 def test_merging_runs_of_the_same_name_on_two_base_pipelines_keeps_both_as_separate_series():
