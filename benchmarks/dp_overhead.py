@@ -13,7 +13,7 @@ warm-up; weights and optimizer state are equal for both and not counted.
     python benchmarks/dp_overhead.py                  # CPU, ~10 min: docs/benchmarks.md `## DP overhead` + docs/dp_overhead.png
     python benchmarks/dp_overhead.py --quick          # < 2 min smoke run, prints only
     python benchmarks/dp_overhead.py --rows 'family:sd15*' --quick --json out.json
-    python benchmarks/dp_overhead.py --profile 'preset/attention/hooks/fp32'
+    python benchmarks/dp_overhead.py --profile 'preset/attention/fused/fp32'   # per op: DP minus non-DP
     python benchmarks/dp_overhead.py --device cuda --gpu --out_md gpu_results.md   # see benchmarks/gpu_check.sh"""
 
 from __future__ import annotations
@@ -280,18 +280,37 @@ def write_docs(text: str) -> None:
     update_section("DP overhead", text + "\n\n" + NOTES_MARKER + "\n" + notes.strip("\n") + "\n")
 
 
-def profile(plan: list[dict], pattern: str, device: str, sort: str = "self_cpu_time_total") -> None:
+def profile(plan: list[dict], pattern: str, device: str, steps: int = 3, top: int = 25) -> list[tuple]:
+    """Where the DP step's extra time goes: per op (torch.profiler, self time per step), DP minus non-DP on the
+    same row, largest differences first. Returns (op, delta ms, non-DP ms, DP ms, non-DP calls, DP calls) rows."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
-    r = next(r for r in plan if fnmatch.fnmatch(row_id(r), pattern))
+    r = next((r for r in plan if fnmatch.fnmatch(row_id(r), pattern)), None)
+    if r is None:
+        raise SystemExit(f"--profile {pattern!r} matches no row; rows: {', '.join(row_id(q) for q in plan)}")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if str(device).startswith("cuda") else [])
+    per_op, totals = {}, {}
     for name, step in (("non-DP", om.PlainStep(r["build"](r["method"]), r["precision"])),
                        ("DP", om.DPStep(r["build"](r["method"]), r["mode"], r["precision"]))):
         step()
-        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
-            for _ in range(3):
+        sync(device)
+        with torch_profile(activities=activities) as prof:
+            for _ in range(steps):
                 step()
-        print(f"== {name} {row_id(r)}: top 10 ops by self CPU time (3 steps)")
-        print(prof.key_averages().table(sort_by=sort, row_limit=10))
+            sync(device)
+        # self time on the device where there is one (kernels), else on the CPU; ms per step
+        ms = {e.key: ((getattr(e, "self_device_time_total", 0) if len(activities) > 1 else e.self_cpu_time_total) / 1e3 / steps,
+                      e.count / steps) for e in prof.key_averages()}
+        per_op[name], totals[name] = ms, sum(v[0] for v in ms.values())
+    plain, dp = per_op["non-DP"], per_op["DP"]
+    rows = sorted(((k, dp.get(k, (0, 0))[0] - plain.get(k, (0, 0))[0], plain.get(k, (0, 0))[0], dp.get(k, (0, 0))[0],
+                    plain.get(k, (0, 0))[1], dp.get(k, (0, 0))[1]) for k in set(plain) | set(dp)), key=lambda t: -abs(t[1]))
+    print(f"== {row_id(r)}: self time per step under the profiler, non-DP {totals['non-DP']:.1f} ms, DP {totals['DP']:.1f} ms "
+          f"(+{totals['DP'] - totals['non-DP']:.1f} ms); ops by |DP - non-DP|:")
+    print(f"{'DP - non-DP ms':>14} {'non-DP ms (calls)':>18} {'DP ms (calls)':>16}  op")
+    for k, delta, a, b, ca, cb in rows[:top]:
+        print(f"{delta:+14.2f} {a:9.2f} ({ca:5.0f}) {b:8.2f} ({cb:5.0f})  {k[:80]}")
+    return rows
 
 
 def main(argv=None) -> list[dict]:

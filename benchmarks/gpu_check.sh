@@ -44,7 +44,7 @@ else
     DEVICE=cuda
     EXTRA=(--pairs 4 --warmup 1 --threads 8)
     SPECS=("sd15:64:16" "sdxl:128:4" "dit:32:32")
-    LIMITS=(130 230 80)  # seconds per shape; with the install and start-up the whole run stays < 8 min
+    LIMITS=(130 200 80)  # seconds per shape; with the profile, install and start-up the whole run stays < 8 min
     if [[ -f "$CARRY/site.tar.gz" ]]; then
         mkdir -p /tmp/dp_site && tar -C /tmp/dp_site -xzf "$CARRY/site.tar.gz"
         export PYTHONPATH="/tmp/dp_site${PYTHONPATH:+:$PYTHONPATH}"
@@ -53,7 +53,7 @@ else
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 VERSIONS=$("$PY" -c 'import torch, diffusers, opacus, peft; print("torch", torch.__version__, "cuda", torch.cuda.is_available(), "diffusers", diffusers.__version__, "opacus", opacus.__version__, "peft", peft.__version__)')
-# $OUT brings back at most 8 files: gpu_results.md, one log and one json per shape
+# $OUT brings back at most 8 files: gpu_results.md, one log and one json per shape, one profile
 printf '# DP overhead on %s (%s)\n\n%s\n\n' "$DEVICE" "${GPU_NAME:-no GPU}" "$VERSIONS" > "$OUT/gpu_results.md"
 for i in "${!SPECS[@]}"; do
     spec="${SPECS[$i]}"
@@ -76,4 +76,11 @@ for i in "${!SPECS[@]}"; do
     fi
     echo >> "$OUT/gpu_results.md"
 done
+# where the DP step's extra time goes on this device: per kernel, DP minus non-DP, the SD-1.5 attention row
+PROFILE_SPEC="${SPECS[0]}"
+set +e
+timeout 60 "$PY" benchmarks/dp_overhead.py --gpu --device "$DEVICE" --gpu_specs "$PROFILE_SPEC" --methods attention \
+    --precisions bf16 "${EXTRA[@]}" --profile "*/attention/auto/bf16" > "$OUT/profile_attention.txt" 2>&1
+echo "## per-op profile of $PROFILE_SPEC attention bf16 (exit $?): profile_attention.txt" >> "$OUT/gpu_results.md"
+set -e
 cat "$OUT/gpu_results.md"

@@ -51,6 +51,18 @@ def test_quick_family_row_gives_finite_ratios(script):
     assert rows[0]["mode_ran"] == "fused" and rows[0]["batch"] == 16
 
 
+def test_profile_attributes_the_dp_steps_extra_time_to_ops(script, capsys):
+    torch.set_num_threads(1)
+    rows = script.profile(script.cpu_plan(quick=True, patterns=["family:dit*"]), "family:dit/lora/auto/fp32", "cpu", steps=1)
+    ops = {op: (delta, plain, dp, plain_calls, dp_calls) for op, delta, plain, dp, plain_calls, dp_calls in rows}
+    # the DP step forms per-example products (bmm) and draws the privacy noise (one more normal_ than the
+    # diffusion noise both steps draw); the plain step forms no per-example product
+    assert ops["aten::bmm"][3] == 0 and ops["aten::bmm"][4] > 0 and ops["aten::bmm"][0] > 0
+    assert ops["aten::normal_"][4] > ops["aten::normal_"][3]
+    assert all(abs(delta - (dp - plain)) < 1e-9 for delta, plain, dp, _, _ in ops.values())
+    assert "ops by |DP - non-DP|" in capsys.readouterr().out
+
+
 def test_gpu_rows_dry_run_on_cpu(script):
     rows = run_rows(script, script.gpu_plan(["dit:8:2"], ["lora"], ["fp32"], "cpu", tiny=True, pairs=1))
     check_finite(rows)
