@@ -306,7 +306,7 @@ def profile(plan: list[dict], pattern: str, device: str, steps: int = 3, top: in
     rows = sorted(((k, dp.get(k, (0, 0))[0] - plain.get(k, (0, 0))[0], plain.get(k, (0, 0))[0], dp.get(k, (0, 0))[0],
                     plain.get(k, (0, 0))[1], dp.get(k, (0, 0))[1]) for k in set(plain) | set(dp)), key=lambda t: -abs(t[1]))
     print(f"== {row_id(r)}: self time per step under the profiler, non-DP {totals['non-DP']:.1f} ms, DP {totals['DP']:.1f} ms "
-          f"(+{totals['DP'] - totals['non-DP']:.1f} ms); ops by |DP - non-DP|:")
+          f"({totals['DP'] - totals['non-DP']:+.1f} ms); ops by |DP - non-DP|:")
     print(f"{'DP - non-DP ms':>14} {'non-DP ms (calls)':>18} {'DP ms (calls)':>16}  op")
     for k, delta, a, b, ca, cb in rows[:top]:
         print(f"{delta:+14.2f} {a:9.2f} ({ca:5.0f}) {b:8.2f} ({cb:5.0f})  {k[:80]}")
