@@ -303,8 +303,10 @@ def profile(plan: list[dict], pattern: str, device: str, steps: int = 3, top: in
                       e.count / steps) for e in prof.key_averages()}
         per_op[name], totals[name] = ms, sum(v[0] for v in ms.values())
     plain, dp = per_op["non-DP"], per_op["DP"]
-    rows = sorted(((k, dp.get(k, (0, 0))[0] - plain.get(k, (0, 0))[0], plain.get(k, (0, 0))[0], dp.get(k, (0, 0))[0],
-                    plain.get(k, (0, 0))[1], dp.get(k, (0, 0))[1]) for k in set(plain) | set(dp)), key=lambda t: -abs(t[1]))
+    none = (0.0, 0.0)  # an op only one of the two steps runs
+    rows = [(k, dp.get(k, none)[0] - plain.get(k, none)[0], plain.get(k, none)[0], dp.get(k, none)[0], plain.get(k, none)[1],
+             dp.get(k, none)[1]) for k in set(plain) | set(dp)]
+    rows.sort(key=lambda t: -abs(t[1]))
     print(f"== {row_id(r)}: self time per step under the profiler, non-DP {totals['non-DP']:.1f} ms, DP {totals['DP']:.1f} ms "
           f"({totals['DP'] - totals['non-DP']:+.1f} ms); ops by |DP - non-DP|:")
     print(f"{'DP - non-DP ms':>14} {'non-DP ms (calls)':>18} {'DP ms (calls)':>16}  op")

@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -35,15 +34,17 @@ from _utility_report import CHANNELS, DATASET, DP_SGD_METHODS, IMAGE_REFERENCES,
 from _utility_references import reference_images, sample_nonprivate, train_nonprivate_lora, vae_reconstructions  # noqa: E402
 from _utility_scoring import Evaluator, resolve_device  # noqa: E402
 
+from dpdiff.config import load_config  # noqa: E402
 from dpdiff.data.transforms import images_to_tensor  # noqa: E402
 from dpdiff.errors import ConfigError, DPDiffError, PrivacyError  # noqa: E402
 from dpdiff.io import write_json  # noqa: E402
+from dpdiff.mepf.train import LR_SCHEDULES  # noqa: E402
 from dpdiff.privacy.diffusion_loss import timestep_weights  # noqa: E402
 from dpdiff.training.arguments import DEFAULT_MAX_GRAD_NORM  # noqa: E402
 
 # the benchmark's LoRA is the shipped recipe's (every layer kind); the library's attention-only default scores ~10
 # points lower here (`## Utility levers`), and a command that forgot the flag once produced a misleading row
-RECIPE_LORA_TARGETS = yaml.safe_load((ROOT / "recipes" / "configs" / "finetune_lora.yaml").read_text())["lora_target_modules"]
+RECIPE_LORA_TARGETS = load_config(ROOT / "recipes" / "configs" / "finetune_lora.yaml")["lora_target_modules"]
 TRAINED_FILE = "benchmark_trained.json"
 STARTED_FILE = "benchmark_started.json"  # an unfinished DP-SGD or DP-MEPF training with these settings: resumable
 # the defaults are the complete benchmark; changing one of these makes the run "reduced"
@@ -82,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--mepf_generator_steps", type=int, default=FULL_SCALE["mepf_generator_steps"])
     a("--mepf_base_channels", type=int, default=32, help="DP-MEPF generator width (its --base_channels)")
     a("--mepf_feature_input_size", type=int, default=32, help="side DP-MEPF's feature extractor sees (its --feature_input_size)")
-    a("--mepf_lr_schedule", choices=("constant", "cosine"), default="constant", help="DP-MEPF generator's --lr_schedule")
+    a("--mepf_lr_schedule", choices=LR_SCHEDULES, default="constant", help="DP-MEPF generator's --lr_schedule")
     a("--num_per_class", type=int, default=FULL_SCALE["num_per_class"], help="synthetic images per class")
     a("--inference_steps", type=int, default=FULL_SCALE["inference_steps"], help="DDIM steps when sampling")
     a("--guidance_scale", type=float, default=2.0)
