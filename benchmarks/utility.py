@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--mepf_base_channels", type=int, default=32, help="DP-MEPF generator width (its --base_channels)")
     a("--mepf_feature_input_size", type=int, default=32, help="side DP-MEPF's feature extractor sees (its --feature_input_size)")
     a("--mepf_lr_schedule", choices=LR_SCHEDULES, default="constant", help="DP-MEPF generator's --lr_schedule")
+    a("--mepf_feature_layers", nargs="+", default=None, help="DP-MEPF extractor layers matched (its --feature_layers; "
+      "default: the extractor's)")
+    a("--mepf_batch_size", type=int, default=50, help="DP-MEPF generator batch (its --batch_size)")
     a("--num_per_class", type=int, default=FULL_SCALE["num_per_class"], help="synthetic images per class")
     a("--inference_steps", type=int, default=FULL_SCALE["inference_steps"], help="DDIM steps when sampling")
     a("--guidance_scale", type=float, default=2.0)
@@ -118,7 +121,7 @@ def check(args) -> None:
     if any(not (e > 0 and e < float("inf")) for e in args.epsilons) or (args.methods and not args.epsilons):
         raise ConfigError(f"--epsilons must be finite positive numbers, got {args.epsilons}")
     for name in ("num_per_class", "batch_size", "physical_batch_size", "mepf_generator_steps", "inference_steps", "fd_input_size",
-                 "noise_multiplicity", "eval_repeats", "mepf_base_channels", "mepf_feature_input_size"):
+                 "noise_multiplicity", "eval_repeats", "mepf_base_channels", "mepf_feature_input_size", "mepf_batch_size"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name} must be >= 1, got {getattr(args, name)}")
     try:
@@ -183,10 +186,12 @@ def train_mepf(args, epsilon: float, out: Path, resume: bool = False) -> dict:
     flags = ["--dataset", DATASET, "--target_epsilon", str(epsilon), "--delta", str(args.delta), "--output_dir", str(out),
              "--generator_steps", str(args.mepf_generator_steps), "--moments", "2",
              "--feature_input_size", str(args.mepf_feature_input_size), "--base_channels", str(args.mepf_base_channels),
-             "--lr_schedule", args.mepf_lr_schedule, "--batch_size", "50", "--seed", str(args.seed), "--no-progress",
+             "--lr_schedule", args.mepf_lr_schedule, "--batch_size", str(args.mepf_batch_size), "--seed", str(args.seed), "--no-progress",
              "--eval_every", str(max(1, args.mepf_generator_steps // 10)), "--eval_samples_per_class", "20"]
     if args.max_train_samples:
         flags += ["--limit", str(args.max_train_samples)]
+    if args.mepf_feature_layers:
+        flags += ["--feature_layers", *args.mepf_feature_layers]
     if resume:  # the release of the interrupted run is reused (no second privacy cost), its generator continues
         flags.append("--resume")
     ns = parser.parse_args(flags)
@@ -274,7 +279,8 @@ def _resumable_step(started: Path, run_id: dict, method: str) -> int | None:
 # flags added after results files were written: left out of `settings` at these values, so older runs still match
 LATER_FLAG_DEFAULTS = {"noise_multiplicity": 1, "eval_repeats": 1, "timestep_bias_strategy": "none", "timestep_bias_multiplier": 1.0,
                        "timestep_bias_portion": 0.25, "attention_start_index": 0, "mepf_base_channels": 32,
-                       "mepf_feature_input_size": 32, "mepf_lr_schedule": "constant"}
+                       "mepf_feature_input_size": 32, "mepf_lr_schedule": "constant", "mepf_feature_layers": None,
+                       "mepf_batch_size": 50}
 TIMESTEP_BIAS_FLAGS = ("timestep_bias_strategy", "timestep_bias_multiplier", "timestep_bias_portion")
 
 

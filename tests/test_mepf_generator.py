@@ -92,6 +92,24 @@ def test_matching_loss_falls_and_best_checkpoint_is_saved(setup, tmp_path):
     assert decayed.losses[:16] == resumed.losses[:16] and decayed.losses[16:] != resumed.losses[16:]
 
 
+def test_step_schedule_decays_once_at_its_fraction_and_a_resume_continues_it(setup, tmp_path):
+    cfg = TrainConfig(steps=30, batch_size=10, learning_rate=2e-3, lr_schedule="step", lr_decay_at=0.5, lr_decay_factor=0.1,
+                      eval_every=15, eval_samples_per_class=2, seed=0)
+    assert [cfg.learning_rate_at(s) for s in (0, 14, 15, 29)] == [2e-3, 2e-3, 2e-3 * 0.1, 2e-3 * 0.1]
+    for bad in ({"lr_decay_at": 1.0}, {"lr_decay_at": 0.0}, {"lr_decay_factor": 0.0}, {"lr_decay_factor": 1.5}):
+        with pytest.raises(ConfigError, match="lr_decay"):
+            TrainConfig(lr_schedule="step", **bad)
+    _, extractor, release = setup
+    # the first 15 steps (before the decay) under a constant rate, then resumed under the step schedule
+    short = TrainConfig(steps=15, batch_size=10, learning_rate=2e-3, eval_every=15, eval_samples_per_class=2, seed=0)
+    train_generator(release, extractor, small_generator(release), short, tmp_path / "resumed", progress=False)
+    resumed = train_generator(release, extractor, small_generator(release, seed=98), cfg, tmp_path / "resumed", resume=True, progress=False)
+    whole = train_generator(release, extractor, small_generator(release), cfg, tmp_path / "whole", progress=False)
+    assert resumed.losses == whole.losses  # one run with the schedule == constant part + resumed decayed part
+    state = json.loads((tmp_path / "whole" / "checkpoint" / "trainer_state.json").read_text())
+    assert state["param_groups"][0]["lr"] == 2e-3 * 0.1
+
+
 def test_cosine_schedule_decays_to_zero_and_continues_after_a_resume(setup, tmp_path):
     cfg = TrainConfig(steps=30, batch_size=10, learning_rate=2e-3, lr_schedule="cosine", eval_every=15, eval_samples_per_class=2, seed=0)
     assert cfg.learning_rate_at(0) == 2e-3 and math.isclose(cfg.learning_rate_at(15), 1e-3) and cfg.learning_rate_at(29) < 2e-5

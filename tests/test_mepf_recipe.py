@@ -59,6 +59,8 @@ def test_recipe_end_to_end_leaves_every_file(tmp_path):
     (["--feature_extractor", "vgg19"], "torchvision"),
     (["--resolution", "27"], "resolution"),
     (["--validation_fraction", "1.5"], "validation_fraction"),
+    (["--lr_schedule", "step", "--lr_decay_at", "1"], "lr_decay_at"),
+    (["--feature_layers", "stage9"], "stage9"),
 ])
 def test_bad_input_is_one_clear_error_before_any_work(tmp_path, capsys, bad, message):
     out = tmp_path / "run"

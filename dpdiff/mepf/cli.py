@@ -62,7 +62,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     gen.add_argument("--batch_size", type=int, default=100)
     gen.add_argument("--learning_rate", type=float, default=1e-3)
     gen.add_argument("--lr_schedule", choices=LR_SCHEDULES, default="constant",
-                     help="cosine: decay from --learning_rate to 0 over --generator_steps (continued by --resume)")
+                     help="cosine: decay from --learning_rate to 0 over --generator_steps; step: multiply it by "
+                          "--lr_decay_factor after --lr_decay_at of the steps (both continued by --resume)")
+    gen.add_argument("--lr_decay_at", type=float, default=0.7, help="step schedule: fraction of --generator_steps before the decay")
+    gen.add_argument("--lr_decay_factor", type=float, default=0.2, help="step schedule: the rate after the decay, as a fraction")
     gen.add_argument("--moving_average", type=float, default=0.9, help="beta of the generated-moment average")
     gen.add_argument("--eval_every", type=int, default=200)
     gen.add_argument("--eval_samples_per_class", type=int, default=50)
@@ -107,6 +110,8 @@ def validate(args: argparse.Namespace) -> EmbeddingConfig:
         raise ConfigError(f"--moving_average must be in [0, 1), got {args.moving_average}")
     if not (args.learning_rate > 0 and math.isfinite(args.learning_rate)):
         raise ConfigError(f"--learning_rate must be > 0, got {args.learning_rate}")
+    if not (0.0 < args.lr_decay_at < 1.0) or not (0.0 < args.lr_decay_factor <= 1.0):
+        raise ConfigError(f"--lr_decay_at must be in (0, 1) and --lr_decay_factor in (0, 1], got {args.lr_decay_at} and {args.lr_decay_factor}")
     check_extractor_available(args.feature_extractor)
     config = EmbeddingConfig(
         feature_extractor=args.feature_extractor,
@@ -157,7 +162,7 @@ def train_mepf(args: argparse.Namespace, config: EmbeddingConfig) -> int:
     model = ConditionalGenerator(gen_config).to(device)
     train_config = TrainConfig(
         steps=args.generator_steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
-        lr_schedule=args.lr_schedule, moving_average=args.moving_average, eval_every=args.eval_every,
+        lr_schedule=args.lr_schedule, lr_decay_at=args.lr_decay_at, lr_decay_factor=args.lr_decay_factor, moving_average=args.moving_average, eval_every=args.eval_every,
         eval_samples_per_class=args.eval_samples_per_class, seed=args.seed,
     )
     result = train_generator(release, extractor, model, train_config, out, resume=args.resume, progress=args.progress)

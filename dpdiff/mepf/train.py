@@ -33,7 +33,7 @@ from dpdiff.mepf.generator import GENERATOR_DIR, ConditionalGenerator, save_gene
 from dpdiff.mepf.release import EmbeddingTarget, ReleasedEmbedding
 
 CHECKPOINT_DIR = "checkpoint"
-LR_SCHEDULES = ("constant", "cosine")
+LR_SCHEDULES = ("constant", "cosine", "step")
 
 
 @dataclass
@@ -41,7 +41,9 @@ class TrainConfig:
     steps: int = 2000
     batch_size: int = 100
     learning_rate: float = 1e-3
-    lr_schedule: str = "constant"  # or "cosine": from learning_rate at step 0 down to 0 at `steps`
+    lr_schedule: str = "constant"  # "cosine": from learning_rate down to 0 at `steps`; "step": see lr_decay_*
+    lr_decay_at: float = 0.7  # "step": the fraction of `steps` after which the rate is multiplied by lr_decay_factor
+    lr_decay_factor: float = 0.2
     moving_average: float = 0.9  # beta of the generated-moment average; 0 = match each batch
     eval_every: int = 200
     eval_samples_per_class: int = 50
@@ -54,6 +56,8 @@ class TrainConfig:
             raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ConfigError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        if not (0.0 < self.lr_decay_at < 1.0) or not (0.0 < self.lr_decay_factor <= 1.0):
+            raise ConfigError(f"lr_decay_at must be in (0, 1) and lr_decay_factor in (0, 1], got {self.lr_decay_at} and {self.lr_decay_factor}")
         if not (0.0 <= self.moving_average < 1.0):
             raise ConfigError(f"moving_average must be in [0, 1), got {self.moving_average}")
 
@@ -62,6 +66,8 @@ class TrainConfig:
         schedule where it stopped (the matching score stalls at a constant rate; a decay keeps lowering it)."""
         if self.lr_schedule == "cosine":
             return self.learning_rate * 0.5 * (1.0 + math.cos(math.pi * step / self.steps))
+        if self.lr_schedule == "step" and step >= round(self.lr_decay_at * self.steps):
+            return self.learning_rate * self.lr_decay_factor
         return self.learning_rate
 
 
