@@ -37,6 +37,7 @@ from _utility_scoring import Evaluator, resolve_device  # noqa: E402
 from dpdiff.config import load_config  # noqa: E402
 from dpdiff.data.transforms import images_to_tensor  # noqa: E402
 from dpdiff.errors import ConfigError, DPDiffError, PrivacyError  # noqa: E402
+from dpdiff.features import EFFICIENTNET_LITE0_DEFAULT_LAYERS, EFFICIENTNET_LITE0_STAGES  # noqa: E402
 from dpdiff.io import write_json  # noqa: E402
 from dpdiff.mepf.train import LR_SCHEDULES  # noqa: E402
 from dpdiff.privacy.diffusion_loss import timestep_weights  # noqa: E402
@@ -84,8 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--mepf_base_channels", type=int, default=32, help="DP-MEPF generator width (its --base_channels)")
     a("--mepf_feature_input_size", type=int, default=32, help="side DP-MEPF's feature extractor sees (its --feature_input_size)")
     a("--mepf_lr_schedule", choices=LR_SCHEDULES, default="constant", help="DP-MEPF generator's --lr_schedule")
-    a("--mepf_feature_layers", nargs="+", default=None, help="DP-MEPF extractor layers matched (its --feature_layers; "
-      "default: the extractor's)")
+    a("--mepf_feature_layers", nargs="+", default=list(EFFICIENTNET_LITE0_DEFAULT_LAYERS), help="DP-MEPF extractor "
+      "layers matched (its --feature_layers)")
     a("--mepf_batch_size", type=int, default=50, help="DP-MEPF generator batch (its --batch_size)")
     a("--num_per_class", type=int, default=FULL_SCALE["num_per_class"], help="synthetic images per class")
     a("--inference_steps", type=int, default=FULL_SCALE["inference_steps"], help="DDIM steps when sampling")
@@ -124,6 +125,9 @@ def check(args) -> None:
                  "noise_multiplicity", "eval_repeats", "mepf_base_channels", "mepf_feature_input_size", "mepf_batch_size"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    unknown = [layer for layer in args.mepf_feature_layers if layer not in EFFICIENTNET_LITE0_STAGES]
+    if unknown:
+        raise ConfigError(f"--mepf_feature_layers {unknown} are not EfficientNet-Lite0 stages: use {' '.join(EFFICIENTNET_LITE0_STAGES)}")
     try:
         timestep_weights(1000, args.timestep_bias_strategy, args.timestep_bias_multiplier, args.timestep_bias_portion)
     except ValueError as err:
@@ -190,8 +194,7 @@ def train_mepf(args, epsilon: float, out: Path, resume: bool = False) -> dict:
              "--eval_every", str(max(1, args.mepf_generator_steps // 10)), "--eval_samples_per_class", "20"]
     if args.max_train_samples:
         flags += ["--limit", str(args.max_train_samples)]
-    if args.mepf_feature_layers:
-        flags += ["--feature_layers", *args.mepf_feature_layers]
+    flags += ["--feature_layers", *args.mepf_feature_layers]
     if resume:  # the release of the interrupted run is reused (no second privacy cost), its generator continues
         flags.append("--resume")
     ns = parser.parse_args(flags)
@@ -279,7 +282,8 @@ def _resumable_step(started: Path, run_id: dict, method: str) -> int | None:
 # flags added after results files were written: left out of `settings` at these values, so older runs still match
 LATER_FLAG_DEFAULTS = {"noise_multiplicity": 1, "eval_repeats": 1, "timestep_bias_strategy": "none", "timestep_bias_multiplier": 1.0,
                        "timestep_bias_portion": 0.25, "attention_start_index": 0, "mepf_base_channels": 32,
-                       "mepf_feature_input_size": 32, "mepf_lr_schedule": "constant", "mepf_feature_layers": None,
+                       "mepf_feature_input_size": 32, "mepf_lr_schedule": "constant",
+                       "mepf_feature_layers": ["stage2", "stage3", "stage4", "stage5", "stage6", "stage7"],  # the old default
                        "mepf_batch_size": 50}
 TIMESTEP_BIAS_FLAGS = ("timestep_bias_strategy", "timestep_bias_multiplier", "timestep_bias_portion")
 

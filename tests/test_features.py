@@ -33,7 +33,7 @@ def test_shapes_and_determinism(extractor, fashion):
     assert torch.equal(a, b)
     acts = extractor.layer_features(x)
     assert len(acts) == len(EFFICIENTNET_LITE0_DEFAULT_LAYERS)
-    assert [t.shape[1] for t in acts] == [24, 40, 80, 112, 192, 320]
+    assert [t.shape[1] for t in acts] == [16, 24, 40, 80, 112, 192, 320]  # stage1 ... stage7
     assert all(t.shape[0] == 10 for t in acts)
     # batching does not change the result
     c = extractor.pooled(x, batch_size=3)

@@ -113,9 +113,21 @@ def test_bad_options_refused_before_work(tmp_path):
         bench.main(["--attention_start_index", "-1", "--output_dir", str(tmp_path / "o")])
     with pytest.raises(ConfigError, match="mepf_base_channels"):
         bench.main(["--mepf_base_channels", "0", "--output_dir", str(tmp_path / "o")])
+    with pytest.raises(ConfigError, match="stage9"):
+        bench.main(["--mepf_feature_layers", "stage1", "stage9", "--output_dir", str(tmp_path / "o")])
     with pytest.raises(PrivacyError, match="1/n"):
         bench.main(["--max_train_samples", "1000", "--delta", "1e-3", "--output_dir", str(tmp_path / "o")])
     assert not (tmp_path / "o").exists()
+
+
+def test_mepf_feature_layers_from_before_the_flag_do_not_match_the_new_default():
+    bench = load_benchmark()
+    parser = bench.build_parser()
+    new_default = bench.settings(parser.parse_args([]))
+    assert new_default["mepf_feature_layers"] == ["stage1", "stage2", "stage3", "stage4", "stage5", "stage6", "stage7"]
+    # results written before the flag existed trained on stage2..stage7: a run asking for those still matches them
+    old = bench.settings(parser.parse_args(["--mepf_feature_layers", "stage2", "stage3", "stage4", "stage5", "stage6", "stage7"]))
+    assert "mepf_feature_layers" not in old
 
 
 def test_merged_report_names_settings_the_runs_do_not_share():
