@@ -162,8 +162,9 @@ def train_mepf(args: argparse.Namespace, config: EmbeddingConfig) -> int:
     model = ConditionalGenerator(gen_config).to(device)
     train_config = TrainConfig(
         steps=args.generator_steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
-        lr_schedule=args.lr_schedule, lr_decay_at=args.lr_decay_at, lr_decay_factor=args.lr_decay_factor, moving_average=args.moving_average, eval_every=args.eval_every,
-        eval_samples_per_class=args.eval_samples_per_class, seed=args.seed,
+        lr_schedule=args.lr_schedule, lr_decay_at=args.lr_decay_at, lr_decay_factor=args.lr_decay_factor,
+        moving_average=args.moving_average, eval_every=args.eval_every, eval_samples_per_class=args.eval_samples_per_class,
+        seed=args.seed,
     )
     result = train_generator(release, extractor, model, train_config, out, resume=args.resume, progress=args.progress)
 
