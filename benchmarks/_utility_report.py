@@ -4,6 +4,7 @@ sample grid per method, from the results of benchmarks/utility.py. Also the cons
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -149,7 +150,7 @@ def markdown(results: dict, plots: dict) -> str:
         steps = g.get("steps") if g.get("steps") is not None else "–"
         std = r.get("accuracy_std") or {}  # --eval_repeats: the mean over the classifier seeds, ± their std
         acc = " | ".join(f"{100 * r['accuracy'][c]:.1f}" + (f" ± {100 * std[c]:.1f}" if c in std else "") for c in CLASSIFIERS)
-        wall = sum(t["wall_s"] for t in r["timings"].values()) / 60
+        wall = math.fsum(t["wall_s"] for t in r["timings"].values()) / 60  # order-free: a merged report rounds alike
         target = f"{r['target_epsilon']:g}" if r["target_epsilon"] is not None else "–"
         rows.append(f"| {label} | {target} | {spent} | {sigma} | {steps} | {acc} | {r['fd']['value']:.2f} | {cpu(r, 'train')} | "
                     f"{cpu(r, 'sample')} | {cpu(r, 'evaluate')} | {wall:.2f} |")
