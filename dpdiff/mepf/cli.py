@@ -81,6 +81,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_argument(parser)
 
 
+def train_config(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(
+        steps=args.generator_steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
+        lr_schedule=args.lr_schedule, lr_decay_at=args.lr_decay_at, lr_decay_factor=args.lr_decay_factor,
+        moving_average=args.moving_average, eval_every=args.eval_every, eval_samples_per_class=args.eval_samples_per_class,
+        seed=args.seed,
+    )
+
+
 def validate(args: argparse.Namespace) -> EmbeddingConfig:
     """Every check that needs no data; raises before any work."""
     if not args.output_dir:
@@ -110,8 +119,7 @@ def validate(args: argparse.Namespace) -> EmbeddingConfig:
         raise ConfigError(f"--moving_average must be in [0, 1), got {args.moving_average}")
     if not (args.learning_rate > 0 and math.isfinite(args.learning_rate)):
         raise ConfigError(f"--learning_rate must be > 0, got {args.learning_rate}")
-    if not (0.0 < args.lr_decay_at < 1.0) or not (0.0 < args.lr_decay_factor <= 1.0):
-        raise ConfigError(f"--lr_decay_at must be in (0, 1) and --lr_decay_factor in (0, 1], got {args.lr_decay_at} and {args.lr_decay_factor}")
+    train_config(args)  # its own checks (steps, schedule, ...) before the release, not after it
     check_extractor_available(args.feature_extractor)
     config = EmbeddingConfig(
         feature_extractor=args.feature_extractor,
@@ -160,13 +168,7 @@ def train_mepf(args: argparse.Namespace, config: EmbeddingConfig) -> int:
         z_dim=args.z_dim, base_channels=args.base_channels, class_names=release.class_names,
     )
     model = ConditionalGenerator(gen_config).to(device)
-    train_config = TrainConfig(
-        steps=args.generator_steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
-        lr_schedule=args.lr_schedule, lr_decay_at=args.lr_decay_at, lr_decay_factor=args.lr_decay_factor,
-        moving_average=args.moving_average, eval_every=args.eval_every, eval_samples_per_class=args.eval_samples_per_class,
-        seed=args.seed,
-    )
-    result = train_generator(release, extractor, model, train_config, out, resume=args.resume, progress=args.progress)
+    result = train_generator(release, extractor, model, train_config(args), out, resume=args.resume, progress=args.progress)
 
     write_json(out / GENERATION_FILE, {
         "method": "mepf", "class_names": release.class_names,
