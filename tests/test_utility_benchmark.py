@@ -357,3 +357,23 @@ def test_interrupted_mepf_reuses_its_release_and_continues_its_generator(tiny_pi
     interrupt(checkpoint=True)
     other = bench.main([*argv, "--mepf_generator_steps", "2"])["runs"]["mepf_eps10"]
     assert "resumed_at_step" not in other["timings"]["train"] and sha256_file(run / "release.safetensors") != release
+
+
+def test_wall_minutes_do_not_depend_on_the_order_the_timings_are_stored_in():
+    """The live run keeps timings in phase order (train, sample, evaluate); results.json is written with sorted keys
+    (evaluate, sample, train), so a section rebuilt by --report_from sums them in another order. These three seconds
+    give 0.105 and 0.10500000000000001 minutes when summed left to right in the two orders: 0.10 vs 0.11."""
+    load_benchmark()  # puts benchmarks/ on sys.path
+    from _utility_report import markdown
+
+    def row(timings):
+        run = {"method": "lora", "target_epsilon": 10, "settings": {"num_per_class": 300}, "accuracy": {"cnn": 0.5, "logreg": 0.4, "mlp": 0.3},
+               "guarantee": {"epsilon": 10, "noise_multiplier": 0.6, "steps": 10}, "fd": {"value": 1.0, "description": "FD"},
+               "timings": timings}
+        return next(line for line in markdown({"runs": {"lora_eps10": run}, "run_kind": "reduced", "commands": []}, {}).split("\n")
+                    if line.startswith("| lora_eps10"))
+
+    live = {"train": {"cpu_s": 1.0, "wall_s": 2.99}, "sample": {"cpu_s": 1.0, "wall_s": 2.88}, "evaluate": {"cpu_s": 1.0, "wall_s": 0.43}}
+    stored = json.loads(json.dumps(live, sort_keys=True))
+    assert list(stored) != list(live)
+    assert row(live) == row(stored)
