@@ -148,3 +148,13 @@ def test_training_refuses_a_batch_smaller_than_the_classes(setup):
     _, extractor, release = setup
     with pytest.raises(ConfigError, match="batch_size"):
         train_generator(release, extractor, small_generator(release), TrainConfig(steps=1, batch_size=5), progress=False)
+
+
+def test_training_refuses_an_extractor_whose_features_are_not_the_releases(setup, tmp_path):
+    """A release matched against other layers would train on a loss between unrelated features; one clear error
+    before any step, and nothing written."""
+    _, _, release = setup
+    other = build_extractor(EmbeddingConfig(input_size=32, moments=2, labelled=True, layers=["stage1", "stage2", "stage4", "stage6"]))
+    with pytest.raises(ConfigError, match="release's embedding has .* features per class but efficientnet_lite0 with layers stage1"):
+        train_generator(release, other, small_generator(release), TrainConfig(steps=2, batch_size=20), tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()

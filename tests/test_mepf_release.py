@@ -164,3 +164,25 @@ def test_bad_requests_are_refused_before_any_work(extractor, config, data, tmp_p
     (tmp_path / "release.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(IntegrityError, match="not a readable"):
         load_release(tmp_path)
+
+
+def test_a_release_names_its_layers_and_an_old_default_release_keeps_its_meaning(extractor, config, data, tmp_path):
+    """The default layers may change between versions (EfficientNet-Lite0 gained stage1 on 2026-12-06): a release
+    states the layers its sums were computed on, and one saved as "the default" before then loads with that default."""
+    from dataclasses import replace
+
+    from dpdiff.features import EFFICIENTNET_LITE0_DEFAULT_LAYERS
+    from dpdiff.mepf.release import LEGACY_EFFICIENTNET_LITE0_LAYERS
+
+    images, labels, names = data
+    assert config.layers is None
+    release = release_embedding(extractor, images, labels, names, config, target_epsilon=5.0, delta=1e-3, progress=False)
+    assert release.config.layers == list(EFFICIENTNET_LITE0_DEFAULT_LAYERS) == extractor.layer_names
+    save_release(release, tmp_path / "new")
+    assert load_release(tmp_path / "new").config.layers == list(EFFICIENTNET_LITE0_DEFAULT_LAYERS)
+    # an old release: the same file with layers=None, and stage2..7's 2304 features (stage1 adds 2 x 16)
+    old = replace(release, config=replace(release.config, layers=None))
+    save_release(old, tmp_path / "old")
+    back = load_release(tmp_path / "old")
+    assert back.config.layers == list(LEGACY_EFFICIENTNET_LITE0_LAYERS)
+    assert build_extractor(back.config).layer_names == ["stage2", "stage3", "stage4", "stage5", "stage6", "stage7"]

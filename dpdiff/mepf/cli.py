@@ -156,6 +156,7 @@ def train_mepf(args: argparse.Namespace, config: EmbeddingConfig) -> int:
     else:
         release = _release(args, config)
         save_release(release, out)
+        config = release.config  # with its layers named
         p = release.privacy
         print(f"released: epsilon={p['epsilon']:.4g} delta={p['delta']:g} noise_multiplier={p['noise_multiplier']:.4g} "
               f"({len(p['releases'])} Gaussian releases, {p['neighbouring_relation']})")

@@ -31,7 +31,7 @@ import json
 import math
 import os
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -56,6 +56,8 @@ NEIGHBOURING_RELATION = "add_or_remove_one"
 RELEASE_FILE = "release.safetensors"
 PRIVACY_FILE = "privacy.json"
 _METADATA_KEY = "dpdiff_mepf_release"
+# what a release with layers=None meant for EfficientNet-Lite0 when it was made (before 2026-12-06)
+LEGACY_EFFICIENTNET_LITE0_LAYERS = ("stage2", "stage3", "stage4", "stage5", "stage6", "stage7")
 
 
 def planned_releases(config: EmbeddingConfig, with_validation: bool) -> list[GaussianRelease]:
@@ -187,6 +189,8 @@ def release_embedding(
         "noise_source": "os_entropy" if noise_seed is None else "FIXED SEED: for testing only, NOT private",
         "not_covered": "hyperparameters tuned on the private data; the delta < 1/n check uses the true n",
     }
+    # the layers the sums were computed on, by name: a later default must not change what this release means
+    config = replace(config, layers=list(extractor.layer_names))
     return ReleasedEmbedding(config, list(class_names), int(images.shape[-1]), int(images.shape[1]), tensors, privacy)
 
 
@@ -253,6 +257,9 @@ def load_release(path: str | os.PathLike) -> ReleasedEmbedding:
     if "sum1" not in tensors or "counts" not in tensors:
         raise IntegrityError(f"{file} lacks the sum1/counts tensors of a DP-MEPF release")
     config = EmbeddingConfig.from_dict(meta["config"])
+    if config.layers is None and config.feature_extractor == "efficientnet_lite0":
+        # releases stored None ("the default") until 2026-12-06, when that default was stage2..stage7
+        config = replace(config, layers=list(LEGACY_EFFICIENTNET_LITE0_LAYERS))
     if not math.isfinite(float(meta["privacy"].get("epsilon", math.nan))):
         raise IntegrityError(f"{file} has no valid privacy record")
     return ReleasedEmbedding(config, meta["class_names"], int(meta["resolution"]), int(meta["channels"]), tensors, meta["privacy"])

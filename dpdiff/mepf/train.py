@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from dpdiff.errors import ConfigError, IntegrityError
 from dpdiff.features import FeatureExtractor
 from dpdiff.io import atomic_dir, write_json
-from dpdiff.mepf.embedding import embed
+from dpdiff.mepf.embedding import embed, embedding_dim
 from dpdiff.mepf.generator import GENERATOR_DIR, ConditionalGenerator, save_generator
 from dpdiff.mepf.release import EmbeddingTarget, ReleasedEmbedding
 
@@ -134,6 +134,11 @@ def train_generator(
     k = model.config.num_classes
     if k != release.target().mean1.shape[0]:
         raise ConfigError(f"generator has {k} classes but the release has {release.target().mean1.shape[0]} rows")
+    dim, got = release.target().mean1.shape[1], embedding_dim(extractor, release.config, release.resolution, release.channels)
+    if got != dim:  # another extractor, layers or statistics than the release's: the loss would compare unrelated features
+        raise ConfigError(f"the release's embedding has {dim} features per class but {extractor.name} with layers "
+                          f"{' '.join(extractor.layer_names)} gives {got} under its config: build the extractor from the release's "
+                          f"own config (build_extractor(release.config)); a release is only matched with the features it was made from")
     if config.batch_size < k:
         raise ConfigError(f"batch_size ({config.batch_size}) must be at least the number of classes ({k}) so every class is matched each step")
     torch.manual_seed(config.seed)
