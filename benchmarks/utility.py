@@ -37,7 +37,7 @@ from _utility_scoring import Evaluator, resolve_device  # noqa: E402
 from dpdiff.config import load_config  # noqa: E402
 from dpdiff.data.transforms import images_to_tensor  # noqa: E402
 from dpdiff.errors import ConfigError, DPDiffError, PrivacyError  # noqa: E402
-from dpdiff.features import EFFICIENTNET_LITE0_DEFAULT_LAYERS, EFFICIENTNET_LITE0_STAGES  # noqa: E402
+from dpdiff.features import EFFICIENTNET_LITE0_DEFAULT_LAYERS, EFFICIENTNET_LITE0_LEGACY_DEFAULT_LAYERS, check_layers  # noqa: E402
 from dpdiff.io import write_json  # noqa: E402
 from dpdiff.mepf.train import LR_SCHEDULES  # noqa: E402
 from dpdiff.privacy.diffusion_loss import timestep_weights  # noqa: E402
@@ -125,9 +125,10 @@ def check(args) -> None:
                  "noise_multiplicity", "eval_repeats", "mepf_base_channels", "mepf_feature_input_size", "mepf_batch_size"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name} must be >= 1, got {getattr(args, name)}")
-    unknown = [layer for layer in args.mepf_feature_layers if layer not in EFFICIENTNET_LITE0_STAGES]
-    if unknown:
-        raise ConfigError(f"--mepf_feature_layers {unknown} are not EfficientNet-Lite0 stages: use {' '.join(EFFICIENTNET_LITE0_STAGES)}")
+    try:
+        check_layers("efficientnet_lite0", args.mepf_feature_layers)
+    except ConfigError as err:
+        raise ConfigError(f"--mepf_feature_layers: {err}") from None
     try:
         timestep_weights(1000, args.timestep_bias_strategy, args.timestep_bias_multiplier, args.timestep_bias_portion)
     except ValueError as err:
@@ -283,7 +284,7 @@ def _resumable_step(started: Path, run_id: dict, method: str) -> int | None:
 LATER_FLAG_DEFAULTS = {"noise_multiplicity": 1, "eval_repeats": 1, "timestep_bias_strategy": "none", "timestep_bias_multiplier": 1.0,
                        "timestep_bias_portion": 0.25, "attention_start_index": 0, "mepf_base_channels": 32,
                        "mepf_feature_input_size": 32, "mepf_lr_schedule": "constant",
-                       "mepf_feature_layers": ["stage2", "stage3", "stage4", "stage5", "stage6", "stage7"],  # the old default
+                       "mepf_feature_layers": list(EFFICIENTNET_LITE0_LEGACY_DEFAULT_LAYERS),
                        "mepf_batch_size": 50}
 TIMESTEP_BIAS_FLAGS = ("timestep_bias_strategy", "timestep_bias_multiplier", "timestep_bias_portion")
 

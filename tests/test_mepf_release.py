@@ -171,8 +171,7 @@ def test_a_release_names_its_layers_and_an_old_default_release_keeps_its_meaning
     states the layers its sums were computed on, and one saved as "the default" before then loads with that default."""
     from dataclasses import replace
 
-    from dpdiff.features import EFFICIENTNET_LITE0_DEFAULT_LAYERS
-    from dpdiff.mepf.release import LEGACY_EFFICIENTNET_LITE0_LAYERS
+    from dpdiff.features import EFFICIENTNET_LITE0_DEFAULT_LAYERS, EFFICIENTNET_LITE0_LEGACY_DEFAULT_LAYERS
 
     images, labels, names = data
     assert config.layers is None
@@ -184,5 +183,5 @@ def test_a_release_names_its_layers_and_an_old_default_release_keeps_its_meaning
     old = replace(release, config=replace(release.config, layers=None))
     save_release(old, tmp_path / "old")
     back = load_release(tmp_path / "old")
-    assert back.config.layers == list(LEGACY_EFFICIENTNET_LITE0_LAYERS)
+    assert back.config.layers == list(EFFICIENTNET_LITE0_LEGACY_DEFAULT_LAYERS)
     assert build_extractor(back.config).layer_names == ["stage2", "stage3", "stage4", "stage5", "stage6", "stage7"]

@@ -40,7 +40,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from dpdiff.errors import ConfigError, DataError, IntegrityError, PrivacyError
-from dpdiff.features import FeatureExtractor
+from dpdiff.features import EFFICIENTNET_LITE0_LEGACY_DEFAULT_LAYERS, FeatureExtractor
 from dpdiff.io import atomic_path, write_json
 from dpdiff.mepf.calibration import (
     ACCOUNTANT_NAME,
@@ -56,8 +56,6 @@ NEIGHBOURING_RELATION = "add_or_remove_one"
 RELEASE_FILE = "release.safetensors"
 PRIVACY_FILE = "privacy.json"
 _METADATA_KEY = "dpdiff_mepf_release"
-# what a release with layers=None meant for EfficientNet-Lite0 when it was made (before 2026-12-06)
-LEGACY_EFFICIENTNET_LITE0_LAYERS = ("stage2", "stage3", "stage4", "stage5", "stage6", "stage7")
 
 
 def planned_releases(config: EmbeddingConfig, with_validation: bool) -> list[GaussianRelease]:
@@ -258,8 +256,8 @@ def load_release(path: str | os.PathLike) -> ReleasedEmbedding:
         raise IntegrityError(f"{file} lacks the sum1/counts tensors of a DP-MEPF release")
     config = EmbeddingConfig.from_dict(meta["config"])
     if config.layers is None and config.feature_extractor == "efficientnet_lite0":
-        # releases stored None ("the default") until 2026-12-06, when that default was stage2..stage7
-        config = replace(config, layers=list(LEGACY_EFFICIENTNET_LITE0_LAYERS))
+        # releases stored None ("the default") until 2026-12-06: they were computed on the default of then
+        config = replace(config, layers=list(EFFICIENTNET_LITE0_LEGACY_DEFAULT_LAYERS))
     if not math.isfinite(float(meta["privacy"].get("epsilon", math.nan))):
         raise IntegrityError(f"{file} has no valid privacy record")
     return ReleasedEmbedding(config, meta["class_names"], int(meta["resolution"]), int(meta["channels"]), tensors, meta["privacy"])
