@@ -192,7 +192,7 @@ def train_mepf(args, epsilon: float, out: Path, resume: bool = False) -> dict:
              "--generator_steps", str(args.mepf_generator_steps), "--moments", "2",
              "--feature_input_size", str(args.mepf_feature_input_size), "--base_channels", str(args.mepf_base_channels),
              "--lr_schedule", args.mepf_lr_schedule, "--batch_size", str(args.mepf_batch_size), "--seed", str(args.seed), "--no-progress",
-             "--eval_every", str(max(1, args.mepf_generator_steps // 10)), "--eval_samples_per_class", "20"]
+             "--eval_every", str(max(1, args.mepf_generator_steps // 10)), "--eval_samples_per_class", "100"]
     if args.max_train_samples:
         flags += ["--limit", str(args.max_train_samples)]
     flags += ["--feature_layers", *args.mepf_feature_layers]

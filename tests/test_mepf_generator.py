@@ -13,7 +13,14 @@ from dpdiff.mepf.embedding import EmbeddingConfig, build_extractor
 from dpdiff.mepf.generator import ConditionalGenerator, GeneratorConfig, load_generator, save_generator, upsampling_plan
 from dpdiff.mepf.release import release_embedding
 from dpdiff.mepf.sample import sample_mepf
-from dpdiff.mepf.train import TrainConfig, train_generator
+from dpdiff.mepf.release import EmbeddingTarget
+from dpdiff.mepf.train import (
+    TrainConfig,
+    class_distances,
+    class_moments,
+    sample_variance_terms,
+    train_generator,
+)
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +78,9 @@ def test_matching_loss_falls_and_best_checkpoint_is_saved(setup, tmp_path):
     assert last < 0.7 * first, (first, last)
     assert result.selected_by == "validation" and result.eval_steps == [15, 30]
     assert result.best_score == min(result.eval_scores)
+    assert len(result.eval_class_scores) == 2 and all(len(row) == 10 for row in result.eval_class_scores)
+    for score, row in zip(result.eval_scores, result.eval_class_scores):  # the score is the class-weighted sum
+        assert math.isclose(score, sum(w * d for w, d in zip(release.target("validation").class_weights.tolist(), row)), rel_tol=1e-5)
     assert (tmp_path / "generator" / "model.safetensors").is_file()
     assert (tmp_path / "checkpoint" / "state.safetensors").is_file()
 
@@ -158,3 +168,40 @@ def test_training_refuses_an_extractor_whose_features_are_not_the_releases(setup
     with pytest.raises(ConfigError, match="release's embedding has .* features per class but efficientnet_lite0 with layers stage1"):
         train_generator(release, other, small_generator(release), TrainConfig(steps=2, batch_size=20), tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("moments", [1, 2])
+def test_selection_score_removes_the_finite_sample_term_so_it_is_unbiased(moments):
+    """n samples' moments overstate the squared distance by tr(Cov)/n; the score subtracts its unbiased estimate.
+    Checked on draws with known moments: averaged over many draws the corrected distance is the true one,
+    the raw one is the true one plus tr(Cov)/n (so a generator with less variety would score better)."""
+    torch.manual_seed(0)
+    k, n, dim, draws = 3, 5, 4, 4000
+    mu = torch.randn(k, dim, dtype=torch.float64)
+    scale = torch.rand(k, dim, dtype=torch.float64) + 0.5
+    target = EmbeddingTarget(mean1=torch.zeros(k, dim, dtype=torch.float64),
+                             mean2=torch.ones(k, dim, dtype=torch.float64) if moments == 2 else None,
+                             class_weights=torch.full((k,), 1 / k, dtype=torch.float64))
+    labels = torch.arange(k).repeat_interleave(n)
+    raw, corrected = torch.zeros(k, dtype=torch.float64), torch.zeros(k, dtype=torch.float64)
+    for _ in range(draws):
+        phi = mu[labels] + scale[labels] * torch.randn(k * n, dim, dtype=torch.float64)
+        mean1, mean2, _ = class_moments(phi, labels, k, moments)
+        d = class_distances(target, mean1, mean2)
+        raw += d / draws
+        corrected += (d - sample_variance_terms(phi, n, moments)) / draws
+    true = mu.pow(2).sum(1)  # ||E phi - 0||^2
+    excess = scale.pow(2).sum(1) / n  # tr(Cov phi) / n
+    if moments == 2:
+        second = mu.pow(2) + scale.pow(2)  # E phi^2
+        true = true + (second - 1).pow(2).sum(1)
+        var_sq = 4 * mu.pow(2) * scale.pow(2) + 2 * scale.pow(4)  # Var(phi^2) for a Gaussian
+        excess = excess + var_sq.sum(1) / n
+    torch.testing.assert_close(corrected, true, rtol=0.05, atol=0.05)
+    torch.testing.assert_close(raw, true + excess, rtol=0.05, atol=0.05)
+    assert (raw - corrected).min() > 0.5 * excess.min()  # the term removed is not negligible at n = 5
+
+
+def test_selection_needs_two_samples_per_class():
+    with pytest.raises(ConfigError, match="eval_samples_per_class must be >= 2"):
+        TrainConfig(eval_samples_per_class=1)

@@ -61,6 +61,7 @@ def test_recipe_end_to_end_leaves_every_file(tmp_path):
     (["--validation_fraction", "1.5"], "validation_fraction"),
     (["--lr_schedule", "step", "--lr_decay_at", "1"], "lr_decay_at"),
     (["--feature_layers", "stage9"], "stage9"),
+    (["--eval_samples_per_class", "1"], "eval_samples_per_class"),
 ])
 def test_bad_input_is_one_clear_error_before_any_work(tmp_path, capsys, bad, message):
     out = tmp_path / "run"
@@ -75,6 +76,18 @@ def test_bad_input_is_one_clear_error_before_any_work(tmp_path, capsys, bad, mes
     err = capsys.readouterr().err
     assert "dpdiff mepf: error:" in err and message in err
     assert not (out / "release.safetensors").exists()
+
+
+@pytest.mark.parametrize("bad", [["--feature_layers", "stage9"], ["--feature_layers", "stage2", "stage2"], ["--eval_samples_per_class", "1"]])
+def test_input_that_needs_no_data_is_checked_before_the_data_is_read(tmp_path, capsys, monkeypatch, bad):
+    import dpdiff.data
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("the private data was read before the flags were checked")
+
+    monkeypatch.setattr(dpdiff.data, "load_source", no_data)
+    assert dpdiff_main(["mepf", "--output_dir", str(tmp_path / "run"), *TINY, *bad]) == 2
+    assert "dpdiff mepf: error:" in capsys.readouterr().err
 
 
 def test_shipped_config_parses():

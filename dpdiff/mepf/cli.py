@@ -21,7 +21,7 @@ import torch
 
 from dpdiff.config import add_config_argument, run_command
 from dpdiff.errors import ConfigError, PrivacyError
-from dpdiff.features import AVAILABLE_EXTRACTORS, check_extractor_available
+from dpdiff.features import AVAILABLE_EXTRACTORS, check_extractor_available, check_layers
 from dpdiff.imaging import save_grid
 from dpdiff.io import write_json
 from dpdiff.mepf.calibration import noise_multiplier_for_releases
@@ -121,6 +121,8 @@ def validate(args: argparse.Namespace) -> EmbeddingConfig:
         raise ConfigError(f"--learning_rate must be > 0, got {args.learning_rate}")
     train_config(args)  # its own checks (steps, schedule, ...) before the release, not after it
     check_extractor_available(args.feature_extractor)
+    if args.feature_layers is not None and not has_release:  # a reused release brings its own layers
+        check_layers(args.feature_extractor, args.feature_layers)
     config = EmbeddingConfig(
         feature_extractor=args.feature_extractor,
         layers=list(args.feature_layers) if args.feature_layers is not None else None,
@@ -180,7 +182,7 @@ def train_mepf(args: argparse.Namespace, config: EmbeddingConfig) -> int:
         "embedding": config.to_dict(), "generator": gen_config.to_dict(), "training": vars(train_config),
         "result": {"best_step": result.best_step, "best_score": result.best_score, "selected_by": result.selected_by,
                    "final_loss": result.losses[-1] if result.losses else None, "eval_steps": result.eval_steps,
-                   "eval_scores": result.eval_scores},
+                   "eval_scores": result.eval_scores, "eval_class_scores": result.eval_class_scores},
         "release_seconds": release_seconds,
     })
     images, _, _ = sample_mepf(out, args.grid_per_class, seed=args.seed)

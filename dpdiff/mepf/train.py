@@ -8,8 +8,11 @@ trick: a small batch's moments are too noisy to match directly).
 
 Checkpoint selection: every `eval_every` steps the generator (eval mode, fixed noise) is scored
 against the noisy VALIDATION embedding when the release has one, else against the training
-embedding (also public). The best one is written to `<output_dir>/generator`; the latest state
-(generator, Adam, moving averages) to `<output_dir>/checkpoint` for resuming.
+embedding (also public). The score is the same distance with each class's finite-sample term
+removed (||mean of n samples - m||^2 overstates ||E phi - m||^2 by tr(Cov phi) / n, which at a few
+dozen samples is larger than the distance itself and rewards a generator for LESS variety); the
+per-class terms are kept in the result. The best one is written to `<output_dir>/generator`; the
+latest state (generator, Adam, moving averages) to `<output_dir>/checkpoint` for resuming.
 """
 
 from __future__ import annotations
@@ -50,8 +53,10 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if self.steps < 1 or self.batch_size < 1 or self.eval_every < 1 or self.eval_samples_per_class < 1:
-            raise ConfigError(f"generator_steps, batch_size, eval_every and eval_samples_per_class must be >= 1: {self}")
+        if self.steps < 1 or self.batch_size < 1 or self.eval_every < 1:
+            raise ConfigError(f"generator_steps, batch_size and eval_every must be >= 1: {self}")
+        if self.eval_samples_per_class < 2:
+            raise ConfigError(f"eval_samples_per_class must be >= 2 (the score removes each class's sample variance), got {self.eval_samples_per_class}")
         if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
             raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
         if self.lr_schedule not in LR_SCHEDULES:
@@ -76,6 +81,7 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
     eval_steps: list[int] = field(default_factory=list)
     eval_scores: list[float] = field(default_factory=list)
+    eval_class_scores: list[list[float]] = field(default_factory=list)  # per class, at each of eval_steps
     best_step: int = 0
     best_score: float = math.inf
     selected_by: str = "train"
@@ -92,12 +98,29 @@ def class_moments(phi: Tensor, labels: Tensor, num_classes: int, moments: int) -
     return mean1, mean2, counts > 0
 
 
-def matching_distance(target: EmbeddingTarget, mean1: Tensor, mean2: Tensor | None) -> Tensor:
-    """sum_c w_c (||m1_c - g1_c||^2 [+ ||m2_c - g2_c||^2])."""
+def class_distances(target: EmbeddingTarget, mean1: Tensor, mean2: Tensor | None) -> Tensor:
+    """||m1_c - g1_c||^2 [+ ||m2_c - g2_c||^2] for each class c: [K]."""
     per_class = (target.mean1.to(mean1) - mean1).pow(2).sum(dim=1)
     if target.mean2 is not None and mean2 is not None:
         per_class = per_class + (target.mean2.to(mean2) - mean2).pow(2).sum(dim=1)
+    return per_class
+
+
+def matching_distance(target: EmbeddingTarget, mean1: Tensor, mean2: Tensor | None) -> Tensor:
+    """sum_c w_c (||m1_c - g1_c||^2 [+ ||m2_c - g2_c||^2])."""
+    per_class = class_distances(target, mean1, mean2)
     return (target.class_weights.to(per_class) * per_class).sum()
+
+
+def sample_variance_terms(phi: Tensor, samples_per_class: int, moments: int) -> Tensor:
+    """tr(Cov phi) / n [+ tr(Cov phi^2) / n] per class, from class-sorted rows (n each): the expected excess
+    of a class's squared distance measured on n samples over its distance at infinitely many."""
+    k = phi.shape[0] // samples_per_class
+    rows = phi.view(k, samples_per_class, -1)
+    terms = rows.var(dim=1, unbiased=True).sum(dim=1) / samples_per_class
+    if moments == 2:
+        terms = terms + (rows * rows).var(dim=1, unbiased=True).sum(dim=1) / samples_per_class
+    return terms
 
 
 def balanced_labels(batch_size: int, num_classes: int, generator: torch.Generator) -> Tensor:
@@ -106,8 +129,10 @@ def balanced_labels(batch_size: int, num_classes: int, generator: torch.Generato
 
 
 @torch.no_grad()
-def score_generator(model: ConditionalGenerator, extractor: FeatureExtractor, release: ReleasedEmbedding, target: EmbeddingTarget, samples_per_class: int, seed: int = 1234) -> float:
-    """Distance between a fixed-noise sample's moments and a released target (eval mode)."""
+def score_generator(model: ConditionalGenerator, extractor: FeatureExtractor, release: ReleasedEmbedding, target: EmbeddingTarget,
+                    samples_per_class: int, seed: int = 1234) -> tuple[float, list[float]]:
+    """A fixed-noise sample's distance to a released target (eval mode), each class's finite-sample term
+    removed: (class-weighted sum, per-class distances). Unbiased for the generator's own distance."""
     was_training = model.training
     model.eval()
     k = model.config.num_classes
@@ -118,7 +143,8 @@ def score_generator(model: ConditionalGenerator, extractor: FeatureExtractor, re
     phi = torch.cat([embed(extractor, chunk, release.config) for chunk in images.split(256)])
     mean1, mean2, _ = class_moments(phi, labels, k, release.config.moments)
     model.train(was_training)
-    return float(matching_distance(target, mean1, mean2))
+    per_class = class_distances(target, mean1, mean2) - sample_variance_terms(phi, samples_per_class, release.config.moments)
+    return float((target.class_weights.to(per_class) * per_class).sum()), per_class.tolist()
 
 
 def train_generator(
@@ -177,9 +203,10 @@ def train_generator(
         bar.set_postfix(loss=f"{result.losses[-1]:.4g}")
         done = step + 1
         if done % config.eval_every == 0 or done == config.steps:
-            score = score_generator(model, extractor, release, selection, config.eval_samples_per_class)
+            score, per_class = score_generator(model, extractor, release, selection, config.eval_samples_per_class)
             result.eval_steps.append(done)
             result.eval_scores.append(score)
+            result.eval_class_scores.append(per_class)
             if score < result.best_score:
                 result.best_score, result.best_step = score, done
                 if output_dir is not None:
