@@ -88,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--mepf_feature_layers", nargs="+", default=list(EFFICIENTNET_LITE0_DEFAULT_LAYERS), help="DP-MEPF extractor "
       "layers matched (its --feature_layers)")
     a("--mepf_batch_size", type=int, default=50, help="DP-MEPF generator batch (its --batch_size)")
+    a("--mepf_num_generators", type=int, default=1, help="DP-MEPF generators trained on the one release, the best kept "
+      "(its --num_generators: N times the generator time, no privacy cost)")
     a("--num_per_class", type=int, default=FULL_SCALE["num_per_class"], help="synthetic images per class")
     a("--inference_steps", type=int, default=FULL_SCALE["inference_steps"], help="DDIM steps when sampling")
     a("--guidance_scale", type=float, default=2.0)
@@ -122,7 +124,8 @@ def check(args) -> None:
     if any(not (e > 0 and e < float("inf")) for e in args.epsilons) or (args.methods and not args.epsilons):
         raise ConfigError(f"--epsilons must be finite positive numbers, got {args.epsilons}")
     for name in ("num_per_class", "batch_size", "physical_batch_size", "mepf_generator_steps", "inference_steps", "fd_input_size",
-                 "noise_multiplicity", "eval_repeats", "mepf_base_channels", "mepf_feature_input_size", "mepf_batch_size"):
+                 "noise_multiplicity", "eval_repeats", "mepf_base_channels", "mepf_feature_input_size", "mepf_batch_size",
+                 "mepf_num_generators"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name} must be >= 1, got {getattr(args, name)}")
     try:
@@ -192,7 +195,8 @@ def train_mepf(args, epsilon: float, out: Path, resume: bool = False) -> dict:
              "--generator_steps", str(args.mepf_generator_steps), "--moments", "2",
              "--feature_input_size", str(args.mepf_feature_input_size), "--base_channels", str(args.mepf_base_channels),
              "--lr_schedule", args.mepf_lr_schedule, "--batch_size", str(args.mepf_batch_size), "--seed", str(args.seed), "--no-progress",
-             "--eval_every", str(max(1, args.mepf_generator_steps // 10)), "--eval_samples_per_class", "100"]
+             "--eval_every", str(max(1, args.mepf_generator_steps // 10)), "--eval_samples_per_class", "100",
+             "--num_generators", str(args.mepf_num_generators)]
     if args.max_train_samples:
         flags += ["--limit", str(args.max_train_samples)]
     flags += ["--feature_layers", *args.mepf_feature_layers]
@@ -263,6 +267,7 @@ def _resumable_step(started: Path, run_id: dict, method: str) -> int | None:
     latest checkpoint (ledger included). DP-MEPF: once its embedding is released, the release is reused (never
     released twice) and the generator continues from its checkpoint, or from step 0 when it has none yet."""
     from dpdiff.mepf.release import RELEASE_FILE
+    from dpdiff.mepf.restarts import CANDIDATES_DIR
     from dpdiff.mepf.train import CHECKPOINT_DIR
     from dpdiff.training.checkpoint import checkpoint_step, list_checkpoints
 
@@ -272,8 +277,8 @@ def _resumable_step(started: Path, run_id: dict, method: str) -> int | None:
     if method == "mepf":
         if not (run_dir / RELEASE_FILE).is_file():
             return None
-        state = run_dir / CHECKPOINT_DIR / "trainer_state.json"
-        return int(json.loads(state.read_text())["step"]) if state.is_file() else 0
+        states = [run_dir / CHECKPOINT_DIR, *sorted((run_dir / CANDIDATES_DIR).glob(f"*/{CHECKPOINT_DIR}"))]
+        return sum(int(json.loads((s / "trainer_state.json").read_text())["step"]) for s in states if (s / "trainer_state.json").is_file())
     if method not in DP_SGD_METHODS:
         return None
     found = list_checkpoints(run_dir)
@@ -285,7 +290,7 @@ LATER_FLAG_DEFAULTS = {"noise_multiplicity": 1, "eval_repeats": 1, "timestep_bia
                        "timestep_bias_portion": 0.25, "attention_start_index": 0, "mepf_base_channels": 32,
                        "mepf_feature_input_size": 32, "mepf_lr_schedule": "constant",
                        "mepf_feature_layers": list(EFFICIENTNET_LITE0_LEGACY_DEFAULT_LAYERS),
-                       "mepf_batch_size": 50}
+                       "mepf_batch_size": 50, "mepf_num_generators": 1}
 TIMESTEP_BIAS_FLAGS = ("timestep_bias_strategy", "timestep_bias_multiplier", "timestep_bias_portion")
 
 

@@ -6,6 +6,7 @@ then train a generator to match them at no further privacy cost.
     release.py      the one private step: noisy sums + noisy counts, privacy record, save/load
     generator.py    ResNet-style conditional generator, save/load (safetensors)
     train.py        moment matching with a moving average, checkpoint selection
+    restarts.py     several generators on one release, the best kept (no privacy cost)
     sample.py       sample_mepf: images for `dpdiff sample`
     cli.py          `dpdiff mepf` / recipes/train_mepf.py
 """

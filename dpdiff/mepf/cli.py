@@ -4,7 +4,8 @@ a generator on it.
 The output folder gets: privacy.json (the guarantee), release.safetensors (the noisy embedding:
 retrain the generator from it with --resume or another --output_dir... without touching the data),
 generator/ (best generator), checkpoint/ (latest state), generation_config.json (for `dpdiff sample`),
-mepf_config.json (every flag), samples.png.
+mepf_config.json (every flag), samples.png; with --num_generators N, candidates/seed<k>/ holds each
+generator's own generator/ and checkpoint/ and generator/ is the best of them.
 
 A release spends privacy budget. A folder that already holds one is reused only with --resume; a
 second run into it without --resume is refused rather than silently releasing again.
@@ -28,6 +29,7 @@ from dpdiff.mepf.calibration import noise_multiplier_for_releases
 from dpdiff.mepf.embedding import CHANNEL_STATS, EmbeddingConfig, build_extractor
 from dpdiff.mepf.generator import ConditionalGenerator, GeneratorConfig, upsampling_plan
 from dpdiff.mepf.release import RELEASE_FILE, load_release, planned_releases, release_embedding, save_release
+from dpdiff.mepf.restarts import train_best_of
 from dpdiff.mepf.sample import sample_mepf
 from dpdiff.mepf.train import LR_SCHEDULES, TrainConfig, train_generator
 from dpdiff.privacy.accounting import DEFAULT_DELTA
@@ -69,6 +71,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     gen.add_argument("--moving_average", type=float, default=0.9, help="beta of the generated-moment average")
     gen.add_argument("--eval_every", type=int, default=200)
     gen.add_argument("--eval_samples_per_class", type=int, default=50)
+    gen.add_argument("--num_generators", type=int, default=1,
+                     help="train this many generators on the one release (seeds --seed, --seed + 1, ...; no privacy cost) and "
+                          "keep the one closest to it on a fresh sample: N times the generator time, against a generator "
+                          "that loses a class (docs/mepf.md)")
+    gen.add_argument("--select_samples_per_class", type=int, default=200, help="samples per class that choose among --num_generators")
     gen.add_argument("--z_dim", type=int, default=64)
     gen.add_argument("--base_channels", type=int, default=64)
     out = parser.add_argument_group("run")
@@ -103,7 +110,8 @@ def validate(args: argparse.Namespace) -> EmbeddingConfig:
             f"{out} already holds a DP-MEPF release: releasing again would spend the privacy budget a second time. "
             "Pass --resume to reuse it (no new cost), or choose a new --output_dir for a new release."
         )
-    for name in ("generator_steps", "batch_size", "embed_batch_size", "eval_every", "eval_samples_per_class", "z_dim", "grid_per_class"):
+    for name in ("generator_steps", "batch_size", "embed_batch_size", "eval_every", "eval_samples_per_class", "z_dim", "grid_per_class",
+                 "num_generators"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.limit is not None and args.limit < 1:
@@ -120,6 +128,8 @@ def validate(args: argparse.Namespace) -> EmbeddingConfig:
     if not (args.learning_rate > 0 and math.isfinite(args.learning_rate)):
         raise ConfigError(f"--learning_rate must be > 0, got {args.learning_rate}")
     train_config(args)  # its own checks (steps, schedule, ...) before the release, not after it
+    if args.num_generators > 1 and args.select_samples_per_class < 2:
+        raise ConfigError(f"--select_samples_per_class must be >= 2, got {args.select_samples_per_class}")
     check_extractor_available(args.feature_extractor)
     if args.feature_layers is not None and not has_release:  # a reused release brings its own layers
         check_layers(args.feature_extractor, args.feature_layers)
@@ -170,8 +180,16 @@ def train_mepf(args: argparse.Namespace, config: EmbeddingConfig) -> int:
         num_classes=len(release.class_names), resolution=release.resolution, channels=release.channels,
         z_dim=args.z_dim, base_channels=args.base_channels, class_names=release.class_names,
     )
-    model = ConditionalGenerator(gen_config).to(device)
-    result = train_generator(release, extractor, model, train_config(args), out, resume=args.resume, progress=args.progress)
+    candidates = []
+    if args.num_generators == 1:
+        model = ConditionalGenerator(gen_config).to(device)
+        result = train_generator(release, extractor, model, train_config(args), out, resume=args.resume, progress=args.progress)
+    else:
+        best, candidates = train_best_of(
+            release, extractor, lambda: ConditionalGenerator(gen_config).to(device), train_config(args), args.num_generators, out,
+            args.select_samples_per_class, resume=args.resume, progress=args.progress)
+        result = best.result
+        print("generators: " + ", ".join(f"seed {c.seed} {c.score:.4g}" for c in candidates) + f"; kept seed {best.seed}")
 
     write_json(out / GENERATION_FILE, {
         "method": "mepf", "class_names": release.class_names,
@@ -183,6 +201,8 @@ def train_mepf(args: argparse.Namespace, config: EmbeddingConfig) -> int:
         "result": {"best_step": result.best_step, "best_score": result.best_score, "selected_by": result.selected_by,
                    "final_loss": result.losses[-1] if result.losses else None, "eval_steps": result.eval_steps,
                    "eval_scores": result.eval_scores, "eval_class_scores": result.eval_class_scores},
+        "candidates": [{"seed": c.seed, "folder": c.folder, "score": c.score, "class_scores": c.class_scores,
+                        "best_step": c.result.best_step, "kept": c is best} for c in candidates],
         "release_seconds": release_seconds,
     })
     images, _, _ = sample_mepf(out, args.grid_per_class, seed=args.seed)
