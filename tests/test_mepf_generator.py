@@ -205,3 +205,22 @@ def test_selection_score_removes_the_finite_sample_term_so_it_is_unbiased(moment
 def test_selection_needs_two_samples_per_class():
     with pytest.raises(ConfigError, match="eval_samples_per_class must be >= 2"):
         TrainConfig(eval_samples_per_class=1)
+
+
+def test_a_checkpoint_scored_before_the_correction_is_not_compared_with_corrected_scores(setup, tmp_path):
+    """Old checkpoints hold scores with the finite-sample term in (larger, and not comparable): after a resume the
+    first corrected evaluation replaces their best instead of being judged against it."""
+    _, extractor, release = setup
+    cfg = TrainConfig(steps=15, batch_size=10, eval_every=15, eval_samples_per_class=2, seed=0)
+    train_generator(release, extractor, small_generator(release), cfg, tmp_path, progress=False)
+    state_file = tmp_path / "checkpoint" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    del state["result"]["eval_class_scores"]
+    state["result"]["best_score"] = state["result"]["eval_scores"][0] = -1.0  # unbeatable on the new scale
+    state_file.write_text(json.dumps(state))
+    before = (tmp_path / "generator" / "model.safetensors").read_bytes()
+    longer = TrainConfig(steps=30, batch_size=10, eval_every=15, eval_samples_per_class=2, seed=0)
+    resumed = train_generator(release, extractor, small_generator(release, seed=3), longer, tmp_path, resume=True, progress=False)
+    assert resumed.best_step == 30 and resumed.best_score == resumed.eval_scores[1] > -1.0
+    assert (tmp_path / "generator" / "model.safetensors").read_bytes() != before
+    assert len(resumed.eval_class_scores) == 2 and resumed.eval_class_scores[0] == [] and len(resumed.eval_class_scores[1]) == 10

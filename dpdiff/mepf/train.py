@@ -246,5 +246,10 @@ def _load_checkpoint(path: Path, model, optimizer, result: TrainResult, rng: tor
     rng.set_state(tensors["rng_state"])
     for name, value in meta["result"].items():
         setattr(result, name, value)
+    if result.eval_scores and "eval_class_scores" not in meta["result"]:
+        # written before selection removed the finite-sample term: its scores are on another scale, so the next
+        # evaluation is not compared with them (its generator replaces the old best)
+        result.best_score = math.inf
+        result.eval_class_scores = [[] for _ in result.eval_scores]
     averages = {k[8:]: v for k, v in tensors.items() if k.startswith("average.")}
     return int(meta["step"]), averages
