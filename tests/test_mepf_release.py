@@ -17,9 +17,9 @@ from dpdiff.mepf.release import add_noise, load_release, planned_releases, relea
 C = 2.5  # a non-unit bound so a forgotten factor of C shows
 
 
-@pytest.fixture(scope="module")
-def config():
-    return EmbeddingConfig(input_size=32, max_norm=C, moments=2, labelled=True)
+@pytest.fixture(scope="module", params=[False, True], ids=["features", "features+pixels"])
+def config(request):
+    return EmbeddingConfig(input_size=32, max_norm=C, moments=2, labelled=True, pixels=request.param)
 
 
 @pytest.fixture(scope="module")
@@ -185,3 +185,25 @@ def test_a_release_names_its_layers_and_an_old_default_release_keeps_its_meaning
     back = load_release(tmp_path / "old")
     assert back.config.layers == list(EFFICIENTNET_LITE0_LEGACY_DEFAULT_LAYERS)
     assert build_extractor(back.config).layer_names == ["stage2", "stage3", "stage4", "stage5", "stage6", "stage7"]
+
+
+def test_the_pixel_block_is_the_image_rescaled_like_every_block_and_sums_line_up_batch_by_batch(data):
+    """The pixel block is the grey levels in [0, 1], scaled to C / sqrt(B) like the other blocks; embedding_sums
+    pairs each extractor batch with its own images (a misaligned slice would pass the norm bound and be wrong)."""
+    images, labels, names = data
+    with_pixels = EmbeddingConfig(input_size=32, max_norm=C, moments=2, labelled=True, pixels=True)
+    extractor = build_extractor(with_pixels, batch_size=16)
+    phi = embed(extractor, images, with_pixels)
+    without = embed(extractor, images, EmbeddingConfig(input_size=32, max_norm=C, moments=2, labelled=True))
+    pixel_dim = images[0].numel()
+    assert phi.shape[1] == without.shape[1] + pixel_dim
+    pixel_block = phi[:, :pixel_dim]
+    grey = (images.flatten(1) + 1) / 2
+    num_blocks = round((C / pixel_block.norm(dim=1)).pow(2).mean().item())
+    torch.testing.assert_close(pixel_block, grey / grey.norm(dim=1, keepdim=True) * C / math.sqrt(num_blocks))
+    # the other blocks are the feature blocks, each shrunk from C / sqrt(B - 1) to C / sqrt(B)
+    torch.testing.assert_close(phi[:, pixel_dim:], without * math.sqrt((num_blocks - 1) / num_blocks), rtol=1e-5, atol=1e-7)
+    assert (phi.norm(dim=1) <= C * (1 + 1e-6)).all()
+    sums = embedding_sums(extractor, images, labels, len(names), with_pixels, batch_size=16, progress=False)
+    expected = torch.zeros(len(names), phi.shape[1], dtype=torch.float64).index_add_(0, labels, phi.double())
+    torch.testing.assert_close(sums.sum1, expected, rtol=1e-5, atol=1e-6)

@@ -58,6 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     feat.add_argument("--feature_input_size", type=int, default=64, help="side the extractor sees (224 = ImageNet; smaller is faster)")
     feat.add_argument("--channel_stats", choices=CHANNEL_STATS, default="mean_var")
     feat.add_argument("--pooled_features", action=argparse.BooleanOptionalAction, default=True)
+    feat.add_argument("--pixel_features", action=argparse.BooleanOptionalAction, default=False,
+                      help="add the image's grey levels as one more block (its class mean picture and pixel variance)")
     feat.add_argument("--embed_batch_size", type=int, default=128)
     gen = parser.add_argument_group("generator")
     gen.add_argument("--generator_steps", type=int, default=2000)
@@ -139,6 +141,7 @@ def validate(args: argparse.Namespace) -> EmbeddingConfig:
         input_size=args.feature_input_size,
         channel_stats=args.channel_stats,
         include_pooled=args.pooled_features,
+        pixels=args.pixel_features,
         max_norm=args.max_grad_norm,
         moments=args.moments,
         labelled=args.labelled,

@@ -2,7 +2,10 @@
 
 phi(x) concatenates B blocks computed from a frozen feature extractor: for each chosen layer the
 per-channel spatial mean (and, with channel_stats="mean_var", the per-channel spatial variance),
-plus the pooled output when `include_pooled`. Each block is rescaled to norm <= C / sqrt(B), so
+plus the pooled output when `include_pooled`, plus (with `pixels`) the image itself, grey levels in
+[0, 1] at the data's resolution: the class's mean picture and per-pixel second moment, the layout a
+classifier on pixels reads and an ImageNet extractor at 32 px barely sees. Each block is rescaled to
+norm <= C / sqrt(B), so
 
     ||phi(x)||_2 <= C   for every x            (C = max_norm, the "clipping" bound)
 
@@ -39,6 +42,7 @@ class EmbeddingConfig:
     max_norm: float = 1.0  # C: ||phi(x)|| <= C
     moments: int = 1  # 1: release mean phi; 2: also mean phi**2
     labelled: bool = True
+    pixels: bool = False  # one more block: the image's grey levels (releases made before it existed: False)
 
     def __post_init__(self):
         if self.channel_stats not in CHANNEL_STATS:
@@ -59,9 +63,13 @@ class EmbeddingConfig:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
-def feature_blocks(output: FeatureOutput, config: EmbeddingConfig) -> list[Tensor]:
-    """The unnormalised blocks of phi for one batch: [N, d_b] each."""
+def feature_blocks(output: FeatureOutput, config: EmbeddingConfig, images: Tensor | None = None) -> list[Tensor]:
+    """The unnormalised blocks of phi for one batch: [N, d_b] each. `images` (in [-1, 1]) only for `pixels`."""
     blocks = []
+    if config.pixels:
+        if images is None:
+            raise ConfigError("this embedding has a pixel block: pass the images with the extractor's output")
+        blocks.append((images.flatten(1) + 1) / 2)  # background 0: the block's direction is the garment's shape
     for act in output.layers:
         flat = act.flatten(2)
         blocks.append(flat.mean(dim=2))
@@ -72,9 +80,9 @@ def feature_blocks(output: FeatureOutput, config: EmbeddingConfig) -> list[Tenso
     return blocks
 
 
-def feature_vector(output: FeatureOutput, config: EmbeddingConfig) -> Tensor:
+def feature_vector(output: FeatureOutput, config: EmbeddingConfig, images: Tensor | None = None) -> Tensor:
     """phi for one batch: [N, D], every row of norm <= C. Differentiable (generator training)."""
-    blocks = feature_blocks(output, config)
+    blocks = feature_blocks(output, config, images)
     bound = config.max_norm / math.sqrt(len(blocks))
     scaled = []
     for block in blocks:
@@ -85,7 +93,7 @@ def feature_vector(output: FeatureOutput, config: EmbeddingConfig) -> Tensor:
 
 def embed(extractor: FeatureExtractor, images: Tensor, config: EmbeddingConfig) -> Tensor:
     """phi(x) of one batch of images in [-1, 1]; follows the caller's grad mode."""
-    return feature_vector(extractor.extract(images), config)
+    return feature_vector(extractor.extract(images), config, images)
 
 
 def build_extractor(config: EmbeddingConfig, batch_size: int = 128, device="cpu") -> FeatureExtractor:
@@ -125,10 +133,10 @@ def embedding_sums(
         raise ConfigError("the labelled embedding needs labels")
     start = 0
     for out in extractor.iter_batches(images, batch_size=batch_size, progress=progress, desc=desc):
-        phi = feature_vector(out, config).to(torch.float64).cpu()
+        n = out.pooled.shape[0]
+        phi = feature_vector(out, config, images[start:start + n].to(out.pooled.device)).to(torch.float64).cpu()
         # the bound already holds up to float32 rounding; enforce it exactly in float64 anyway
         phi = phi * (config.max_norm / phi.norm(dim=1, keepdim=True).clamp(min=1e-300)).clamp(max=1.0)
-        n = phi.shape[0]
         idx = labels[start:start + n].long() if config.labelled else torch.zeros(n, dtype=torch.long)
         start += n
         if sum1 is None:
