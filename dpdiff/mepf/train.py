@@ -117,9 +117,9 @@ def sample_variance_terms(phi: Tensor, samples_per_class: int, moments: int) -> 
     of a class's squared distance measured on n samples over its distance at infinitely many."""
     k = phi.shape[0] // samples_per_class
     rows = phi.view(k, samples_per_class, -1)
-    terms = rows.var(dim=1, unbiased=True).sum(dim=1) / samples_per_class
+    terms = rows.var(dim=1, correction=1).sum(dim=1) / samples_per_class
     if moments == 2:
-        terms = terms + (rows * rows).var(dim=1, unbiased=True).sum(dim=1) / samples_per_class
+        terms = terms + (rows * rows).var(dim=1, correction=1).sum(dim=1) / samples_per_class
     return terms
 
 
