@@ -25,7 +25,7 @@ from dpdiff.features import FeatureExtractor
 from dpdiff.io import atomic_dir
 from dpdiff.mepf.generator import GENERATOR_DIR, ConditionalGenerator, load_generator
 from dpdiff.mepf.release import ReleasedEmbedding
-from dpdiff.mepf.train import TrainConfig, TrainResult, score_generator, train_generator
+from dpdiff.mepf.train import TrainConfig, TrainResult, score_generator, selection_target, train_generator
 
 CANDIDATES_DIR = "candidates"
 SELECTION_SEED = 4321  # not the checkpoint scores' noise (1234): the final choice is scored on samples it was not chosen on
@@ -56,7 +56,7 @@ def train_best_of(
         raise ConfigError(f"num_generators must be >= 1, got {num_generators}")
     if select_samples_per_class < 2:
         raise ConfigError(f"select_samples_per_class must be >= 2 (the score removes each class's sample variance), got {select_samples_per_class}")
-    target = release.target("validation") if release.has_validation else release.target("train")
+    _, target = selection_target(release)
     candidates = []
     for index in range(num_generators):
         seed = config.seed + index

@@ -123,6 +123,12 @@ def sample_variance_terms(phi: Tensor, samples_per_class: int, moments: int) -> 
     return terms
 
 
+def selection_target(release: ReleasedEmbedding) -> tuple[str, EmbeddingTarget]:
+    """What generators are scored against: the held-out (validation) embedding when released, else the training one."""
+    part = "validation" if release.has_validation else "train"
+    return part, release.target(part)
+
+
 def balanced_labels(batch_size: int, num_classes: int, generator: torch.Generator) -> Tensor:
     labels = torch.arange(batch_size) % num_classes
     return labels[torch.randperm(batch_size, generator=generator)]
@@ -170,8 +176,8 @@ def train_generator(
     torch.manual_seed(config.seed)
     rng = torch.Generator().manual_seed(config.seed)
     target = release.target("train")
-    selection = release.target("validation") if release.has_validation else target
-    result = TrainResult(selected_by="validation" if release.has_validation else "train")
+    selected_by, selection = selection_target(release)
+    result = TrainResult(selected_by=selected_by)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, betas=(0.5, 0.999))
     averages: dict[str, Tensor] = {}
     start = 0
