@@ -88,8 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--mepf_feature_layers", nargs="+", default=list(EFFICIENTNET_LITE0_DEFAULT_LAYERS), help="DP-MEPF extractor "
       "layers matched (its --feature_layers)")
     a("--mepf_batch_size", type=int, default=50, help="DP-MEPF generator batch (its --batch_size)")
-    a("--mepf_pixel_features", action="store_true", help="DP-MEPF embedding with the image's grey levels as one more block "
-      "(its --pixel_features)")
+    a("--mepf_pixel_features", action=argparse.BooleanOptionalAction, default=True, help="DP-MEPF embedding with the "
+      "image's grey levels as one more block (its --pixel_features; rows before 2026-12-06 ran without it)")
     a("--mepf_num_generators", type=int, default=1, help="DP-MEPF generators trained on the one release, the best kept "
       "(its --num_generators: N times the generator time, no privacy cost)")
     a("--num_per_class", type=int, default=FULL_SCALE["num_per_class"], help="synthetic images per class")
@@ -202,8 +202,7 @@ def train_mepf(args, epsilon: float, out: Path, resume: bool = False) -> dict:
     if args.max_train_samples:
         flags += ["--limit", str(args.max_train_samples)]
     flags += ["--feature_layers", *args.mepf_feature_layers]
-    if args.mepf_pixel_features:
-        flags.append("--pixel_features")
+    flags.append("--pixel_features" if args.mepf_pixel_features else "--no-pixel_features")
     if resume:  # the release of the interrupted run is reused (no second privacy cost), its generator continues
         flags.append("--resume")
     ns = parser.parse_args(flags)

@@ -90,11 +90,11 @@ def test_input_that_needs_no_data_is_checked_before_the_data_is_read(tmp_path, c
     assert "dpdiff mepf: error:" in capsys.readouterr().err
 
 
-def test_pixel_features_are_released_and_matched(tmp_path):
+def test_pixel_features_are_released_and_matched_by_default(tmp_path):
     from dpdiff.mepf.release import load_release
 
-    assert dpdiff_main(["mepf", "--output_dir", str(tmp_path / "plain"), *TINY]) == 0
-    assert dpdiff_main(["mepf", "--output_dir", str(tmp_path / "pixels"), *TINY, "--pixel_features"]) == 0
+    assert dpdiff_main(["mepf", "--output_dir", str(tmp_path / "plain"), *TINY, "--no-pixel_features"]) == 0
+    assert dpdiff_main(["mepf", "--output_dir", str(tmp_path / "pixels"), *TINY]) == 0
     plain, pixels = load_release(tmp_path / "plain"), load_release(tmp_path / "pixels")
     assert pixels.config.pixels and not plain.config.pixels
     assert pixels.target().mean1.shape[1] == plain.target().mean1.shape[1] + 28 * 28  # the grey levels: one more block

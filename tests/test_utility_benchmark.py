@@ -130,6 +130,14 @@ def test_mepf_feature_layers_from_before_the_flag_do_not_match_the_new_default()
     assert "mepf_feature_layers" not in old
 
 
+def test_mepf_pixel_features_are_the_default_and_rows_from_before_match_only_without_them():
+    bench = load_benchmark()
+    parser = bench.build_parser()
+    assert bench.settings(parser.parse_args([]))["mepf_pixel_features"] is True
+    # results written before the pixel block existed ran without it: only --no-mepf_pixel_features still matches them
+    assert "mepf_pixel_features" not in bench.settings(parser.parse_args(["--no-mepf_pixel_features"]))
+
+
 def test_merged_report_names_settings_the_runs_do_not_share():
     load_benchmark()  # puts benchmarks/ on sys.path
     from _utility_report import markdown
@@ -325,6 +333,7 @@ def test_interrupted_mepf_reuses_its_release_and_continues_its_generator(tiny_pi
     (that would spend the budget twice on the same data while the row shows one release); the generator
     continues from its checkpoint, or from step 0 when the process died before the first one."""
     from dpdiff.io import sha256_file
+    from dpdiff.mepf.release import load_release
 
     bench = load_benchmark()
     argv = smoke_argv(tiny_pipeline_dir, tmp_path, "--methods", "mepf", "--references", "--mepf_generator_steps", "4",
@@ -334,6 +343,7 @@ def test_interrupted_mepf_reuses_its_release_and_continues_its_generator(tiny_pi
     release = sha256_file(run / "release.safetensors")
     state = run / "checkpoint" / "trainer_state.json"
     assert json.loads(state.read_text())["step"] == 4 and "resumed_at_step" not in whole["timings"]["train"]
+    assert load_release(run).config.pixels  # --mepf_pixel_features (the default) reaches dpdiff mepf
 
     def interrupt(checkpoint: bool):  # a process killed after the release (and maybe after a checkpoint)
         for name in ("benchmark_trained.json", "generation_config.json", "mepf_config.json"):

@@ -58,8 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     feat.add_argument("--feature_input_size", type=int, default=64, help="side the extractor sees (224 = ImageNet; smaller is faster)")
     feat.add_argument("--channel_stats", choices=CHANNEL_STATS, default="mean_var")
     feat.add_argument("--pooled_features", action=argparse.BooleanOptionalAction, default=True)
-    feat.add_argument("--pixel_features", action=argparse.BooleanOptionalAction, default=False,
-                      help="add the image's grey levels as one more block (its class mean picture and pixel variance)")
+    feat.add_argument("--pixel_features", action=argparse.BooleanOptionalAction, default=True,
+                      help="add the image's grey levels as one more block (its class mean picture and pixel variance); "
+                           "--no-pixel_features: the extractor's blocks only (the default before 2026-12-06)")
     feat.add_argument("--embed_batch_size", type=int, default=128)
     gen = parser.add_argument_group("generator")
     gen.add_argument("--generator_steps", type=int, default=2000)
