@@ -50,7 +50,7 @@ TRAINED_FILE = "benchmark_trained.json"
 STARTED_FILE = "benchmark_started.json"  # an unfinished DP-SGD or DP-MEPF training with these settings: resumable
 # the defaults are the complete benchmark; changing one of these makes the run "reduced"
 FULL_SCALE = {"max_train_samples": None, "epochs": 10.0, "max_steps": None, "num_per_class": 6000, "eval_epochs": None,
-              "test_limit": None, "num_fd_samples": 2000, "mepf_generator_steps": 2000, "inference_steps": 50}
+              "test_limit": None, "num_fd_samples": 2000, "mepf_generator_steps": 7000, "inference_steps": 50}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,9 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--attention_start_index", type=int, default=0, help="attention (DP-LDM): train the attention blocks from this "
       "depth index on (0: all of them)")
     a("--mepf_generator_steps", type=int, default=FULL_SCALE["mepf_generator_steps"])
-    a("--mepf_base_channels", type=int, default=32, help="DP-MEPF generator width (its --base_channels)")
+    a("--mepf_base_channels", type=int, default=64, help="DP-MEPF generator width (its --base_channels)")
     a("--mepf_feature_input_size", type=int, default=32, help="side DP-MEPF's feature extractor sees (its --feature_input_size)")
-    a("--mepf_lr_schedule", choices=LR_SCHEDULES, default="constant", help="DP-MEPF generator's --lr_schedule")
+    a("--mepf_lr_schedule", choices=LR_SCHEDULES, default="step", help="DP-MEPF generator's --lr_schedule")
     a("--mepf_feature_layers", nargs="+", default=list(EFFICIENTNET_LITE0_DEFAULT_LAYERS), help="DP-MEPF extractor "
       "layers matched (its --feature_layers)")
     a("--mepf_batch_size", type=int, default=50, help="DP-MEPF generator batch (its --batch_size)")

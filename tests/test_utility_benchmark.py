@@ -136,6 +136,17 @@ def test_mepf_pixel_features_are_the_default_and_rows_from_before_match_only_wit
     assert bench.settings(parser.parse_args([]))["mepf_pixel_features"] is True
     # results written before the pixel block existed ran without it: only --no-mepf_pixel_features still matches them
     assert "mepf_pixel_features" not in bench.settings(parser.parse_args(["--no-mepf_pixel_features"]))
+    # the default DP-MEPF recipe is the measured one (mepf_eps10_10-12), recorded: old rows ran width 32, constant lr
+    recipe = bench.settings(parser.parse_args([]))
+    assert (recipe["mepf_base_channels"], recipe["mepf_lr_schedule"], recipe["mepf_generator_steps"]) == (64, "step", 7000)
+    # recipes/configs/mepf.yaml says it is this recipe: it must stay so
+    from dpdiff.config import load_config
+
+    shipped = load_config(Path(__file__).resolve().parent.parent / "recipes" / "configs" / "mepf.yaml")
+    defaults = vars(parser.parse_args([]))
+    for flag in ("generator_steps", "base_channels", "lr_schedule", "batch_size", "feature_input_size", "pixel_features"):
+        assert shipped[flag] == defaults[f"mepf_{flag}"], flag
+    assert shipped["feature_layers"] is None and defaults["mepf_feature_layers"] == list(bench.EFFICIENTNET_LITE0_DEFAULT_LAYERS)
 
 
 def test_merged_report_names_settings_the_runs_do_not_share():
@@ -265,7 +276,7 @@ def test_interrupted_training_resumes_from_its_checkpoint_with_the_budget_spent(
     assert other["settings"]["timestep_bias_strategy"] == "later" and other["settings"]["timestep_bias_multiplier"] == 4
     assert set(other["accuracy_std"]) == {"cnn", "logreg", "mlp"} and "accuracy_std" not in whole  # --eval_repeats 2
     # flags at their defaults are left out: results files from before the flags existed still match
-    assert not {"noise_multiplicity", "timestep_bias_strategy", "eval_repeats", "attention_start_index", "mepf_base_channels",
+    assert not {"noise_multiplicity", "timestep_bias_strategy", "eval_repeats", "attention_start_index",
                 "mepf_feature_input_size"} & set(whole["settings"])
 
 
