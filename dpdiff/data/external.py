@@ -1,19 +1,29 @@
 """User data: an image folder on disk, or any dataset on the Hugging Face hub.
 
-Every image is opened and decoded before training starts, so an unreadable file is named up front
-(or skipped and counted, when the user asks), never discovered an hour into a run."""
+Every image is opened and decoded once before training starts, so an unreadable file is named up front
+(or skipped and counted, when the user asks), never discovered an hour into a run; nothing decoded is
+kept (`image_check`): the source holds paths or stored bytes, and `datasets` decodes an image when it is
+read, so memory does not grow with the number of images."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from pathlib import Path
 
 import numpy as np
 from PIL import Image as PILImage
-from PIL import UnidentifiedImageError
 
-from dpdiff.data.sources import CAPTION_ONLY_CLASS, ImageSource, _subsample, build_dataset
+from dpdiff.data.image_check import check_dataset_images, check_files, open_image
+from dpdiff.data.image_source import (
+    CAPTION_ONLY_CLASS,
+    ImageSource,
+    build_dataset,
+    build_file_dataset,
+    prompt_for,
+    subsample,
+)
 from dpdiff.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -22,18 +32,6 @@ CAPTION_COLUMNS = ("prompt", "text", "caption")
 IMAGE_COLUMNS = ("image", "img", "pixel_values")
 LABEL_COLUMNS = ("label", "labels", "class")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-
-
-def _open_image(path: Path) -> PILImage.Image:
-    """Open and fully decode one file (a truncated file fails here, not later)."""
-    if path.stat().st_size == 0:
-        raise DataError(f"image file {path} is empty (0 bytes)")
-    try:
-        with PILImage.open(path) as img:
-            img.load()
-            return img.copy()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise DataError(f"cannot read image file {path}: {e}") from e
 
 
 def _read_metadata(root: Path) -> dict[str, dict]:
@@ -111,27 +109,29 @@ def load_imagefolder(path: str, split: str, limit: int | None, seed: int, skip_b
         labels = [class_names.index(f.relative_to(root).parts[0]) for f in files]
         prompts = [None] * len(files)
 
-    idx = _subsample(len(files), limit, seed)
-    images, kept_labels, kept_prompts, bad = [], [], [], []
-    for i in idx:
-        try:
-            images.append(_open_image(files[i]))
-        except DataError as e:
-            if not skip_bad_files:
-                raise DataError(f"{e}. Remove or fix it, or pass --skip_bad_files to skip unreadable images") from None
-            bad.append(files[i])
-            continue
-        kept_labels.append(labels[i])
-        kept_prompts.append(prompts[i])
+    idx = subsample(len(files), limit, seed)
+    chosen = [files[i] for i in idx]
+    kept, bad = check_files(chosen, skip_bad_files)
     if bad:
         logger.warning("skipped %d unreadable image(s) in %s, e.g. %s", len(bad), root, bad[0])
-    from dpdiff.data.sources import prompt_for
-
+    kept_files = [chosen[k] for k in kept]
+    kept_labels = [labels[idx[k]] for k in kept]
     per_class = [prompt_for(c) for c in class_names]
-    final_prompts = [p if p else (per_class[l] if 0 <= l < len(per_class) else "") for p, l in zip(kept_prompts, kept_labels)]
-    source = ImageSource(f"imagefolder:{path}", split, build_dataset(images, kept_labels, class_names, final_prompts), class_names)
+    final_prompts = [prompts[idx[k]] or (per_class[l] if 0 <= l < len(per_class) else "") for k, l in zip(kept, kept_labels)]
+    source = ImageSource(f"imagefolder:{path}", split, build_file_dataset(kept_files, kept_labels, class_names, final_prompts),
+                         class_names, identity=files_identity(kept_files))
     source.num_skipped = len(bad)
     return source
+
+
+def files_identity(files: list[Path]) -> str:
+    """What the files are, without reading them: path, size and modification time of each (as make and
+    `datasets` judge local files), hashed. A changed, added or removed file changes it."""
+    digest = hashlib.sha256()
+    for f in files:
+        stat = f.stat()
+        digest.update(f"{f.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return f"files:{len(files)}:{digest.hexdigest()}"
 
 
 def _class_names_from_metadata(root: Path, raw_labels: list) -> list[str]:
@@ -177,9 +177,9 @@ def _to_pil(value, column: str) -> PILImage.Image:
             with PILImage.open(io.BytesIO(value["bytes"])) as img:
                 img.load()
                 return img.copy()
-        return _open_image(Path(value["path"]))
+        return open_image(Path(value["path"]))
     if isinstance(value, str):
-        return _open_image(Path(value))
+        return open_image(Path(value))
     try:
         return PILImage.fromarray(np.asarray(value, dtype=np.uint8))
     except (TypeError, ValueError) as e:
@@ -213,16 +213,14 @@ def load_hub_dataset(name: str, split: str, limit: int | None, seed: int, image_
     if image_col is None or (label_col is None and caption_col is None):
         raise DataError(f"dataset {name!r} needs an image column and a label or caption column; its columns are "
                         f"{', '.join(columns)}: name them with --image_column and --caption_column")
-    idx = _subsample(len(ds), limit, seed)
+    idx = subsample(len(ds), limit, seed)
     ds = ds.select(idx.tolist())
     if label_col is not None:
-        class_names, labels = list(ds.features[label_col].names), ds[label_col]
+        class_names, labels = list(ds.features[label_col].names), list(ds[label_col])
     else:
         class_names, labels = [CAPTION_ONLY_CLASS], [0] * len(ds)
     prompts = None
     if caption_col is not None:
-        from dpdiff.data.sources import prompt_for
-
         prompts = list(ds[caption_col])
         strict = caption_column is not None or label_col is None  # else a missing caption falls back to the class prompt
         bad = [i for i, c in enumerate(prompts) if not isinstance(c, str) and (strict or c is not None)]
@@ -230,5 +228,28 @@ def load_hub_dataset(name: str, split: str, limit: int | None, seed: int, image_
             raise DataError(f"dataset {name!r}: caption column {caption_col!r} must hold strings; row {int(idx[bad[0]])} "
                             f"holds {type(prompts[bad[0]]).__name__}")
         prompts = [c if c is not None else prompt_for(class_names[l]) for c, l in zip(prompts, labels)]
-    images = [_to_pil(im, image_col) for im in ds[image_col]]
-    return ImageSource(name, split, build_dataset(images, labels, class_names, prompts), class_names)
+    identity = f"datasets:{name}:{split}:{getattr(ds, '_fingerprint', None)}"
+    lazy = _lazy_images(ds, image_col, name, idx)
+    if lazy is None:  # arrays or other values: converted in memory (small sets)
+        images = [_to_pil(im, image_col) for im in ds[image_col]]
+        return ImageSource(name, split, build_dataset(images, labels, class_names, prompts), class_names, identity=identity)
+    from dpdiff.data.image_source import _checked_labels, _features, _prompts
+
+    labels = _checked_labels(labels, class_names)
+    out = lazy.add_column("label", labels).add_column("prompt", _prompts(labels, class_names, prompts))
+    return ImageSource(name, split, out.cast(_features(class_names)), class_names, identity=identity)
+
+
+def _lazy_images(ds, image_col: str, name: str, row_ids):
+    """The image column alone as a lazily decoded `datasets.Image` column named `image`, every image
+    decoded once by the check (and dropped); None when the column holds neither images nor paths."""
+    from datasets import Image, Value
+
+    feature = ds.features[image_col]
+    if isinstance(feature, Value) and feature.dtype in ("string", "large_string"):
+        ds = ds.cast_column(image_col, Image())
+    elif not isinstance(feature, Image):
+        return None
+    check_dataset_images(ds, image_col, name, row_ids)
+    only = ds.select_columns([image_col])
+    return only if image_col == "image" else only.rename_column(image_col, "image")
