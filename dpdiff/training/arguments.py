@@ -28,6 +28,8 @@ def add_finetune_arguments(parser: argparse.ArgumentParser, method: str | None =
     a("--caption_column", default=None, help="the caption column (datasets dataset, or a key of an imagefolder's metadata.jsonl); default: autodetected (prompt, text, caption), else captions from the labels")
     a("--resolution", type=int, default=None, help="train at this square size in pixels, a positive multiple of 8 (the VAE factor); default: the base model's native size")
     a("--center_crop", action="store_true", help="center crop to a square, then resize (the diffusers flag); dpdiff always does this, since a cached latent cannot take diffusers' default random crop")
+    a("--cache_dir", default=None, help="where the latent cache (VAE latents + encoded captions, memory-mapped safetensors shards) is kept; default: OUTPUT_DIR/latent_cache. Reused by --resume_from_checkpoint and by any run on the same data, base model, resolution, flip and family; refused when those differ")
+    a("--encode_batch_size", type=int, default=None, help="images per VAE batch while building the latent cache; default: by pixels (8 at 512 px, 2 at 1024 px, 32 at 256 px)")
     a("--random_flip", action="store_true", help="horizontal flip augmentation: every image's mirrored latent is cached too (twice the latent memory) and a public coin picks one per step and example")
     # the guarantee
     a("--target_epsilon", type=float, default=10.0, help="the epsilon the run must not exceed; sigma is chosen to meet it")

@@ -58,6 +58,9 @@ def check_arguments(args: argparse.Namespace) -> argparse.Namespace:
             f"--physical_batch_size {args.physical_batch_size} > --batch_size {args.batch_size}: the physical "
             "micro-batch only splits a logical batch; make it <= the logical batch size"
         )
+    encode_batch = getattr(args, "encode_batch_size", None)
+    if encode_batch is not None and (isinstance(encode_batch, bool) or not isinstance(encode_batch, int) or encode_batch <= 0):
+        raise ConfigError(f"--encode_batch_size must be a positive integer, got {encode_batch!r}")
     if not 0 <= args.ema_decay < 1:
         raise ConfigError(f"--ema_decay must be in [0, 1), got {args.ema_decay}")
     if not 0 <= args.cond_dropout < 1:
@@ -135,8 +138,13 @@ def _finetune(args: argparse.Namespace) -> FinetuneResult:
         logger.info("%s %s: %d trainable / %d parameters; plan %s", family.name, args.method, summary.trainable_params,
                     summary.total_params, plan)
 
-    cache = build_latent_cache(pipeline, source, resolution, args.cond_dropout, args.seed, show_progress=main, family=family,
-                               random_flip=getattr(args, "random_flip", False))
+    cache_dir = getattr(args, "cache_dir", None) or output_dir / "latent_cache"
+    with accelerator.main_process_first():  # one process encodes; the others find the finished cache
+        cache = build_latent_cache(pipeline, source, resolution, args.cond_dropout, args.seed, show_progress=main, family=family,
+                                   random_flip=getattr(args, "random_flip", False), cache_dir=cache_dir,
+                                   batch_size=getattr(args, "encode_batch_size", None),
+                                   replace_mismatch=not getattr(args, "cache_dir", None) and args.overwrite_output_dir
+                                   and not resume_path)
     encoders = _Encoders(pipeline, family, accelerator.device, resolution)
     encoders.offload()  # the frozen text encoders did their work; free the accelerator for the denoiser
     params = [p for p in denoiser.parameters() if p.requires_grad]
