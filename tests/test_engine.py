@@ -190,6 +190,31 @@ def test_added_noise_has_std_sigma_c_and_an_empty_batch_steps_with_noise_only(se
     assert ((noise / noise.std()) ** 4).mean().item() == pytest.approx(3.0, rel=0.1)
 
 
+def test_a_step_with_data_adds_one_noise_draw_of_std_sigma_c_over_two_micro_batches():
+    """Four examples in two micro-batches with noise, then the same step replayed with sigma = 0 (same seeds, same
+    weights): the difference is the noise alone. One draw per logical step has std sigma*C; a draw per micro-batch
+    would give sqrt(2)*sigma*C. sigma is small, so the clipped sum (<= 4C) is not negligible beside the noise."""
+    sigma, c, b = 0.02, 0.05, 4  # every example clipped
+    engine = make_engine("lora", noise_multiplier=sigma, max_grad_norm=c, batch_size=b, physical_batch_size=2)
+    before = flat_params(engine)
+    stats = engine._logical_step([0, 1, 2, 3])
+    assert stats.num_micro_batches == 2 and stats.num_examples == 4
+    noisy = (before - flat_params(engine)) * b
+    with torch.no_grad():
+        for p, value in zip(engine.params, before.split([p.numel() for p in engine.params])):
+            p.copy_(value.view_as(p))  # replay: same weights, same step, sigma 0
+    engine.steps_taken, engine.optimizer.noise_multiplier = 0, 0.0
+    engine._logical_step([0, 1, 2, 3])
+    clipped = (before - flat_params(engine)) * b
+    assert c < clipped.norm().item() <= 4 * c * (1 + 1e-5)
+    assert noisy.std().item() > 1.1 * sigma * c  # the data part is large: without subtracting it the std is off
+    residual = noisy - clipped
+    n = residual.numel()
+    assert abs(residual.mean().item()) < 5 * sigma * c / math.sqrt(n)
+    assert residual.std().item() == pytest.approx(sigma * c, rel=0.03)  # sqrt(2) sigma C: 41% off
+    assert abs(torch.corrcoef(torch.stack([residual, clipped]))[0, 1]) < 0.05
+
+
 def test_empty_poisson_batches_happen_and_step_without_noise_change_nothing():
     engine = make_engine("lora", n=20, batch_size=1, physical_batch_size=1)  # q = 0.05: P(empty) ~ 0.36
     assert engine.sample_rate == pytest.approx(0.05)
@@ -204,13 +229,17 @@ def test_empty_poisson_batches_happen_and_step_without_noise_change_nothing():
     assert engine.steps_taken == stats.step
 
 
-def test_poisson_batch_sizes_have_the_expected_mean():
-    engine = make_engine("lora", n=1000, batch_size=50, physical_batch_size=50)
-    sizes = []
-    for _ in range(200):
-        sizes.append(len(next(iter(engine._sampler))))
-    mean = sum(sizes) / len(sizes)
-    assert mean == pytest.approx(50, abs=4 * math.sqrt(50 / 200))
+def test_poisson_batch_sizes_have_the_expected_mean_and_binomial_variance():
+    """Each example joins independently with rate q: the size is Binomial(n, q), so a fixed-size (or any
+    less random) sampler fails on the variance even where its mean is right."""
+    n, b, draws = 1000, 50, 2000
+    engine = make_engine("lora", n=n, batch_size=b, physical_batch_size=b)
+    sizes = torch.tensor([len(next(iter(engine._sampler))) for _ in range(draws)], dtype=torch.float64)
+    q = b / n
+    assert sizes.mean().item() == pytest.approx(n * q, abs=4 * math.sqrt(n * q * (1 - q) / draws))
+    # the sample variance of `draws` binomial sizes has a relative std of about sqrt(2 / draws) = 3%
+    assert sizes.var().item() == pytest.approx(n * q * (1 - q), rel=5 * math.sqrt(2 / draws))
+    assert len(set(sizes.tolist())) > 10
 
 
 @pytest.mark.parametrize("method", ["full"])
@@ -223,11 +252,26 @@ def test_full_unet_steps_in_the_default_mode(method):
 
 
 def test_per_layer_clipping_bounds_each_example_by_c():
-    c, b = 1e-3, 4
-    engine = make_engine("lora", clipping="per_layer", max_grad_norm=c, batch_size=b)
+    """Per layer, each of the L tensors of one example is clipped to C/sqrt(L) on its own (so the whole stays
+    <= C); with every tensor's gradient above that, each share is reached, in the example's own direction."""
+    c, b, lr = 1e-3, 4, 1e4  # a large lr keeps the tiny update far above the float32 rounding of the weights
+    engine = make_engine("lora", clipping="per_layer", max_grad_norm=c, batch_size=b, lr=lr,
+                         lora_targets=["to_q", "to_k", "to_v", "to_out.0"])
+    sizes, share = [p.numel() for p in engine.params], c / math.sqrt(len(engine.params))
+    latents = engine.dataset[2]["latents"][None]
+    _, noise, t = draw_diffusion_inputs(latents, 1, 1000, [example_generator(engine.seed, 0, 2)])
+    alone = example_grad(engine.reference, engine, latents, engine.dataset[2]["encoder_hidden_states"][None], noise, t)
+    alone = alone.split(sizes)
+    assert min(g.norm().item() for g in alone) > 10 * share  # every tensor is clipped: each share must be reached
     before = flat_params(engine)
     engine._logical_step([2])
-    assert ((before - flat_params(engine)) * b).norm() <= c * (1 + 1e-5)
+    contribution = ((before - flat_params(engine)) * b / lr).split(sizes)
+    norms = torch.stack([part.norm() for part in contribution])
+    assert norms.max().item() <= share * (1 + 1e-4)
+    assert norms.min().item() >= share * (1 - 1e-2)  # 1e-6 in Opacus' clip factor, on norms >= 10 * share
+    for part, g in zip(contribution, alone):
+        torch.testing.assert_close(part, g * (share / (g.norm() + 1e-6)), rtol=1e-3, atol=share * 1e-4)
+    assert torch.cat(contribution).norm().item() <= c * (1 + 1e-4)
 
 
 def roundtrip(obj):
