@@ -117,8 +117,8 @@ def denoising_loss(predict, noise_scheduler, latents: torch.Tensor, noise: torch
 def fold_multiplicity(params: list[nn.Parameter], num_examples: int, multiplicity: int) -> None:
     """Average the K per-row gradients of each example into one per-example gradient, in place.
 
-    Valid with Opacus `loss_reduction="mean"` and a loss that is the mean over all rows: Opacus then
-    stores each row's own gradient, and the mean over an example's K rows is the gradient of that
+    Valid when `p.grad_sample` holds each row's own gradient (the engine's summed loss with Opacus
+    `loss_reduction="sum"`): the mean over an example's K rows is then the gradient of that
     example's K-averaged loss."""
     if multiplicity == 1:
         return

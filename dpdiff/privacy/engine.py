@@ -61,8 +61,9 @@ class StepStats:
     # share of the examples whose gradient norm exceeded C (flat clipping; nan otherwise or if none).
     # The noise is sized to C: when most gradients are far below C, most of the noise is wasted.
     clipped_fraction: float = float("nan")
-    # examples whose low-precision gradient overflowed: their contribution is zeroed (a per-example
-    # function of that example alone, so the sensitivity stays C); always 0 in fp32
+    # examples whose gradient was NaN/inf (a low-precision overflow, or a non-finite input): their
+    # contribution is zeroed (a function of that example alone, so the sensitivity stays C). Private like
+    # `loss`: a local diagnostic, never written to a released file
     nonfinite_examples: int = 0
 
 
@@ -134,7 +135,9 @@ class DPDiffusionEngine:
             from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
 
             wrapped = DPDDP(wrapped)  # broadcasts rank 0's parameters: identical start on every rank
-        self.module = wrap_for_per_sample_grads(wrapped, self.grad_sample_mode, loss_reduction="mean")
+        # "sum": every row's backward carries that row's own gradient (times a fixed loss scale), never a
+        # 1/(rows in the micro-batch) factor: its rounding and overflow must not depend on its batch-mates
+        self.module = wrap_for_per_sample_grads(wrapped, self.grad_sample_mode, loss_reduction="sum")
         if hasattr(self.module, "book_keeping"):  # the fused mode: factored gradients where cheaper
             self.module.book_keeping = clipping == "flat"
         # what every step re-checks, found once: a per-step module walk (train(), diffusers'
@@ -222,7 +225,31 @@ class DPDiffusionEngine:
         batch = default_collate([self.dataset[i] for i in indices])
         latents = batch["latents"].to(self.device)
         conditions = {key: batch[key].to(self.device) for key in self.condition_keys}
-        return self.per_example_backward(latents, conditions, indices=indices)
+        padding = self.physical_batch_size - len(indices) if self.precision != "no" else 0
+        if padding <= 0:
+            return self.per_example_backward(latents, conditions, indices=indices)
+        # Low precision: always the same micro-batch shape. The CPU/GPU kernels pick their blocking by the
+        # number of rows, and in bf16/fp16 that choice moved an example's rounded gradient by ~3e-3 C with
+        # the NUMBER of its batch-mates; fixed shapes leave each row a function of that row alone. The
+        # padding rows are public null examples whose gradient is zeroed exactly.
+        null_latents, null_conditions = self._null_examples(padding)
+        latents = torch.cat([latents, null_latents])
+        conditions = {key: torch.cat([value, null_conditions[key]]) for key, value in conditions.items()}
+        nulls = list(range(len(self.dataset), len(self.dataset) + padding))
+        losses = self.per_example_backward(latents, conditions, indices=[*indices, *nulls])
+        is_null = torch.arange(len(latents), device=self.device) >= len(indices)
+        for p in self.params:
+            if p.grad_sample is not None:
+                p.grad_sample = zero_rows(p.grad_sample, is_null)
+        return losses[: len(indices)]
+
+    def _null_examples(self, count: int) -> tuple[torch.Tensor, dict]:
+        """`count` all-zero examples shaped like the dataset's (public: they carry no private data)."""
+        first = self.dataset[0]
+        latents = torch.zeros((count, *first["latents"].shape), device=self.device)
+        conditions = {key: torch.zeros((count, *torch.as_tensor(first[key]).shape), device=self.device,
+                                       dtype=torch.as_tensor(first[key]).dtype) for key in self.condition_keys}
+        return latents, conditions
 
     def per_example_backward(
         self,
@@ -257,8 +284,10 @@ class DPDiffusionEngine:
                 losses = self.objective.per_row_loss(
                     lambda noisy, t: family.predict(module, noisy, t, row_conditions), rows, noise, timesteps
                 )
-            # mean over all b*K rows: with loss_reduction="mean" Opacus stores each row's own gradient
-            (losses.mean() * scale).backward()
+            # the SUM over rows, times a constant: row r's backward is scale * d(loss_r), whatever else is in
+            # the micro-batch (a mean would scale it by 1/(b*K), so rounding and fp16 overflow would depend on
+            # the other examples); with loss_reduction="sum" Opacus stores each row's own gradient
+            (losses.sum() * scale).backward()
         self._grad_samples_to_fp32(scale)
         fold_multiplicity(self.params, b, k)
         self._zero_nonfinite(b)
@@ -280,10 +309,10 @@ class DPDiffusionEngine:
                     p.grad_sample = unscaled(p.grad_sample, scale)
 
     def _zero_nonfinite(self, num_examples: int) -> None:
-        """Low precision: an example whose gradient overflowed contributes zeros instead of NaN/inf
-        (which clipping cannot bound); the decision looks at that example's gradient only."""
-        if self.precision == "no":
-            return
+        """An example whose gradient is NaN/inf (a low-precision overflow, or a non-finite input in any
+        precision) contributes zeros instead: clipping cannot bound NaN, and one NaN would make the whole
+        release NaN. The decision looks at that example's own gradient only (its backward carried no
+        factor that depends on the other examples: `per_example_backward`)."""
         grads = [p for p in self.params if p.grad_sample is not None]
         bad = torch.zeros(num_examples, dtype=torch.bool, device=self.device)
         for p in grads:
@@ -297,10 +326,7 @@ class DPDiffusionEngine:
         """An empty batch: Opacus cannot run on zero rows, so run one all-zero dummy example and zero
         its per-sample gradient exactly. The step then releases noise only (and, distributed, this
         rank still joins the all-reduce so the others do not hang)."""
-        first = self.dataset[0]
-        latents = torch.zeros_like(first["latents"]).unsqueeze(0).to(self.device)
-        conditions = {key: torch.zeros_like(torch.as_tensor(first[key])).unsqueeze(0).to(self.device)
-                      for key in self.condition_keys}
+        latents, conditions = self._null_examples(1)
         self.per_example_backward(latents, conditions, indices=[len(self.dataset)])
         for p in self.params:
             p.grad_sample = torch.zeros_like(p.grad_sample)
