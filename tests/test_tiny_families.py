@@ -8,7 +8,12 @@ import torch
 from diffusers import DiffusionPipeline
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
 
-from dpdiff.pipelines.tiny_families import FAMILY_BUILDS, build_tiny_family_pipeline, save_tiny_family_pipeline
+from dpdiff.pipelines.tiny_families import (
+    FAMILY_BUILDS,
+    NATIVE_RESOLUTIONS,
+    build_tiny_family_pipeline,
+    save_tiny_family_pipeline,
+)
 
 PROMPTS = ["a photo of a cat", "an unseen wörd, zebra!"]
 EXPECTED_CLASS = {
@@ -54,7 +59,8 @@ def test_family_build_save_load_generate_lora(name, tmp_path):
     again = denoiser(build_tiny_family_pipeline(name, seed=0)).state_dict()
     assert all(torch.equal(v, again[k]) for k, v in denoiser(pipe).state_dict().items())
     images = generate(pipe, name)
-    assert images.shape == (2, 32, 32, 3) and np.isfinite(images).all()
+    size = NATIVE_RESOLUTIONS["dit"] if name == "dit" else 32  # DiTPipeline samples at its sample size only
+    assert images.shape == (2, size, size, 3) and np.isfinite(images).all()
 
     # save_pretrained (safetensors) -> DiffusionPipeline.from_pretrained: same class, same samples
     path = save_tiny_family_pipeline(name, tmp_path / name, seed=0)
@@ -84,3 +90,20 @@ def test_family_build_save_load_generate_lora(name, tmp_path):
 def test_unknown_family():
     with pytest.raises(ValueError, match="unknown tiny family"):
         build_tiny_family_pipeline("sd4")
+
+
+# the real checkpoints' VAE factor and default size (SD-1.5 and PixArt-alpha 512, SD-2 v 768, DiT 256, the rest 1024)
+REAL = {"sd15": (8, 512), "sd2": (8, 768), "sdxl": (8, 1024), "pixart_alpha": (8, 512), "pixart_sigma": (8, 1024),
+        "sd3": (8, 1024), "flux": (8, 1024), "sana": (32, 1024), "dit": (8, 256)}
+
+
+@pytest.mark.parametrize("name", FAMILY_BUILDS)
+def test_builds_have_the_real_vae_factor_and_default_size(name):
+    from dpdiff.families import family_for_pipeline
+    from dpdiff.families.base import vae_scale_factor
+
+    pipe = build_tiny_family_pipeline(name)
+    family = family_for_pipeline(pipe)
+    assert (vae_scale_factor(pipe), family.resolution(pipe)) == REAL[name] and NATIVE_RESOLUTIONS[name] == REAL[name][1]
+    if name in ("sd3", "flux"):
+        assert len(pipe.vae.config.block_out_channels) == 4 and pipe.vae.config.latent_channels == 16
