@@ -41,11 +41,58 @@ SDXL = dict(sample_size=128, in_channels=4, out_channels=4, block_out_channels=(
             addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
 DIT = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
            sample_size=32, patch_size=2, num_embeds_ada_norm=1000)
+# PixArt-alpha's transformer (PixArt-XL-2-512x512; the 1024-MS checkpoint is the same with sample_size 128 and
+# its resolution/aspect-ratio micro-conditions): 28 blocks x 1152, T5-XXL hidden states (4096) of 120 tokens
+PIXART = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
+              cross_attention_dim=1152, attention_bias=True, sample_size=64, patch_size=2, activation_fn="gelu-approximate",
+              num_embeds_ada_norm=1000, norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6,
+              caption_channels=4096)
+PIXART_TOKENS = 120
+REAL_SHAPES = {"sd15": SD15, "sdxl": SDXL, "pixart": PIXART}
 TINY = {"sd15": dict(block_out_channels=(32, 32, 64, 64), cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8),
         "sdxl": dict(block_out_channels=(32, 32, 64), transformer_layers_per_block=(1, 1, 2), attention_head_dim=(8, 8, 16),
                      cross_attention_dim=32, addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8,
                      norm_num_groups=8),
         "dit": dict(num_attention_heads=2, attention_head_dim=16, num_layers=2)}
+
+
+def real_shape_model(shape: str, latent: int, dtype=torch.float32, device="cpu"):
+    """The denoiser of a real config (random init) built directly in `dtype` (no fp32 copy of SDXL's 2.6B
+    weights on the way), with its family and one example's conditioning shapes."""
+    from diffusers import PixArtTransformer2DModel, UNet2DConditionModel
+
+    from dpdiff.families.registry import family_named
+
+    config = REAL_SHAPES[shape] | dict(sample_size=latent)
+    if shape == "pixart":
+        config |= dict(use_additional_conditions=latent == 128)
+    cls = PixArtTransformer2DModel if shape == "pixart" else UNet2DConditionModel
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = cls(**config)
+    finally:
+        torch.set_default_dtype(previous)
+    family = family_named({"sd15": "sd", "sdxl": "sdxl", "pixart": "pixart"}[shape])
+    return model, family
+
+
+def real_shape_conditions(shape: str, n: int, latent: int) -> dict:
+    """Cached conditioning rows (fp32, as the latent cache holds them) for n examples."""
+    g = torch.Generator().manual_seed(2)
+    config = REAL_SHAPES[shape]
+    if shape == "pixart":
+        return {"encoder_hidden_states": torch.randn(n, PIXART_TOKENS, config["caption_channels"], generator=g),
+                "encoder_attention_mask": torch.ones(n, PIXART_TOKENS), "resolution": torch.full((n, 2), latent * 8.0),
+                "aspect_ratio": torch.ones(n, 1)}
+    conditions = {"encoder_hidden_states": torch.randn(n, 77, config["cross_attention_dim"], generator=g)}
+    if shape == "sdxl":
+        pooled = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
+        conditions |= {"text_embeds": torch.randn(n, pooled, generator=g),
+                       "time_ids": torch.tensor([latent * 8, latent * 8, 0, 0, latent * 8, latent * 8.0]).expand(n, 6).clone()}
+    return conditions
 
 
 @dataclass

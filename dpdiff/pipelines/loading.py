@@ -17,6 +17,8 @@ from dpdiff.errors import ConfigError
 from dpdiff.families import family_for_pipeline_class
 
 PRESET_NAME = "dpdiff-tiny"
+# Accelerate's --mixed_precision values -> the dtype the frozen weights are kept in
+WEIGHT_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PRESET_DIR = Path(__file__).resolve().parent.parent / "presets" / "tiny-sd"
 REQUIRED_COMPONENTS = ("unet", "vae", "scheduler")  # of the SD family; each family names its denoiser
 
@@ -92,3 +94,40 @@ def _expected_components(class_name: str) -> set[str]:
 
     pipeline_class = getattr(diffusers, class_name, None)
     return set(inspect.signature(pipeline_class.__init__).parameters) if pipeline_class else set()
+
+
+def weight_dtype(precision: str) -> torch.dtype:
+    """The dtype of the frozen weights under Accelerate's `--mixed_precision` value."""
+    if precision not in WEIGHT_DTYPES:
+        raise ConfigError(f"--mixed_precision {precision!r} is not supported; choose one of {list(WEIGHT_DTYPES)}")
+    return WEIGHT_DTYPES[precision]
+
+
+def load_dtype(precision: str, method: str, train_condition_embedder: bool = False) -> torch.dtype:
+    """Load straight into the weight dtype when no pretrained weight trains (LoRA: the adapters are new,
+    so host memory never holds an fp32 copy); else fp32, so trained blocks start from the exact weights."""
+    return weight_dtype(precision) if method == "lora" and not train_condition_embedder else torch.float32
+
+
+def cast_frozen_weights(pipeline, precision: str) -> torch.dtype:
+    """Frozen parameters (denoiser base, VAE, text encoders) in the run's precision; trained ones in fp32.
+
+    The diffusers training scripts' `weight_dtype` + `cast_training_params`: under autocast the frozen
+    weights are read in bf16/fp16 anyway, so an fp32 copy only costs memory, while the trained parameters
+    (and their per-example gradients, clipping, noise, optimizer state) stay fp32 master weights. A VAE whose
+    config asks for `force_upcast` stays fp32 under fp16 (SD/SDXL VAEs overflow in fp16). Buffers are left
+    as they are. Call it after the trainable set is chosen (`requires_grad` says what trains)."""
+    dtype = weight_dtype(precision)
+    for name, component in pipeline.components.items():
+        if isinstance(component, torch.nn.Module):
+            upcast = name == "vae" and dtype == torch.float16 and getattr(component.config, "force_upcast", False)
+            cast_frozen(component, torch.float32 if upcast else dtype)
+    return dtype
+
+
+def cast_frozen(module: torch.nn.Module, dtype: torch.dtype) -> None:
+    """One module: parameters that do not train -> `dtype`, parameters that train -> fp32."""
+    for p in module.parameters():
+        target = torch.float32 if p.requires_grad else dtype
+        if p.is_floating_point() and p.dtype != target:
+            p.data = p.data.to(target)
