@@ -77,7 +77,7 @@ def test_noise_std_is_sigma_c_drawn_once(sizes):
     assert float((corr - torch.eye(4)).abs().max()) < 0.25
 
 
-@pytest.mark.parametrize("secure_mode", [False, True])
+@pytest.mark.parametrize("secure_mode", [False])
 def test_noise_is_opacus_draw_over_the_flat_parameters(secure_mode):
     """Zero per-example gradients, a seeded generator: each parameter's noise is its slice of
     `_generate_noise` over all parameters flattened (the fast path skips only Opacus' unused zero buffer)."""
@@ -96,3 +96,21 @@ def test_noise_is_opacus_draw_over_the_flat_parameters(secure_mode):
     expected = _generate_noise(std=sigma * clip, reference=torch.empty_like(start),
                                generator=torch.Generator().manual_seed(3), secure_mode=secure_mode)
     torch.testing.assert_close(released, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_secure_noise_ignores_the_seeded_generator_and_has_std_sigma_c():
+    """secure_mode: the OS CSPRNG, so the same seeded generator gives two different draws."""
+    sigma, clip = 0.7, 1.5
+    draws = []
+    for _ in range(2):
+        params = _params()
+        start = torch.cat([p.detach().flatten() for p in params])
+        optimizer = FlatClipDPOptimizer(torch.optim.SGD(params, lr=1.0), noise_multiplier=sigma, max_grad_norm=clip,
+                                        expected_batch_size=1, loss_reduction="sum",
+                                        generator=torch.Generator().manual_seed(3), secure_mode=True)
+        for p, s in zip(params, _grad_samples(2, seed=0)):
+            p.grad_sample = torch.zeros_like(s)
+        optimizer.step()
+        draws.append(start - torch.cat([p.detach().flatten() for p in params]))
+    assert not torch.equal(draws[0], draws[1])
+    assert float(torch.cat(draws).std()) == pytest.approx(sigma * clip, rel=0.15)

@@ -10,7 +10,7 @@ per logical step, exactly what Opacus computes:
     grad   = (summed + N(0, sigma^2 C^2 I)) / expected_batch_size
 
 with one norm pass, one product per tensor and ONE noise draw over the concatenation of all
-parameters (the same i.i.d. Gaussian, `secure_mode` included: Opacus' own `_generate_noise`). It also
+parameters (the same i.i.d. Gaussian; `secure_mode` draws it from the OS CSPRNG instead: secure_random.py). It also
 keeps the per-example norms it clipped with (`last_per_sample_norms`), so the engine's clipped-fraction
 diagnostic needs no second norm pass. Skip-step accumulation, zero_grad, state_dict and the
 distributed all-reduce are Opacus' unchanged."""
@@ -22,6 +22,7 @@ from opacus.optimizers import DistributedDPOptimizer, DPOptimizer
 from opacus.optimizers.optimizer import _check_processed_flag, _generate_noise, _mark_as_processed
 
 from dpdiff.privacy.factored import clipped_sum, sq_norms
+from dpdiff.privacy.secure_random import secure_normal_
 
 
 class FlatClipDPOptimizer(DPOptimizer):
@@ -51,8 +52,10 @@ class FlatClipDPOptimizer(DPOptimizer):
         reference = params[0].summed_grad
         flat = torch.empty(sum(p.numel() for p in params), device=reference.device, dtype=reference.dtype)
         std = self.noise_multiplier * self.max_grad_norm
-        if self.secure_mode or std == 0:
-            noise = _generate_noise(std=std, reference=flat, generator=self.generator, secure_mode=self.secure_mode)
+        if self.secure_mode:  # the OS CSPRNG, not the (seeded) torch generator: dpdiff/privacy/secure_random.py
+            noise = secure_normal_(flat, std) if std > 0 else flat.zero_()
+        elif std == 0:
+            noise = _generate_noise(std=std, reference=flat, generator=self.generator)
         else:  # the draw torch.normal makes inside _generate_noise, without its unused zero-filled buffer
             noise = flat.normal_(0.0, std, generator=self.generator)
         with torch.no_grad():  # in-place into split views: allowed (and correct) only outside autograd

@@ -13,7 +13,8 @@ change what is released. An empty Poisson batch still steps (noise only): the ac
 
 Secrecy: amplification by subsampling and the Gaussian noise both assume the adversary cannot
 predict the sampling and noise draws. They are therefore seeded from OS entropy unless
-`privacy_seed` is given (tests, reproducible research). `state_dict()` contains their generator
+`privacy_seed` is given (tests, reproducible research); `secure_mode` draws both from the OS CSPRNG
+itself (secure_random.py). `state_dict()` contains their generator
 states, so a checkpoint must be kept as private as the data."""
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from dpdiff.privacy.diffusion_loss import example_generator, fold_multiplicity
 from dpdiff.privacy.dp_optimizer import flat_clip_optimizer_class
 from dpdiff.privacy.factored import nonfinite_rows, sq_norms, unscaled, zero_rows
 from dpdiff.privacy.grad_samplers import wrap_for_per_sample_grads
+from dpdiff.privacy.secure_random import secure_poisson_subset
 from dpdiff.privacy.engine_checks import (  # noqa: F401  (re-exported: the engine's settings)
     CLIPPING_MODES,
     GRAD_SAMPLE_MODES,
@@ -178,7 +180,10 @@ class DPDiffusionEngine:
 
     def step(self) -> StepStats:
         """One logical DP-SGD step on a fresh Poisson sample (possibly empty) of this rank's shard."""
-        chosen = next(iter(self._sampler))
+        if self.secure_mode:
+            chosen = secure_poisson_subset(len(self.shard), self.sample_rate)
+        else:
+            chosen = next(iter(self._sampler))
         return self._logical_step([self.shard[i] for i in chosen])
 
     def _logical_step(self, indices: list[int]) -> StepStats:

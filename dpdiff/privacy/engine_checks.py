@@ -125,6 +125,9 @@ def validate(model, params, optimizer, dataset, batch_size, physical_batch_size,
         raise ConfigError(f"batch_size ({batch_size}) exceeds the private dataset size ({len(dataset)})")
     if secure_mode and privacy_seed is not None:
         raise PrivacyError("secure_mode=True forbids privacy_seed: the sampling and noise must be unpredictable")
+    if secure_mode and clipping != "flat":
+        raise ConfigError("secure_mode draws the noise from the OS CSPRNG with flat clipping only; use clipping='flat' "
+                          "(or leave secure_mode off: torch's generator seeded from OS entropy)")
     if distributed and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         raise ConfigError(
             "distributed=True but no process group is initialised; create the Accelerator first "

@@ -47,7 +47,9 @@ def add_finetune_arguments(parser: argparse.ArgumentParser, method: str | None =
     a("--clipping", choices=("flat", "per_layer"), default="flat", help="one norm over all trained parameters, or an equal split per tensor")
     a("--grad_sample_mode", choices=GRAD_SAMPLE_MODES, default="auto", help="how per-example gradients are computed (same result); auto: fused (LoRA Linear A/B in closed form; plain Linear, Conv2d, LayerNorm/GroupNorm weights inside their own backward, no summed weight gradient; other trained layers, e.g. grouped convs or embeddings, on Opacus hooks; flat clipping keeps cheap Linear/conv weight gradients factored: ghost norms + one clipped-sum product) when any such layer trains, else Opacus hooks; fused_lora: the earlier name of fused")
     a("--gradient_checkpointing", action="store_true", help="recompute the denoiser's blocks in backward to save activation memory (the diffusers flag); only when every trained parameter is on the fused path (LoRA, Linear, zero-padded ungrouped Conv2d, norms: every method on the UNets), else refused")
-    a("--secure_mode", action="store_true", help="cryptographically secure noise (Opacus secure_mode)")
+    a("--secure_mode", action="store_true", help="draw the Poisson sampling and the Gaussian noise from the OS CSPRNG (os.urandom; Box-Muller in "
+      "float64) instead of torch's generator seeded from OS entropy; flat clipping only; costs ~0.1 s per million trained "
+      "parameters a step on one CPU core (docs/privacy.md)")
     # schedule
     a("--epochs", type=float, default=None, help="expected passes over the private set (default 1 unless --max_steps)")
     a("--max_steps", type=int, default=None, help="logical DP-SGD steps (overrides --epochs)")
