@@ -50,7 +50,50 @@ def unet_output(unet, seed=0):
         return unet(z, torch.tensor([10, 500]), encoder_hidden_states=h).sample
 
 
-def test_lora_run_leaves_adapter_that_stock_pipeline_loads(tiny_pipeline_dir, tmp_path):
+@pytest.fixture
+def ran_with(monkeypatch):
+    """What the run's engine actually ran with, read at every step from the objects that draw the sample and the
+    noise and clip: the Poisson sampler's rate and size, the DP optimizer's sigma, C and divisor."""
+    import dpdiff.training.loop as loop
+
+    steps = []
+
+    class Recording(loop.DPDiffusionEngine):
+        def step(self):
+            opt, sampler = self.optimizer, self._sampler
+            steps.append({"noise_multiplier": opt.noise_multiplier, "max_grad_norm": opt.max_grad_norm,
+                          "sample_rate": sampler.sample_rate, "num_samples": sampler.num_samples,
+                          "expected_batch_size": opt.expected_batch_size, "clipping": self.clipping,
+                          "noise_multiplicity": self.noise_multiplicity, "world_size": self.world_size})
+            return super().step()
+
+    monkeypatch.setattr(loop, "DPDiffusionEngine", Recording)
+    return steps
+
+
+def check_record_against_engine(privacy: dict, steps: list[dict], out: Path) -> None:
+    """privacy.json states the (sigma, C, q, T) the engine ran with; its epsilon is the accountant's for them."""
+    assert len(steps) == privacy["steps"] == privacy["ledger"]["steps"]
+    ran = steps[0]
+    assert all(step == ran for step in steps)  # one (sigma, C, q) for the whole run, as the ledger composes
+    assert ran["noise_multiplier"] == privacy["noise_multiplier"] > 0
+    assert ran["max_grad_norm"] == privacy["max_grad_norm"]
+    assert ran["sample_rate"] == privacy["sample_rate"] and ran["num_samples"] == privacy["num_examples"]
+    assert ran["expected_batch_size"] == pytest.approx(ran["sample_rate"] * ran["num_samples"])
+    assert (ran["clipping"], ran["noise_multiplicity"], ran["world_size"]) == (
+        privacy["clipping"], privacy["noise_multiplicity"], privacy["world_size"])
+    assert privacy["ledger"]["history"] == [[ran["noise_multiplier"], ran["sample_rate"], len(steps)]]
+    assert privacy["epsilon"] == pytest.approx(
+        epsilon_for(ran["noise_multiplier"], ran["sample_rate"], len(steps), privacy["delta"], privacy["accountant"]), rel=1e-9)
+    checkpoints = sorted((out / "checkpoints").glob("checkpoint-*"))
+    if checkpoints:  # what a resume would continue with: the same settings
+        from dpdiff.training.checkpoint import load_checkpoint
+
+        saved = load_checkpoint(checkpoints[-1])[1]["engine"]["config"]
+        assert saved == {k: ran[k] for k in saved}
+
+
+def test_lora_run_leaves_adapter_that_stock_pipeline_loads(tiny_pipeline_dir, tmp_path, ran_with):
     out = tmp_path / "run"
     args = parse(small_run_flags(tiny_pipeline_dir, out, rank=4, lora_alpha=8, prompt_template="{class_name}, item {label}",
                                  timestep_bias_strategy="later", timestep_bias_multiplier=4))
@@ -65,8 +108,8 @@ def test_lora_run_leaves_adapter_that_stock_pipeline_loads(tiny_pipeline_dir, tm
     privacy = json.loads((out / "privacy.json").read_text())
     assert privacy["steps"] == 4 and privacy["method"] == "lora" and privacy["num_examples"] == 64
     assert privacy["sample_rate"] == 16 / 64
-    # the ledger's epsilon is the accountant's for the (sigma, q, T) actually used, and within target
-    assert privacy["epsilon"] == pytest.approx(epsilon_for(privacy["noise_multiplier"], 0.25, 4, 1e-3), rel=1e-9)
+    # the record states the (sigma, C, q, T) the engine actually used; its epsilon is theirs, and within target
+    check_record_against_engine(privacy, ran_with, out)
     assert privacy["epsilon"] <= 8.0
     # checkpoints are not left beside the results forever: only the final ones are published
     assert privacy["lora_rank"] == 4 and privacy["lora_target_modules"] == ["to_k", "to_out.0", "to_q", "to_v"]
@@ -191,7 +234,8 @@ def test_corrupt_checkpoint_is_named(tiny_pipeline_dir, tmp_path):
         finetune(parse(small_run_flags(tiny_pipeline_dir, out, max_steps=5, resume_from_checkpoint="latest")))
 
 
-def test_mixed_precision_bf16_run_records_its_precision_and_keeps_the_guarantee(tiny_pipeline_dir, tmp_path, monkeypatch):
+def test_mixed_precision_bf16_run_records_its_precision_and_keeps_the_guarantee(tiny_pipeline_dir, tmp_path, monkeypatch,
+                                                                                ran_with):
     """`accelerate launch --mixed_precision bf16` sets ACCELERATE_MIXED_PRECISION: the engine then runs the
     forward/backward under bf16 autocast with fp32 per-example gradients, clipping and noise."""
     from accelerate.state import AcceleratorState
@@ -205,6 +249,6 @@ def test_mixed_precision_bf16_run_records_its_precision_and_keeps_the_guarantee(
         AcceleratorState._reset_state(True)
     privacy = json.loads((out / "privacy.json").read_text())
     assert privacy["precision"] == "bf16" and privacy["grad_sample_mode"] == "fused"
-    assert privacy["epsilon"] == pytest.approx(epsilon_for(privacy["noise_multiplier"], 0.25, 4, 1e-3), rel=1e-9)
+    check_record_against_engine(privacy, ran_with, out)
     assert all(p.dtype == torch.float32 for p in result.pipeline.unet.parameters())
     assert (out / "pytorch_lora_weights.safetensors").is_file()
