@@ -62,7 +62,9 @@ def ran_with(monkeypatch):
         def step(self):
             opt, sampler = self.optimizer, self._sampler
             steps.append({"noise_multiplier": opt.noise_multiplier, "max_grad_norm": opt.max_grad_norm,
-                          "sample_rate": sampler.sample_rate, "num_samples": sampler.num_samples,
+                          # secure mode samples from the OS CSPRNG at the engine's rate, else with its sampler
+                          "sample_rate": self.sample_rate if self.secure_mode else sampler.sample_rate,
+                          "num_samples": len(self.shard) if self.secure_mode else sampler.num_samples,
                           "expected_batch_size": opt.expected_batch_size, "clipping": self.clipping,
                           "noise_multiplicity": self.noise_multiplicity, "world_size": self.world_size})
             return super().step()
