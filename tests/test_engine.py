@@ -229,17 +229,27 @@ def test_empty_poisson_batches_happen_and_step_without_noise_change_nothing():
     assert engine.steps_taken == stats.step
 
 
-def test_poisson_batch_sizes_have_the_expected_mean_and_binomial_variance():
+@pytest.mark.parametrize("secure_mode", [False, True])
+def test_poisson_batch_sizes_have_the_expected_mean_and_binomial_variance(secure_mode):
     """Each example joins independently with rate q: the size is Binomial(n, q), so a fixed-size (or any
-    less random) sampler fails on the variance even where its mean is right."""
+    less random) sampler fails on the variance even where its mean is right. Drawn by `step()` itself."""
     n, b, draws = 1000, 50, 2000
-    engine = make_engine("lora", n=n, batch_size=b, physical_batch_size=b)
-    sizes = torch.tensor([len(next(iter(engine._sampler))) for _ in range(draws)], dtype=torch.float64)
+    engine = make_engine("lora", n=n, batch_size=b, physical_batch_size=b, secure_mode=secure_mode,
+                         privacy_seed=None if secure_mode else 0)
+    chosen = []
+    engine._logical_step = lambda indices: chosen.append(indices)  # the sampling only, no gradient work
+    for _ in range(draws):
+        engine.step()
+    sizes = torch.tensor([len(c) for c in chosen], dtype=torch.float64)
     q = b / n
     assert sizes.mean().item() == pytest.approx(n * q, abs=4 * math.sqrt(n * q * (1 - q) / draws))
     # the sample variance of `draws` binomial sizes has a relative std of about sqrt(2 / draws) = 3%
     assert sizes.var().item() == pytest.approx(n * q * (1 - q), rel=5 * math.sqrt(2 / draws))
-    assert len(set(sizes.tolist())) > 10
+    assert all(len(set(c)) == len(c) for c in chosen)  # without replacement within a step
+    members = torch.zeros(n)
+    for c in chosen:
+        members[c] += 1
+    assert members.std().item() == pytest.approx(math.sqrt(draws * q * (1 - q)), rel=0.15)  # every example alike
 
 
 @pytest.mark.parametrize("method", ["full"])
