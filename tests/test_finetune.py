@@ -252,5 +252,8 @@ def test_mixed_precision_bf16_run_records_its_precision_and_keeps_the_guarantee(
     privacy = json.loads((out / "privacy.json").read_text())
     assert privacy["precision"] == "bf16" and privacy["grad_sample_mode"] == "fused"
     check_record_against_engine(privacy, ran_with, out)
-    assert all(p.dtype == torch.float32 for p in result.pipeline.unet.parameters())
+    # frozen weights in the run's precision, trained ones fp32 master weights (issue 39)
+    assert all(p.dtype == (torch.float32 if p.requires_grad else torch.bfloat16) for p in result.pipeline.unet.parameters())
+    assert any(p.requires_grad for p in result.pipeline.unet.parameters())
+    assert all(p.dtype == torch.bfloat16 for p in result.pipeline.vae.parameters())
     assert (out / "pytorch_lora_weights.safetensors").is_file()

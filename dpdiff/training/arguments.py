@@ -47,6 +47,8 @@ def add_finetune_arguments(parser: argparse.ArgumentParser, method: str | None =
     a("--clipping", choices=("flat", "per_layer"), default="flat", help="one norm over all trained parameters, or an equal split per tensor")
     a("--grad_sample_mode", choices=GRAD_SAMPLE_MODES, default="auto", help="how per-example gradients are computed (same result); auto: fused (LoRA Linear A/B in closed form; plain Linear, Conv2d, LayerNorm/GroupNorm weights inside their own backward, no summed weight gradient; other trained layers, e.g. grouped convs or embeddings, on Opacus hooks; flat clipping keeps cheap Linear/conv weight gradients factored: ghost norms + one clipped-sum product) when any such layer trains, else Opacus hooks; fused_lora: the earlier name of fused")
     a("--gradient_checkpointing", action="store_true", help="recompute the denoiser's blocks in backward to save activation memory (the diffusers flag); only when every trained parameter is on the fused path (LoRA, Linear, zero-padded ungrouped Conv2d, norms: every method on the UNets), else refused")
+    a("--dry_run", action="store_true", help="print the memory plan (peak device memory from the model configs: weights, trained state, per-example gradients, activations) and stop before loading any data or weights")
+    a("--device_memory_gib", type=float, default=None, help="plan against this much device memory instead of the free memory now (plan a GPU run with --dry_run elsewhere, or override a refusal you know to be too cautious)")
     a("--secure_mode", action="store_true", help="draw the Poisson sampling and the Gaussian noise from the OS CSPRNG (os.urandom; Box-Muller in "
       "float64) instead of torch's generator seeded from OS entropy; flat clipping only; costs ~0.1 s per million trained "
       "parameters a step on one CPU core (docs/privacy.md)")
@@ -97,7 +99,8 @@ def finetune_args(**flags) -> argparse.Namespace:
 
 
 # flags about this process rather than the training (and the token, which is never written anywhere)
-NOT_REPLAYED = frozenset({"config", "hub_token", "resume_from_checkpoint", "overwrite_output_dir", "push_to_hub", "help"})
+NOT_REPLAYED = frozenset({"config", "hub_token", "resume_from_checkpoint", "overwrite_output_dir", "push_to_hub", "help",
+                          "dry_run", "device_memory_gib"})
 
 
 def replayable_flags(args: argparse.Namespace) -> dict:

@@ -21,6 +21,8 @@ def _finetune(args: argparse.Namespace) -> int:
     from dpdiff.training.loop import finetune
 
     record = finetune(args).record
+    if record.get("dry_run"):  # the plan was printed; nothing was loaded or trained
+        return 0
     print(f"done: (epsilon, delta) = ({record['epsilon']:.4g}, {record['delta']:g}) after {record['steps']} steps -> {args.output_dir}")
     return 0
 
@@ -41,6 +43,8 @@ def recipe_main(method: str, description: str, argv=None) -> int:
     except DPDiffError as e:
         print(f"finetune_{method}: error: {e}", file=sys.stderr)
         return 2
+    if record.get("dry_run"):
+        return 0
     if int(os.environ.get("RANK", "0")) != 0:  # one summary line per job, not one per process
         return 0
     saved = "adapter" if method == "lora" else "UNet"

@@ -27,6 +27,7 @@ from dpdiff.families import family_for_pipeline
 from dpdiff.imaging import save_grid
 from dpdiff.io import removed_if_left_empty
 from dpdiff.pipelines import load_pipeline
+from dpdiff.pipelines.loading import cast_frozen_weights, load_dtype
 from dpdiff.privacy import accounting
 from dpdiff.privacy.diffusion_loss import timestep_weights
 from dpdiff.privacy.engine import DPDiffusionEngine
@@ -34,6 +35,7 @@ from dpdiff.privacy.ledger import PrivacyLedger, plot_epsilon_curve
 from dpdiff.training import checkpoint, outputs
 from dpdiff.training.arguments import DEFAULT_LEARNING_RATES, replayable_flags
 from dpdiff.training.latent_cache import build_latent_cache
+from dpdiff.training.memory_plan import plan_memory
 
 logger = logging.getLogger(__name__)
 SAMPLES_PER_CLASS = 8
@@ -110,6 +112,12 @@ def _finetune(args: argparse.Namespace) -> FinetuneResult:
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with=args.report_to, project_dir=str(output_dir))
     main = accelerator.is_main_process
     set_seed(args.seed)
+    precision = accelerator.mixed_precision  # Accelerate's --mixed_precision: the frozen weights' dtype
+    memory = _memory_plan(args, accelerator.device, precision)  # from the configs: before any data or weights
+    if getattr(args, "dry_run", False):
+        if main:
+            print(memory.describe())
+        return FinetuneResult({"dry_run": True, "memory_plan_gib": round(memory.peak_bytes / 2**30, 3)}, None, output_dir)
 
     source = load_source(args.dataset, "train", limit=args.max_train_samples, seed=args.seed,
                          skip_bad_files=args.skip_bad_files, prompt_template=args.prompt_template,
@@ -117,7 +125,8 @@ def _finetune(args: argparse.Namespace) -> FinetuneResult:
                          resolution=getattr(args, "resolution", None))
     plan = accounting.plan(args.target_epsilon, args.delta, len(source), args.batch_size, epochs=args.epochs,
                            max_steps=args.max_steps, accountant=args.accountant, force_delta=args.force_delta)
-    pipeline = load_pipeline(args.pretrained_model_name_or_path).to(accelerator.device)
+    pipeline = load_pipeline(args.pretrained_model_name_or_path,
+                             torch_dtype=load_dtype(precision, args.method, args.train_condition_embedder))
     family = family_for_pipeline(pipeline)
     denoiser = family.denoiser(pipeline)
     noise_scheduler = family.training_scheduler(pipeline)
@@ -134,6 +143,8 @@ def _finetune(args: argparse.Namespace) -> FinetuneResult:
         denoiser.enable_gradient_checkpointing()  # the engine refuses it unless every trained layer is fused
     for component in family.frozen_components(pipeline):
         component.requires_grad_(False)
+    cast_frozen_weights(pipeline, precision)  # frozen weights in bf16/fp16, trained ones fp32 (diffusers' cast_training_params)
+    pipeline.to(accelerator.device)
     if main:
         logger.info("%s %s: %d trainable / %d parameters; plan %s", family.name, args.method, summary.trainable_params,
                     summary.total_params, plan)
@@ -145,8 +156,8 @@ def _finetune(args: argparse.Namespace) -> FinetuneResult:
                                    batch_size=getattr(args, "encode_batch_size", None),
                                    replace_mismatch=not getattr(args, "cache_dir", None) and args.overwrite_output_dir
                                    and not resume_path)
-    encoders = _Encoders(pipeline, family, accelerator.device, resolution)
-    encoders.offload()  # the frozen text encoders did their work; free the accelerator for the denoiser
+    encoders = _Encoders(pipeline, family, accelerator.device, resolution, precision)
+    encoders.offload()  # the frozen VAE and text encoders did their work; free the accelerator for the denoiser
     params = [p for p in denoiser.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=0.0)
     engine = DPDiffusionEngine(
@@ -155,7 +166,7 @@ def _finetune(args: argparse.Namespace) -> FinetuneResult:
         noise_multiplier=plan.noise_multiplier, max_grad_norm=args.max_grad_norm,
         noise_multiplicity=args.noise_multiplicity, timestep_weights=weights, grad_sample_mode=args.grad_sample_mode, clipping=args.clipping,
         secure_mode=args.secure_mode, seed=args.seed, privacy_seed=args.privacy_seed,
-        distributed=accelerator.num_processes > 1, precision=accelerator.mixed_precision,
+        distributed=accelerator.num_processes > 1, precision=precision,
     )
     ema = EMAModel(params, decay=args.ema_decay) if args.ema_decay > 0 else None
     ledger = PrivacyLedger(plan.delta, plan.accountant)
@@ -295,12 +306,13 @@ def _with_ema(ema, params, fn):
 
 
 class _Encoders:
-    """Moves the family's frozen text encoders off the accelerator once the latent cache holds their
-    outputs (the T5 of SD3/Flux is larger than many denoisers), and back while a sample grid is drawn."""
+    """Moves the family's frozen VAE and text encoders off the accelerator once the latent cache holds their
+    outputs (the T5 of SD3/Flux is larger than many denoisers), and back while a sample grid is drawn, under
+    the run's autocast (the denoiser's frozen weights are then bf16/fp16, its trained ones fp32)."""
 
-    def __init__(self, pipeline, family, device, resolution: int):
-        self.pipeline, self.device = pipeline, torch.device(device)
-        self.names = family.text_encoder_names(pipeline)
+    def __init__(self, pipeline, family, device, resolution: int, precision: str = "no"):
+        self.pipeline, self.device, self.precision = pipeline, torch.device(device), precision
+        self.names = family.text_encoder_names(pipeline) + (["vae"] if getattr(pipeline, "vae", None) is not None else [])
         self.resolution = resolution  # the trained one: the grids show what was learned
 
     def offload(self) -> None:
@@ -314,10 +326,30 @@ class _Encoders:
     def loaded(self):
         for name in self.names:
             getattr(self.pipeline, name).to(self.device)
+        autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16 if self.precision == "bf16" else torch.float16)
+                    if self.precision in ("bf16", "fp16") else contextlib.nullcontext())
         try:
-            yield
+            with autocast:
+                yield
         finally:
             self.offload()
+
+
+def _memory_plan(args, device, precision: str):
+    """The run's peak device memory from the model configs (dpdiff/training/memory_plan.py); refuses one that
+    cannot fit, naming the flag to change. `--device_memory_gib` plans for another device (or overrides)."""
+    budget = getattr(args, "device_memory_gib", None)
+    memory = plan_memory(args.pretrained_model_name_or_path, method=args.method, precision=precision,
+                         physical_batch_size=args.physical_batch_size, resolution=getattr(args, "resolution", None),
+                         gradient_checkpointing=getattr(args, "gradient_checkpointing", False),
+                         noise_multiplicity=args.noise_multiplicity, rank=args.rank, lora_alpha=args.lora_alpha,
+                         lora_target_modules=args.lora_target_modules, attention_start_index=args.attention_start_index,
+                         train_condition_embedder=args.train_condition_embedder, ema=args.ema_decay > 0,
+                         grad_sample_mode=args.grad_sample_mode, clipping=args.clipping, device=device,
+                         free_bytes=int(budget * 2**30) if budget else None)
+    logger.info("%s", memory.describe())
+    memory.check()
+    return memory
 
 
 @torch.no_grad()
