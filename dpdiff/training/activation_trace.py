@@ -134,7 +134,8 @@ def trace_activations(family, denoiser: nn.Module, rows: int, latent: tuple[int,
     channels = family.latent_channels(denoiser) or 4
     noisy = torch.zeros(rows, channels, *latent, device="meta", dtype=dtype)
     timesteps = torch.zeros(rows, device="meta")
-    conditions = {k: torch.zeros(shape, device="meta", dtype=dt)
+    # float conditions as autocast hands them to the first matmul (the cache's fp32 rows are read once, then cast)
+    conditions = {k: torch.zeros(shape, device="meta", dtype=dtype if dt.is_floating_point else dt)
                   for k, (shape, dt) in condition_shapes(family, config, rows, text_tokens, resolution).items()}
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _patched(F, "scaled_dot_product_attention", _sdpa):

@@ -20,7 +20,6 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from dpdiff.adapters import prepare_trainable, save_trained
-from dpdiff.data import load_source
 from dpdiff.data.sources import check_prompt_template
 from dpdiff.errors import ConfigError, PrivacyError
 from dpdiff.families import family_for_pipeline
@@ -34,6 +33,9 @@ from dpdiff.privacy.engine import DPDiffusionEngine
 from dpdiff.privacy.ledger import PrivacyLedger, plot_epsilon_curve
 from dpdiff.training import checkpoint, outputs
 from dpdiff.training.arguments import DEFAULT_LEARNING_RATES, replayable_flags
+from dpdiff.training.diffusers_flags import resolve as resolve_diffusers_flags
+from dpdiff.training.diffusers_run import (accelerator_kwargs, before_training, latent_cache_dir, load_training_source,
+                                           lr_schedule, pipeline_kwargs, sample_rows, training_draws)
 from dpdiff.training.latent_cache import build_latent_cache
 from dpdiff.training.memory_plan import plan_memory
 
@@ -43,6 +45,7 @@ SAMPLES_PER_CLASS = 8
 
 def check_arguments(args: argparse.Namespace) -> argparse.Namespace:
     """Pure checks and defaults: no file, model or data touched yet."""
+    resolve_diffusers_flags(args)  # diffusers' flag names -> dpdiff's (dpdiff/training/diffusers_flags.py)
     if args.learning_rate is None:
         args.learning_rate = DEFAULT_LEARNING_RATES[args.method]
     if args.epochs is None and args.max_steps is None:
@@ -109,7 +112,7 @@ def _finetune(args: argparse.Namespace) -> FinetuneResult:
     output_dir = outputs.prepare_output_dir(args.output_dir, args.overwrite_output_dir, bool(args.resume_from_checkpoint))
     resume_path = checkpoint.resolve_checkpoint(output_dir, args.resume_from_checkpoint) if args.resume_from_checkpoint else None
 
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with=args.report_to, project_dir=str(output_dir))
+    accelerator = Accelerator(**accelerator_kwargs(args, output_dir))
     main = accelerator.is_main_process
     set_seed(args.seed)
     precision = accelerator.mixed_precision  # Accelerate's --mixed_precision: the frozen weights' dtype
@@ -119,19 +122,20 @@ def _finetune(args: argparse.Namespace) -> FinetuneResult:
             print(memory.describe())
         return FinetuneResult({"dry_run": True, "memory_plan_gib": round(memory.peak_bytes / 2**30, 3)}, None, output_dir)
 
-    source = load_source(args.dataset, "train", limit=args.max_train_samples, seed=args.seed,
+    source = load_training_source(args.dataset, "train", limit=args.max_train_samples, seed=args.seed,
                          skip_bad_files=args.skip_bad_files, prompt_template=args.prompt_template,
                          image_column=getattr(args, "image_column", None), caption_column=getattr(args, "caption_column", None),
                          resolution=getattr(args, "resolution", None))
     plan = accounting.plan(args.target_epsilon, args.delta, len(source), args.batch_size, epochs=args.epochs,
                            max_steps=args.max_steps, accountant=args.accountant, force_delta=args.force_delta)
     pipeline = load_pipeline(args.pretrained_model_name_or_path,
-                             torch_dtype=load_dtype(precision, args.method, args.train_condition_embedder))
+                             torch_dtype=load_dtype(precision, args.method, args.train_condition_embedder), **pipeline_kwargs(args))
     family = family_for_pipeline(pipeline)
     denoiser = family.denoiser(pipeline)
     noise_scheduler = family.training_scheduler(pipeline)
     objective = family.objective(noise_scheduler, weighting_scheme=getattr(args, "weighting_scheme", "none"))
     weights = _timestep_weights(args, objective.num_train_timesteps)
+    objective, weights = training_draws(args, noise_scheduler, objective, weights)  # --snr_gamma, --noise_offset
     pipeline.set_progress_bar_config(disable=True)
     resolution = getattr(args, "resolution", None) or family.resolution(pipeline)
     channels = 1 if source.dataset[0]["image"].mode in ("1", "L", "I", "I;16", "F") else 3
@@ -148,8 +152,9 @@ def _finetune(args: argparse.Namespace) -> FinetuneResult:
     if main:
         logger.info("%s %s: %d trainable / %d parameters; plan %s", family.name, args.method, summary.trainable_params,
                     summary.total_params, plan)
+    before_training(args, plan, family, main)  # sigma and the noise-to-signal ratio, printed; --validation_epochs
 
-    cache_dir = getattr(args, "cache_dir", None) or output_dir / "latent_cache"
+    cache_dir = latent_cache_dir(args, output_dir)
     with accelerator.main_process_first():  # one process encodes; the others find the finished cache
         cache = build_latent_cache(pipeline, source, resolution, args.cond_dropout, args.seed, show_progress=main, family=family,
                                    random_flip=getattr(args, "random_flip", False), cache_dir=cache_dir,
@@ -214,7 +219,9 @@ def _train(args, accelerator, pipeline, engine, cache, ema, ledger, plan, output
     epsilon, bound = ledger.epsilon(), _epsilon_bound(ledger, plan, start, every)
     bar = tqdm(range(start, plan.steps), initial=start, total=plan.steps, desc=f"DP {args.method}", disable=not main)
     clip_watch = _ClipWatch(args.max_grad_norm, warn=main)
+    set_lr = lr_schedule(args, engine.optimizer, plan.steps)  # --lr_scheduler: stateless, so a resume continues it
     for step in bar:
+        set_lr(step)
         cache.step = engine.steps_taken  # keys the classifier-free-guidance coin like the noise draws
         stats = engine.step()
         ledger.record(plan.noise_multiplier, plan.sample_rate)
@@ -339,31 +346,45 @@ def _memory_plan(args, device, precision: str):
     """The run's peak device memory from the model configs (dpdiff/training/memory_plan.py); refuses one that
     cannot fit, naming the flag to change. `--device_memory_gib` plans for another device (or overrides)."""
     budget = getattr(args, "device_memory_gib", None)
-    memory = plan_memory(args.pretrained_model_name_or_path, method=args.method, precision=precision,
-                         physical_batch_size=args.physical_batch_size, resolution=getattr(args, "resolution", None),
-                         gradient_checkpointing=getattr(args, "gradient_checkpointing", False),
-                         noise_multiplicity=args.noise_multiplicity, rank=args.rank, lora_alpha=args.lora_alpha,
-                         lora_target_modules=args.lora_target_modules, attention_start_index=args.attention_start_index,
-                         train_condition_embedder=args.train_condition_embedder, ema=args.ema_decay > 0,
-                         grad_sample_mode=args.grad_sample_mode, clipping=args.clipping, device=device,
-                         free_bytes=int(budget * 2**30) if budget else None)
+    try:
+        memory = _plan_memory(args, device, precision, budget)
+    except ConfigError:
+        raise
+    except Exception as err:  # a config the meta trace cannot run: train without a plan rather than not at all
+        if getattr(args, "dry_run", False):
+            raise
+        logger.warning("no memory plan for this model (%s: %s); training without one", type(err).__name__, err)
+        return None
     logger.info("%s", memory.describe())
     memory.check()
     return memory
 
 
+def _plan_memory(args, device, precision: str, budget):
+    return plan_memory(args.pretrained_model_name_or_path, method=args.method, precision=precision,
+                       physical_batch_size=args.physical_batch_size, resolution=getattr(args, "resolution", None),
+                       gradient_checkpointing=getattr(args, "gradient_checkpointing", False),
+                       noise_multiplicity=args.noise_multiplicity, rank=args.rank, lora_alpha=args.lora_alpha,
+                       lora_target_modules=args.lora_target_modules, attention_start_index=args.attention_start_index,
+                       train_condition_embedder=args.train_condition_embedder, ema=args.ema_decay > 0,
+                       grad_sample_mode=args.grad_sample_mode, clipping=args.clipping, device=device,
+                       free_bytes=int(budget * 2**30) if budget else None)
+
+
 @torch.no_grad()
 def _sample_grid(pipeline, family, source, args, resolution: int, path: Path) -> None:
-    """Synthetic samples only: a row per class, generated from the current weights."""
-    prompts = [p for p in source.class_prompts for _ in range(SAMPLES_PER_CLASS)]
-    labels = [c for c in range(len(source.class_prompts)) for _ in range(SAMPLES_PER_CLASS)]
+    """Synthetic samples only, generated from the current weights: a row per --validation_prompt, else per class."""
+    rows = sample_rows(source, args, SAMPLES_PER_CLASS)
+    if rows is None:
+        return
+    prompts, labels, per_row = rows
     generator = torch.Generator().manual_seed(args.seed)
     images = []
     for i in range(0, len(prompts), 40):
         images += family.generate(pipeline, prompts[i : i + 40], labels[i : i + 40], generator=generator,
                                   num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
                                   resolution=resolution)
-    save_grid(images, path, nrow=SAMPLES_PER_CLASS, scale=2)
+    save_grid(images, path, nrow=per_row, scale=2)
 
 
 def _tracker_config(args) -> dict:
