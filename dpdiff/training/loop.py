@@ -104,8 +104,12 @@ class FinetuneResult:
 def finetune(args: argparse.Namespace) -> FinetuneResult:
     """Run one DP fine-tuning job; the adapter, privacy.json and model card land in output_dir."""
     args = check_arguments(args)
+    existed = Path(args.output_dir).exists()
     with removed_if_left_empty(args.output_dir):
-        return _finetune(args)
+        result = _finetune(args)
+    if result.record.get("dry_run") and not existed and not any(result.output_dir.iterdir()):
+        result.output_dir.rmdir()  # a dry run leaves nothing behind
+    return result
 
 
 def _finetune(args: argparse.Namespace) -> FinetuneResult:

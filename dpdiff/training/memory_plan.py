@@ -203,6 +203,7 @@ def plan_denoiser(family, denoiser: torch.nn.Module, *, method: str, precision: 
 
     dtype = weight_dtype(precision)
     denoiser.to("meta")  # buffers some configs compute on the CPU at init (PixArt's position table)
+    family.train_mode(denoiser)
     prepare_trainable(denoiser, method, rank=rank, lora_alpha=lora_alpha, target_modules=lora_target_modules,
                       attention_start_index=attention_start_index, train_condition_embedder=train_condition_embedder,
                       family=family)
