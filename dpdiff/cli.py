@@ -1,11 +1,15 @@
-"""The `dpdiff` command. Each subcommand lives next to the code it drives and is imported lazily,
-so `dpdiff budget` does not pay for importing diffusers."""
+"""The `dpdiff` command: differentially private fine-tuning of diffusers pipelines, sampling, evaluation,
+privacy budgets and audits.
+
+Each subcommand lives next to the code it drives and is imported lazily, so `dpdiff budget` does not pay
+for importing diffusers. Errors are one line: an unknown flag names the closest known one."""
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import sys
+
+from dpdiff.config import FlagParser
 
 # subcommand -> module exposing `add_arguments(parser)` and `run(args) -> int`
 SUBCOMMANDS = {
@@ -14,16 +18,17 @@ SUBCOMMANDS = {
     "mepf": ("dpdiff.mepf.cli", "train the DP-MEPF baseline generator"),
     "evaluate": ("dpdiff.evaluation.cli", "score a synthetic dataset against real data"),
     "budget": ("dpdiff.privacy.budget_cli", "noise multiplier <-> epsilon for DP-SGD"),
-    "audit": ("dpdiff.privacy.audit", "empirical lower bound on epsilon with canaries"),
+    "audit": ("dpdiff.audit", "empirical lower bound on epsilon with canaries"),
 }
 
 
-def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, object | None]:
-    parser = argparse.ArgumentParser(prog="dpdiff", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+def build_parser(argv: list[str]) -> tuple[FlagParser, object | None]:
+    parser = FlagParser(prog="dpdiff", description=__doc__.split("\n\n")[0].replace("\n", " "),
+                        epilog="`dpdiff COMMAND --help` lists a command's flags.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=FlagParser)
     module = None
     for name, (module_name, help_text) in SUBCOMMANDS.items():
-        sp = sub.add_parser(name, help=help_text)
+        sp = sub.add_parser(name, help=help_text, description=help_text)
         # only import the module of the subcommand that was asked for
         if argv and argv[0] == name:
             module = importlib.import_module(module_name)

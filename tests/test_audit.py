@@ -11,7 +11,7 @@ import math
 import numpy as np
 import pytest
 
-from dpdiff.privacy.audit import (
+from dpdiff.audit import (
     add_arguments,
     count_correct,
     epsilon_lower_bound,

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from dpdiff.errors import ConfigError, DPDiffError
-from dpdiff.privacy.audit_bounds import (  # noqa: F401  (public API of dpdiff.privacy.audit)
+from dpdiff.privacy.audit_bounds import (  # noqa: F401  (public API of dpdiff.audit)
     REFERENCE,
     count_correct,
     epsilon_lower_bound,
@@ -355,5 +355,5 @@ def run(args: argparse.Namespace) -> int:
     return 0 if result.consistent else 1
 
 
-__all__ = ["AuditResult", "add_arguments", "count_correct", "draw_membership", "epsilon_lower_bound",
+__all__ = ["AuditResult", "add_arguments", "count_correct", "draw_membership", "epsilon_lower_bound", "format_table",
            "guesses_from_scores", "make_canary_images", "one_run_p_value", "run", "run_audit"]
