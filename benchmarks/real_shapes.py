@@ -169,6 +169,8 @@ def main(argv=None) -> None:
     p.add_argument("--json", default=None, help="also write the rows here")
     p.add_argument("--out_md", default=None, help="write the table here instead of docs/benchmarks.md")
     p.add_argument("--no_docs", action="store_true")
+    p.add_argument("--from_json", nargs="+", default=None, help="build the table from rows measured earlier (--json files; "
+                   "the plan is recomputed with today's code); later files win for the same row")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
@@ -176,6 +178,14 @@ def main(argv=None) -> None:
         return
     args.repeats_for = lambda row: 1 if parse_row(row)["batch"] > 1 or row.startswith("sdxl") else args.repeats
     results = []
+    if args.from_json:
+        measured = {}
+        for file in args.from_json:
+            for r in json.loads(Path(file).read_text()):
+                if "plain_s" in r:
+                    measured[f"{r['shape']}:{r['method']}:{r['batch']}:{int(r['checkpointing'])}"] = r
+        results = [dict(r, plan_bytes=plan_row(parse_row(key), r["device"]).peak_bytes) for key, r in measured.items()]
+        args.rows = []
     for row in args.rows:
         r = parse_row(row)
         plan = plan_row(r, args.device).peak_bytes
@@ -187,6 +197,8 @@ def main(argv=None) -> None:
             t = time.time()
             results.append(dict(run_row(row, args), plan_bytes=plan))
             print(f"{row}: {time.time() - t:.0f} s", json.dumps(results[-1]), flush=True)
+            if args.json:  # after every row: a long run stopped early keeps what it measured
+                Path(args.json).write_text(json.dumps(results, indent=1))
     text = table(results)
     print(text)
     if args.json:

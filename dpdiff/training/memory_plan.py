@@ -4,7 +4,7 @@ The pipeline's models are built on the meta device from their configs (no weight
 for Flux), the trainable set is chosen as the run will choose it, and the peak of the training phase is
 
     weights (frozen in the run's precision, trained fp32) + trained state (fp32 gradient, Adam's two
-    moments, EMA) + per-example gradients (one fp32 copy of the trained parameters per row of the physical
+    moments and its step's temporaries, EMA) + per-example gradients (one fp32 copy of the trained parameters per row of the physical
     batch, factored layers as their two factors) + activations (activation_trace.py, times a per-family
     factor measured in benchmarks/real_shapes.py) + the runtime (CUDA context / the CPU process itself).
 
@@ -30,6 +30,10 @@ GIB = 2**30
 # "## Real shapes"); families not measured yet use the default
 ACTIVATION_FACTOR = {"default": 1.0}
 RUNTIME_BYTES = {"cpu": int(0.6 * GIB), "cuda": int(0.6 * GIB)}  # torch + libraries in RSS / the CUDA context
+# fp32 copies of the trained parameters besides themselves: the clipped-and-noised gradient, Adam's two moments,
+# and the temporaries of torch's foreach Adam step (sqrt of the second moment; measured: SD-1.5 attention, 267M
+# trained, peaked ~1 GiB above the plan without it)
+STATE_COPIES = 4
 HEADROOM = 0.9  # plan to use at most this share of the free memory (fragmentation, allocator caches)
 
 
@@ -69,7 +73,7 @@ class MemoryPlan:
             f"latent {self.latent[0]}x{self.latent[1]}, gradient checkpointing {'on' if self.gradient_checkpointing else 'off'}",
             f"  denoiser weights     {g(self.weight_bytes)}  ({self.total_params / 1e6:.1f}M parameters, "
             f"{self.trained_params / 1e6:.2f}M trained in fp32)",
-            f"  trained state        {g(self.state_bytes)}  (gradient, Adam moments, EMA)",
+            f"  trained state        {g(self.state_bytes)}  (gradient, Adam moments and step, EMA)",
             f"  per-example grads    {g(self.per_example_bytes)}",
             f"  activations          {g(self.activation_bytes)}",
             f"  runtime              {g(self.runtime_bytes)}",
@@ -225,7 +229,7 @@ def plan_denoiser(family, denoiser: torch.nn.Module, *, method: str, precision: 
         family=family.name, method=method, precision=precision, rows=rows, latent=tuple(latent),
         gradient_checkpointing=gradient_checkpointing, total_params=n_total, trained_params=n_trained,
         weight_bytes=(n_total - n_trained) * element + 4 * n_trained,
-        state_bytes=4 * n_trained * (3 + int(ema)), per_example_bytes=per_example,
+        state_bytes=4 * n_trained * (STATE_COPIES + int(ema)), per_example_bytes=per_example,
         activation_bytes=int(ACTIVATION_FACTOR.get(family.name, ACTIVATION_FACTOR["default"]) * activations),
         runtime_bytes=RUNTIME_BYTES.get(device.type, RUNTIME_BYTES["cuda"]), encoder_bytes=0, encoders_resident=False,
         device=str(device), available_bytes=None)
