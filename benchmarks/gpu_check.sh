@@ -11,6 +11,10 @@
 #                          and adds /.gpu_carry/ to .git/info/exclude)
 #   2. on the GPU:        device run, carry [".gpu_carry"], command: bash benchmarks/gpu_check.sh
 #   3. CPU dry run:       bash benchmarks/gpu_check.sh --dry_run   (same python calls, scaled-down shapes)
+# Real model sizes (issue 39), instead of the overhead run: bash benchmarks/gpu_check.sh --real_shapes
+#   benchmarks/real_shapes.py on the GPU: SD-1.5 / SDXL UNets, PixArt-alpha 1024 transformer, bf16 frozen weights,
+#   LoRA / attention, with and without gradient checkpointing, batch 1 and 4; peak torch.cuda.max_memory_allocated
+#   beside the memory plan, DP / non-DP step time -> $OUT/real_shapes.md (+ .json, log). < 6 min on one H100.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODE="${1:-gpu}"
@@ -33,6 +37,24 @@ fi
 
 OUT="${OUT:-$PWD/gpu_out}"
 mkdir -p "$OUT"
+if [[ "$MODE" == "--real_shapes" ]]; then
+    PY="${PY:-python3}"
+    if [[ -f "$CARRY/site.tar.gz" ]]; then
+        mkdir -p /tmp/dp_site && tar -C /tmp/dp_site -xzf "$CARRY/site.tar.gz"
+        export PYTHONPATH="/tmp/dp_site${PYTHONPATH:+:$PYTHONPATH}"
+    fi
+    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$OUT/real_shapes_gpu.txt" 2>&1 || true
+    ROWS=(sd15:lora:1:0 sd15:lora:4:0 sd15:attention:4:0 sd15:attention:4:1 sdxl:lora:1:1 sdxl:lora:4:0
+          sdxl:attention:1:1 pixart:lora:4:0:128 pixart:attention:4:1:128)
+    set +e
+    timeout 330 "$PY" benchmarks/real_shapes.py --device cuda --rows "${ROWS[@]}" --repeats 3 --max_gib 70 \
+        --row_timeout 120 --out_md "$OUT/real_shapes.md" --json "$OUT/real_shapes.json" > "$OUT/log_real_shapes.txt" 2>&1
+    echo "real_shapes exit $?" >> "$OUT/real_shapes_gpu.txt"
+    set -e
+    cat "$OUT/real_shapes_gpu.txt" "$OUT/real_shapes.md" 2>/dev/null || tail -n 20 "$OUT/log_real_shapes.txt"
+    exit 0
+fi
 if [[ "$MODE" == "--dry_run" ]]; then
     PY="${PY:-.venv/bin/python}"
     DEVICE=cpu

@@ -43,8 +43,21 @@ DEFAULT_ROWS = ("pixart:lora:1:0", "pixart:lora:1:1", "pixart:attention:1:0", "p
 
 
 def parse_row(row: str) -> dict:
-    shape, method, batch, ckpt = row.split(":")
-    return dict(shape=shape, method=method, batch=int(batch), checkpointing=bool(int(ckpt)), latent=LATENT[shape])
+    """shape:method:batch:checkpointing[:latent], e.g. sdxl:lora:1:1 or pixart:lora:4:0:128 (PixArt-alpha 1024-MS)."""
+    shape, method, batch, ckpt, *latent = row.split(":")
+    return dict(shape=shape, method=method, batch=int(batch), checkpointing=bool(int(ckpt)),
+                latent=int(latent[0]) if latent else LATENT[shape])
+
+
+def row_key(r: dict) -> str:
+    latent = "" if r["latent"] == LATENT[r["shape"]] else f":{r['latent']}"
+    return f"{r['shape']}:{r['method']}:{r['batch']}:{int(r['checkpointing'])}{latent}"
+
+
+def planned_bytes(r: dict, device: str) -> int:
+    """The plan's peak; on CUDA without the context, which torch.cuda.max_memory_allocated does not see."""
+    plan = plan_row(r, device)
+    return plan.peak_bytes - (plan.runtime_bytes if torch.device(device).type == "cuda" else 0)
 
 
 def plan_row(r: dict, device: str = "cpu"):
@@ -143,7 +156,7 @@ def table(results: list[dict]) -> str:
             "DP / non-DP memory | DP step (s) | non-DP step (s) | DP / non-DP time |\n|" + "---|" * 12)
     lines = [head]
     for r in results:
-        cells = [r["shape"], r["method"], str(r["batch"]), "yes" if r["checkpointing"] else "no"]
+        cells = [f"{r['shape']} {r['latent']}x{r['latent']}", r["method"], str(r["batch"]), "yes" if r["checkpointing"] else "no"]
         plan = r.get("plan_bytes")
         if "error" in r or "skipped" in r:
             why = r.get("skipped") or r["error"]
@@ -176,19 +189,21 @@ def main(argv=None) -> None:
     if args.child:
         print(json.dumps(measure(parse_row(args.child), args.device, args.repeats, args.threads)), flush=True)
         return
-    args.repeats_for = lambda row: 1 if parse_row(row)["batch"] > 1 or row.startswith("sdxl") else args.repeats
+    # a CPU step of batch 4 or SDXL takes minutes: one of each there
+    args.repeats_for = lambda row: (1 if args.device == "cpu" and (parse_row(row)["batch"] > 1 or row.startswith("sdxl"))
+                                    else args.repeats)
     results = []
     if args.from_json:
         measured = {}
         for file in args.from_json:
             for r in json.loads(Path(file).read_text()):
                 if "plain_s" in r:
-                    measured[f"{r['shape']}:{r['method']}:{r['batch']}:{int(r['checkpointing'])}"] = r
-        results = [dict(r, plan_bytes=plan_row(parse_row(key), r["device"]).peak_bytes) for key, r in measured.items()]
+                    measured[row_key(r)] = r
+        results = [dict(r, plan_bytes=planned_bytes(r, r["device"])) for r in measured.values()]
         args.rows = []
     for row in args.rows:
         r = parse_row(row)
-        plan = plan_row(r, args.device).peak_bytes
+        plan = planned_bytes(r, args.device)
         if args.plan_only:
             results.append(dict(r, plan_bytes=plan, skipped="plan only"))
         elif plan > args.max_gib * GIB:
