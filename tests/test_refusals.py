@@ -11,6 +11,7 @@ import warnings
 import pytest
 import torch
 from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.lora.layer import Linear as LoraLinear
 from torch import nn
 
 from dpdiff.adapters import params_without_grad_sampler
@@ -159,15 +160,40 @@ def test_a_lora_layer_changed_after_wrapping_is_refused_at_the_next_forward():
         wrapped(torch.randn(2, 3, 16))
 
 
-def test_the_engine_refuses_a_dora_unet():
-    from dpdiff.privacy.engine import DPDiffusionEngine
+def _unet_with(case):
     from dpdiff.pipelines.preset import build_tiny_unet
 
     unet = build_tiny_unet(seed=0)
     unet.requires_grad_(False)
-    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_v"], use_dora=True))
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_v"], use_dora=case == "dora"))
+    layers = [m for m in unet.modules() if isinstance(m, LoraLinear)]
+    if case == "merged":
+        layers[0].merge()
+    if case == "disabled":
+        layers[0]._disable_adapters = True  # A and B left trainable
+    if case == "inactive":
+        inject_adapter_in_model(LoraConfig(r=2, lora_alpha=2, target_modules=["to_k"]), unet, adapter_name="other")
+        for layer in layers:
+            layer.lora_A["default"].weight.requires_grad_(True)
+        next(m for m in unet.modules() if isinstance(m, LoraLinear) and "other" in m.lora_A).set_adapter("other")
+    return unet
+
+
+@pytest.mark.parametrize("case, match", [
+    ("dora", "no per-example gradient rule.*lora_magnitude_vector"),
+    ("merged", "to_q.lora_A.default.*never used by the forward"),
+    ("disabled", "to_q.lora_A.default.*never used by the forward"),
+    ("inactive", "lora_A.default.*never used by the forward"),
+])
+@pytest.mark.filterwarnings("ignore:Already found a `peft_config` attribute")
+def test_the_engine_refuses_lora_parts_without_an_exact_per_example_gradient_before_any_work(case, match):
+    """DoRA's trained magnitude has no per-example rule; a merged, disabled or inactive adapter's trained A/B are
+    not in the forward (they would get no per-example gradient: the first step failed inside autograd/Opacus)."""
+    from dpdiff.privacy.engine import DPDiffusionEngine
+
+    unet = _unet_with(case)
     params = [p for p in unet.parameters() if p.requires_grad]
-    with pytest.raises(ConfigError, match="no per-example gradient rule.*lora_magnitude_vector"):
+    with pytest.raises(ConfigError, match=match):
         DPDiffusionEngine(unet, scheduler(), torch.optim.SGD(params, lr=1.0), LatentCache(8), batch_size=4,
                           physical_batch_size=2, noise_multiplier=1.0, max_grad_norm=1.0)
 

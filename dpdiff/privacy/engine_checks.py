@@ -63,6 +63,26 @@ def check_checkpointing(model: nn.Module, grad_sample_mode: str) -> None:
         )
 
 
+def unused_lora_parameters(model: nn.Module) -> list[str]:
+    """Trained LoRA parameters no forward uses: those of a merged or disabled LoRA layer or of an inactive adapter.
+    They get no per-example gradient (the first step would fail inside Opacus) and could only ever receive noise."""
+    try:
+        from peft.tuners.lora.layer import LoraLayer
+    except ImportError:  # peft absent: no LoRA layers
+        return []
+    unused = []
+    for name, layer in model.named_modules():
+        if not isinstance(layer, LoraLayer):
+            continue
+        idle, active = layer.merged or layer.disable_adapters, set(layer.active_adapters)
+        for kind in layer.adapter_layer_names:
+            for adapter, part in getattr(layer, kind).items():
+                trained = [part] if isinstance(part, nn.Parameter) else list(part.parameters())
+                if (idle or adapter not in active) and any(p.requires_grad for p in trained):
+                    unused.append(f"{name}.{kind}.{adapter}")
+    return unused
+
+
 def validate(model, params, optimizer, dataset, batch_size, physical_batch_size, noise_multiplier, max_grad_norm,
               noise_multiplicity, grad_sample_mode, clipping, secure_mode, privacy_seed, distributed, family, precision) -> None:
     """Every refusal happens here, before any work or any private data is touched."""
@@ -96,6 +116,13 @@ def validate(model, params, optimizer, dataset, batch_size, physical_batch_size,
             "(build it from [p for p in unet.parameters() if p.requires_grad] after prepare_trainable)"
         )
     check_per_sample_safe(model)
+    unused = unused_lora_parameters(model)
+    if unused:
+        raise ConfigError(
+            f"{len(unused)} trained LoRA part(s) (e.g. {unused[:3]}) are never used by the forward: their layer is merged "
+            "or its adapters are disabled, or the adapter is not active. They would get no per-example gradient, only "
+            "noise: unmerge / enable / activate the adapter (peft's set_adapter), or freeze its parameters"
+        )
     check_checkpointing(model, grad_sample_mode)
     unruled = params_without_grad_sampler(model)
     if unruled:
