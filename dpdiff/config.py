@@ -19,6 +19,7 @@ For a subcommand whose namespace is parsed elsewhere (`dpdiff sample ...`): call
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -150,9 +151,8 @@ def validate_config(parser: argparse.ArgumentParser, data: dict[str, Any], sourc
     for key, value in data.items():
         dest = str(key).replace("-", "_")
         if dest not in actions:
-            raise ConfigError(
-                f"{source}: unknown key {key!r}; valid keys are the flag names: {', '.join(sorted(actions))}"
-            )
+            message = unknown_flag_message(dest, actions, getattr(parser, "refused_flags", None), what="key")
+            raise ConfigError(f"{source}: {message}")
         values[dest] = _convert(actions[dest], value, f"{source}: {key}")
     return values
 
@@ -247,3 +247,51 @@ def run_command(name: str, args: argparse.Namespace, parser: argparse.ArgumentPa
     except DPDiffError as err:
         print(f"dpdiff {name}: error: {err}", file=sys.stderr)
         return 2
+
+
+def closest_flag(name: str, known) -> str | None:
+    match = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    return match[0] if match else None
+
+
+def unknown_flag_message(name: str, known, refused: dict | None = None, what: str = "flag") -> str:
+    """One line: why a refused flag (a diffusers name dpdiff does not take) is refused, or the closest known
+    name to an unknown one. `what`: "flag" (command line, --name) or "key" (YAML, 'name')."""
+    name = name.split("=", 1)[0].lstrip("-").replace("-", "_")
+    if refused and name in refused:
+        return f"--{name} is not supported: {refused[name]}"
+    close = closest_flag(name, known)
+    shown, suggestion = (f"--{name}", f"--{close}") if what == "flag" else (repr(name), repr(close))
+    hint = f"did you mean {suggestion}?" if close else f"--help lists the {what}s"
+    return f"unknown {what} {shown}; {hint} (diffusers' names: docs/recipes.md)"
+
+
+def option_names(parser: argparse.ArgumentParser) -> set[str]:
+    return {s.lstrip("-").replace("-", "_") for a in parser._actions for s in a.option_strings if s.startswith("--")}
+
+
+class FlagParser(argparse.ArgumentParser):
+    """argparse with one-line errors: an unknown flag names the closest known one of the (sub)command that
+    was given (or why a diffusers flag is refused) instead of a usage dump."""
+
+    def parse_args(self, args=None, namespace=None):
+        parsed, extra = self.parse_known_args(args, namespace)
+        if extra:
+            active = self._active(parsed)
+            flag = next((e for e in extra if e.startswith("-")), None)
+            if flag is None:
+                active.error(f"unexpected argument {extra[0]!r} (flags are written --name value)")
+            active.error(unknown_flag_message(flag, option_names(active), getattr(active, "refused_flags", None)))
+        return parsed
+
+    def _active(self, namespace) -> argparse.ArgumentParser:
+        """The parser of the subcommand that was chosen (itself when there is none)."""
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                chosen = action.choices.get(getattr(namespace, action.dest, None) or "")
+                if chosen is not None:
+                    return chosen._active(namespace) if isinstance(chosen, FlagParser) else chosen
+        return self
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")

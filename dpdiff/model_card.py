@@ -7,6 +7,7 @@ embeds synthetic images only."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -119,6 +120,9 @@ def build_model_card(
         tags=card_tags(run.method),
         pipeline_tag="text-to-image" if run.method != "mepf" else "unconditional-image-generation",
     )
+    widget = [{"text": t, "output": {"url": SAMPLE_IMAGES[0]}} for t in public_prompts(run) if t]
+    if widget and SAMPLE_IMAGES[0] in images:  # the hub's widget examples: the prompts the grid was drawn from
+        metadata["widget"] = widget
     if HUB_ID.match(base) and not Path(base).exists():
         metadata.update(base_model=base, base_model_relation="adapter" if run.method == "lora" else "finetune")
     title = f"{'DP-LoRA adapter' if run.method == 'lora' else 'DP fine-tuned ' + run.method} · {base}" if run.method != "mepf" else "DP-MEPF generator"
@@ -259,6 +263,11 @@ def delta_warning(p: dict[str, Any]) -> str:
     return "\n".join(warnings)
 
 
+def public_prompts(run: RunRecord) -> list[str]:
+    """The run's public prompts: --validation_prompt (text the user typed), else the class prompts."""
+    return list(run.generation.get("validation_prompts") or run.class_prompts)
+
+
 def usage_snippet(run: RunRecord, base: str, repo: str) -> str:
     gen = run.generation
     if run.method == "mepf":
@@ -267,10 +276,13 @@ def usage_snippet(run: RunRecord, base: str, repo: str) -> str:
             f'images, labels, class_names = sample_mepf(snapshot_download("{repo}"), num_per_class=10, seed=0)'
         )
     family = family_named(gen.get("family", "sd"))
-    prompt = (run.class_prompts or ["a photo"])[0]
+    prompt = json.dumps((public_prompts(run) or ["a photo"])[0], ensure_ascii=False)[1:-1]  # inside "...": quotes escaped
     call = family.usage_call(prompt, gen.get("num_inference_steps", 50), gen.get("guidance_scale", 1.0))
     if base == "dpdiff-tiny":
         load_base = 'from dpdiff.pipelines.loading import load_pipeline\npipe = load_pipeline("dpdiff-tiny")  # the base ships with dpdiff'
+    elif gen.get("vae"):  # trained with --pretrained_vae_model_name_or_path: sample with the same VAE
+        load_base = (f'from diffusers import AutoencoderKL, DiffusionPipeline\nvae = AutoencoderKL.from_pretrained("{gen["vae"]}")\n'
+                     f'pipe = DiffusionPipeline.from_pretrained("{base}", vae=vae)')
     else:
         load_base = f'from diffusers import DiffusionPipeline\npipe = DiffusionPipeline.from_pretrained("{base}")'
     if run.method == "lora":

@@ -49,11 +49,11 @@ def test_cli_overrides_yaml_even_when_equal_to_default(tmp_path):
     assert args.guidance_scale == 2.5
 
 
-def test_unknown_key_is_refused_with_valid_names(tmp_path):
-    cfg = write(tmp_path, "seed: 1\nnum_per_clas: 10\n")
+def test_unknown_key_is_refused_naming_the_closest_key(tmp_path):
+    cfg = write(tmp_path, "seed: 1\nguidance_scal: 10\n")
     with pytest.raises(ConfigError) as e:
         parse_with_config(make_parser(), ["--config", cfg])
-    assert "num_per_clas" in str(e.value) and "guidance_scale" in str(e.value)
+    assert "unknown key 'guidance_scal'; did you mean 'guidance_scale'?" in str(e.value) and len(str(e.value).splitlines()) == 1
 
 
 @pytest.mark.parametrize(

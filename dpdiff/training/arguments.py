@@ -11,6 +11,7 @@ from dpdiff.pipelines.loading import PRESET_NAME
 from dpdiff.families.objectives import WEIGHTING_SCHEMES
 from dpdiff.privacy.diffusion_loss import TIMESTEP_BIAS_STRATEGIES
 from dpdiff.privacy.engine_checks import GRAD_SAMPLE_MODES
+from dpdiff.training.diffusers_flags import add_diffusers_arguments
 
 METHODS = ("lora", "attention", "full")
 
@@ -28,7 +29,7 @@ def add_finetune_arguments(parser: argparse.ArgumentParser, method: str | None =
     a("--caption_column", default=None, help="the caption column (datasets dataset, or a key of an imagefolder's metadata.jsonl); default: autodetected (prompt, text, caption), else captions from the labels")
     a("--resolution", type=int, default=None, help="train at this square size in pixels, a positive multiple of 8 (the VAE factor); default: the base model's native size")
     a("--center_crop", action="store_true", help="center crop to a square, then resize (the diffusers flag); dpdiff always does this, since a cached latent cannot take diffusers' default random crop")
-    a("--cache_dir", default=None, help="where the latent cache (VAE latents + encoded captions, memory-mapped safetensors shards) is kept; default: OUTPUT_DIR/latent_cache. Reused by --resume_from_checkpoint and by any run on the same data, base model, resolution, flip and family; refused when those differ")
+    a("--cache_dir", default=None, help="a cache root, as in diffusers: hub downloads of the base model and VAE go there, and the latent cache (VAE latents + encoded captions of the PRIVATE images, memory-mapped safetensors shards: keep it as private as the data) in CACHE_DIR/dpdiff_latent_cache (a folder that already is a latent cache is used as it is); default: the hub's cache and OUTPUT_DIR/latent_cache. Reused by --resume_from_checkpoint and by any run on the same data, base model, resolution, flip and family; refused when those differ")
     a("--encode_batch_size", type=int, default=None, help="images per VAE batch while building the latent cache; default: by pixels (8 at 512 px, 2 at 1024 px, 32 at 256 px)")
     a("--random_flip", action="store_true", help="horizontal flip augmentation: every image's mirrored latent is cached too (twice the latent memory) and a public coin picks one per step and example")
     # the guarantee
@@ -56,7 +57,7 @@ def add_finetune_arguments(parser: argparse.ArgumentParser, method: str | None =
     a("--epochs", type=float, default=None, help="expected passes over the private set (default 1 unless --max_steps)")
     a("--max_steps", type=int, default=None, help="logical DP-SGD steps (overrides --epochs)")
     a("--batch_size", type=int, default=256, help="expected logical batch (Poisson sampling rate = batch_size / n)")
-    a("--physical_batch_size", type=int, default=64, help="micro-batch that fits in memory; does not change the guarantee")
+    a("--physical_batch_size", type=int, default=None, help="micro-batch that fits in memory; does not change the guarantee (default: min(64, --batch_size))")
     a("--learning_rate", type=float, default=None, help="default: 2e-3 lora, 5e-4 attention, 2e-4 full")
     a("--ema_decay", type=float, default=0.999, help="EMA of the trained weights (post-processing); 0 disables")
     a("--cond_dropout", type=float, default=0.1, help="probability of the empty prompt (classifier-free guidance)")
@@ -81,7 +82,7 @@ def add_finetune_arguments(parser: argparse.ArgumentParser, method: str | None =
     a("--hub_token", default=None, help="default: HF_TOKEN / the saved login; never written anywhere")
     a("--seed", type=int, default=0, help="public seed of initialisation and diffusion draws")
     a("--privacy_seed", type=int, default=None, help="seed the SECRET sampling/noise draws (tests only; default OS entropy)")
-    return parser
+    return add_diffusers_arguments(parser)
 
 
 # every example clipped on the preset (docs/benchmarks.md, per-example gradient norms): the noise is sized to C

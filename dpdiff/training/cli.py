@@ -32,11 +32,11 @@ def recipe_main(method: str, description: str, argv=None) -> int:
     import os
     import sys
 
-    from dpdiff.config import parse_with_config
+    from dpdiff.config import FlagParser, parse_with_config
     from dpdiff.errors import DPDiffError
     from dpdiff.training.loop import finetune
 
-    parser = add_finetune_arguments(argparse.ArgumentParser(description=description), method=method)
+    parser = add_finetune_arguments(FlagParser(prog=f"finetune_{method}", description=description), method=method)
     try:
         args = parse_with_config(parser, argv)
         record = finetune(args).record

@@ -106,12 +106,20 @@ def privacy_record(args, plan, ledger, engine, summary, num_examples: int) -> di
 
 
 def generation_config(args, source, resolution: int, channels: int, family=None) -> dict:
+    """How to sample. Prompts are public text only: --validation_prompt, the class prompts, or (a captions-only
+    set, whose captions are private) the first validation prompt or the empty prompt, never a caption."""
+    from dpdiff.training.diffusers_run import captions_only, public_prompts
+
+    validation = getattr(args, "validation_prompt", None)
+    vae = getattr(args, "pretrained_vae_model_name_or_path", None)
     return {
         "base_model": args.pretrained_model_name_or_path,
+        **({"vae": vae} if vae else {}),
         "method": args.method,
         **({"family": family.name} if family is not None else {}),
         "class_names": list(source.class_names),
-        "class_prompts": list(source.class_prompts),
+        "class_prompts": public_prompts(source, args)[:1] if captions_only(source) else list(source.class_prompts),
+        **({"validation_prompts": list(validation)} if validation else {}),
         "resolution": resolution,
         "channels": channels,
         "guidance_scale": args.guidance_scale,
