@@ -86,11 +86,12 @@ def run_once(args) -> dict:
             "examples": result.record.get("num_examples", None), "resolution": args.resolution}
 
 
-def child(data: Path, output_dir: Path, args, model: str | None = None, resolution: int | None = None) -> dict:
+def child(data: Path, output_dir: Path, args, model: str | None = None, resolution: int | None = None,
+          batch_size: int | None = None) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         out = Path(f.name)
     cmd = [sys.executable, __file__, "--child", "--data", str(data), "--output_dir", str(output_dir),
-           "--model", model or args.model, "--batch_size", str(args.batch_size), "--result", str(out)]
+           "--model", model or args.model, "--batch_size", str(batch_size or args.batch_size), "--result", str(out)]
     if resolution or args.resolution:
         cmd += ["--resolution", str(resolution or args.resolution)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -153,7 +154,7 @@ def report(rows: list[dict], flux: dict | None, args) -> None:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--sizes", type=int, nargs="+", default=[1000, 5000, 20000])
+    p.add_argument("--sizes", type=int, nargs="*", default=[1000, 5000, 20000])
     p.add_argument("--resolution", type=int, default=64, help="training resolution (the JPEGs are 512 px)")
     p.add_argument("--model", default="dpdiff-tiny")
     p.add_argument("--batch_size", type=int, default=64)
@@ -161,6 +162,7 @@ def main():
     p.add_argument("--again", action="store_true", help="also a second run on each set (the cache reused)")
     p.add_argument("--flux", type=int, default=0, help="also train the Flux-shaped tiny build at 1024 px on this many images")
     p.add_argument("--no_docs", action="store_true")
+    p.add_argument("--report_from", default=None, help="write the docs from a results.json of an earlier run")
     # the child
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
@@ -170,6 +172,12 @@ def main():
     args = p.parse_args()
     if args.child:
         Path(args.result).write_text(json.dumps(run_once(args)))
+        return
+    if args.report_from:
+        saved = json.loads(Path(args.report_from).read_text())
+        rows, flux = (saved["rows"], saved.get("flux")) if isinstance(saved, dict) else (saved, None)
+        args.sizes = sorted({r["n"] for r in rows})
+        report(rows, flux, args)
         return
     work = Path(args.workdir or tempfile.mkdtemp(prefix="dpdiff-scale-"))
     rows = []
@@ -190,7 +198,8 @@ def main():
     if args.flux:
         data = write_images(work / f"images-{args.flux}", args.flux)
         model = _flux_pipeline(work / "tiny-flux")
-        flux = {"n": args.flux, **child(data, work / "run-flux", args, model=model, resolution=1024)}
+        flux = {"n": args.flux, **child(data, work / "run-flux", args, model=model, resolution=1024,
+                                        batch_size=max(1, min(8, args.flux // 2)))}
         print(json.dumps(flux), flush=True)
         (work / "results.json").write_text(json.dumps({"rows": rows, "flux": flux}, indent=1))
     if not args.no_docs:

@@ -55,7 +55,8 @@ def encoders_identity(pipeline, family) -> dict:
         if name == family.denoiser_attr or component is None:
             continue
         if isinstance(component, torch.nn.Module):
-            config = dict(getattr(component, "config", {}) or {}) if not hasattr(component.config, "to_dict") else component.config.to_dict()
+            config = getattr(component, "config", None) or {}
+            config = config.to_dict() if hasattr(config, "to_dict") else dict(config)
             out[name] = {"class": type(component).__name__, "config": _digest(config), "dtype": str(component.dtype),
                          "weights": _weights_digest(component)}
         elif hasattr(component, "get_vocab"):  # a tokenizer

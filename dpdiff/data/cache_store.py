@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
-SHARD_BYTES = 128 * 2**20  # rows are flushed to a shard file every ~128 MB (the memory a writer holds)
+SHARD_BYTES = 32 * 2**20  # rows are flushed to a shard file every ~32 MB: what a writer holds (x3 while it writes)
 
 
 class ShardWriter:
