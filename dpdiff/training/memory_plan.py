@@ -21,8 +21,12 @@ from pathlib import Path
 
 import torch
 
+from dpdiff.adapters import prepare_trainable
 from dpdiff.errors import ConfigError
+from dpdiff.pipelines.loading import resolve_model_path, weight_dtype
+from dpdiff.privacy.engine_checks import resolve_grad_sample_mode
 from dpdiff.privacy.factored import worth_factoring
+from dpdiff.privacy.grad_samplers import FUSED_MODE, fused_layers
 from dpdiff.training.activation_trace import text_length, trace_activations
 
 GIB = 2**30
@@ -121,8 +125,6 @@ def meta_components(name_or_path: str) -> tuple[str, dict[str, torch.nn.Module],
     import transformers
     from diffusers import DiffusionPipeline
 
-    from dpdiff.pipelines.loading import resolve_model_path
-
     path = resolve_model_path(name_or_path)
     index = DiffusionPipeline.load_config(path)
     models, lengths = {}, {}
@@ -167,7 +169,7 @@ def plan_memory(name_or_path: str, *, method: str, precision: str, physical_batc
     tokens = text_length(family, class_name, min(lengths.values(), default=None) if lengths else None)
     vae = models.get("vae")
     factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None and hasattr(vae.config, "block_out_channels") else 8
-    resolution = resolution or int(_native_latent(family, denoiser, class_name)) * factor
+    resolution = resolution or _native_latent(family, denoiser) * factor
     device = torch.device(device)
     plan = plan_denoiser(family, denoiser, method=method, precision=precision, rows=physical_batch_size * noise_multiplicity,
                          latent=(resolution // factor, resolution // factor), text_tokens=tokens, resolution=resolution,
@@ -181,15 +183,13 @@ def plan_memory(name_or_path: str, *, method: str, precision: str, physical_batc
     return plan
 
 
-def _native_latent(family, denoiser, class_name: str) -> int:
+def _native_latent(family, denoiser) -> int:
     if family.name == "flux":  # Flux's transformer has no sample size: the pipeline's default 1024 px / 8
         return 128
     return int(denoiser.config.sample_size)
 
 
 def _encoder_bytes(models: dict, precision: str) -> int:
-    from dpdiff.pipelines.loading import weight_dtype
-
     size = torch.tensor([], dtype=weight_dtype(precision)).element_size()
     return sum(p.numel() for m in models.values() for p in m.parameters()) * size
 
@@ -200,11 +200,6 @@ def plan_denoiser(family, denoiser: torch.nn.Module, *, method: str, precision: 
                   ema: bool = True, grad_sample_mode: str = "auto", clipping: str = "flat",
                   device: torch.device = torch.device("cpu")) -> MemoryPlan:
     """The training phase of one meta `denoiser` (the trainable set is chosen here, as the run chooses it)."""
-    from dpdiff.adapters import prepare_trainable
-    from dpdiff.pipelines.loading import weight_dtype
-    from dpdiff.privacy.engine_checks import resolve_grad_sample_mode
-    from dpdiff.privacy.grad_samplers import FUSED_MODE, fused_layers
-
     dtype = weight_dtype(precision)
     denoiser.to("meta")  # buffers some configs compute on the CPU at init (PixArt's position table)
     family.train_mode(denoiser)
@@ -217,12 +212,13 @@ def plan_denoiser(family, denoiser: torch.nn.Module, *, method: str, precision: 
     n_trained = sum(p.numel() for p in trained)
     n_total = sum(p.numel() for p in denoiser.parameters())
     element = torch.tensor([], dtype=dtype).element_size()
+    lora = {id(p) for name, p in denoiser.named_parameters() if p.requires_grad and "lora_" in name}
     for p in denoiser.parameters():  # as autocast reads them: LoRA factors cast the input to fp32 (peft)
-        p.data = p.data.to(torch.float32 if p.requires_grad and "lora_" in _name_of(denoiser, p) else dtype)
+        p.data = p.data.to(torch.float32 if id(p) in lora else dtype)
     trace = trace_activations(family, denoiser, rows, latent, text_tokens, resolution, dtype)
     activations = trace.checkpointed() if gradient_checkpointing else trace.total
     mode = resolve_grad_sample_mode(denoiser, grad_sample_mode)
-    factored = _factored_layers(denoiser, trace, mode == FUSED_MODE and clipping == "flat", fused_layers, FUSED_MODE)
+    factored = _factored_layers(denoiser, trace) if mode == FUSED_MODE and clipping == "flat" else {}
     dense = n_trained - sum(m.weight.numel() for m in factored)
     per_example = rows * 4 * dense + sum(rows * tokens * (_fan_in(m) + m.weight.shape[0]) * 4 for m, tokens in factored.items())
     return MemoryPlan(
@@ -235,22 +231,12 @@ def plan_denoiser(family, denoiser: torch.nn.Module, *, method: str, precision: 
         device=str(device), available_bytes=None)
 
 
-def _name_of(model, param) -> str:
-    cache = getattr(model, "_dpdiff_param_names", None)
-    if cache is None:
-        cache = {id(p): n for n, p in model.named_parameters()}
-        object.__setattr__(model, "_dpdiff_param_names", cache)
-    return cache.get(id(param), "")
-
-
 def _fan_in(module) -> int:
     return math.prod(module.weight.shape[1:])
 
 
-def _factored_layers(denoiser, trace, book_keeping: bool, fused_layers, fused_mode) -> dict:
-    """Trained Linear/Conv weights whose per-example gradients the fused mode keeps as (G, X) factors."""
-    if not book_keeping:
-        return {}
+def _factored_layers(denoiser, trace) -> dict:
+    """Trained Linear/Conv weights whose per-example gradients flat clipping's book-keeping keeps as (G, X) factors."""
     fused = {id(m) for m in fused_layers(denoiser)}
     return {m: tokens for m, tokens in trace.layer_tokens.items()
             if id(m) in fused and m.weight.requires_grad and worth_factoring(tokens, _fan_in(m), m.weight.shape[0])}
