@@ -164,6 +164,8 @@ def test_validation_epochs_become_steps_and_label_families_refuse_prompts():
     args = checked(["--validation_epochs", "2", "--batch_size", "10"])
     diffusers_run.before_training(args, _plan(1.0, 10, n=100), SimpleNamespace(conditioning="prompt", name="sd"), main=False)
     assert args.validation_steps == 20  # an expected epoch is n / B = 10 steps
+    assert replayable_flags(args).get("validation_epochs") is None  # the replayed config is not a conflict
+    check_arguments(args)
     with pytest.raises(ConfigError, match="conditioned on class labels"):
         diffusers_run.before_training(checked(["--validation_prompt", "x"]), _plan(1.0, 10),
                                       SimpleNamespace(conditioning="label", name="dit"), main=False)

@@ -74,6 +74,7 @@ def before_training(args, plan, family, main: bool) -> None:
     epochs = getattr(args, "validation_epochs", None)
     if epochs is not None:  # an expected epoch is 1/q steps
         args.validation_steps = max(1, round(epochs / plan.sample_rate))
+        args.validation_epochs = None  # training_config.yaml replays the steps (both set would be a conflict)
     sigma, c, b = plan.noise_multiplier, args.max_grad_norm, plan.batch_size
     if not main:
         return
