@@ -118,3 +118,28 @@ def test_the_vae_leaves_the_accelerator_with_the_text_encoders_and_samples_run_u
     with encoders.loaded():
         assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
     assert not torch.is_autocast_enabled("cpu")
+
+
+def test_a_bf16_attention_run_exports_a_denoiser_that_stock_diffusers_runs_in_fp32(tiny_pipeline_dir, tmp_path, monkeypatch):
+    """The frozen weights trained in bf16, the attention blocks in fp32: the exported `unet/` holds both dtypes
+    (the bf16-rounded frozen weights the training saw); stock `from_pretrained` loads it as one fp32 model."""
+    from accelerate.state import AcceleratorState
+    from diffusers import UNet2DConditionModel
+
+    from dpdiff.training.loop import finetune
+    from test_finetune import parse, small_run_flags
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    AcceleratorState._reset_state(True)  # a process-wide singleton
+    out = tmp_path / "run"
+    try:
+        finetune(parse(small_run_flags(tiny_pipeline_dir, out, max_steps=2, checkpointing_steps=0, method="attention"),
+                       method="attention"))
+    finally:
+        AcceleratorState._reset_state(True)
+    unet = UNet2DConditionModel.from_pretrained(out / "unet")
+    assert {p.dtype for p in unet.parameters()} == {torch.float32}
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        sample = unet(torch.randn(1, 4, 8, 8, generator=g), 10, encoder_hidden_states=torch.randn(1, 6, 64, generator=g)).sample
+    assert torch.isfinite(sample).all()
