@@ -190,3 +190,28 @@ def test_masked_captions_are_stored_at_their_own_length_and_predict_the_same(bui
         alone = family.predict(denoiser, latents[1:2], t[:1], {k: rows[1][k][None] for k in rows[1] if k != "latents"})
     torch.testing.assert_close(cached, padded, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(cached[1:2], alone, rtol=1e-4, atol=1e-5)
+
+
+def test_a_resumed_run_and_a_second_run_encode_nothing(tiny_pipeline_dir, tmp_path, monkeypatch):
+    from dpdiff.training.arguments import finetune_args
+    from dpdiff.training.loop import finetune
+
+    data = write_folder(tmp_path / "data", n=8, size=(32, 32))
+    flags = dict(pretrained_model_name_or_path=str(tiny_pipeline_dir), dataset=f"imagefolder:{data}", output_dir=str(tmp_path / "run"),
+                 batch_size=4, physical_batch_size=4, max_steps=2, delta=1e-2, num_inference_steps=1, checkpointing_steps=1,
+                 privacy_seed=1, rank=2, ema_decay=0.0, resolution=32)
+    finetune(finetune_args(**flags))
+    cache = tmp_path / "run" / "latent_cache"
+    built = (cache / "manifest.json").stat().st_mtime_ns
+
+    def never(*args, **kwargs):
+        raise AssertionError("the cache must be reused, not encoded again")
+
+    monkeypatch.setattr(latent_cache, "encode_pixels", never)
+    resumed = finetune(finetune_args(**{**flags, "resume_from_checkpoint": "latest"}))  # from step 1's checkpoint
+    assert resumed.record["steps"] == 2
+    # another resolution on resume: the same data must not be silently re-encoded under a running guarantee
+    with pytest.raises(DataError, match="resolution"):
+        finetune(finetune_args(**{**flags, "resume_from_checkpoint": "latest", "resolution": 16}))
+    again = finetune(finetune_args(**{**flags, "overwrite_output_dir": True, "checkpointing_steps": 0}))
+    assert again.record["steps"] == 2 and (cache / "manifest.json").stat().st_mtime_ns == built
