@@ -75,7 +75,7 @@ def plan_row(r: dict, device: str = "cpu"):
 
 # ---- the child: one row, fresh process ----------------------------------------------------------
 
-def measure(r: dict, device: str, repeats: int, threads: int) -> dict:
+def measure(r: dict, device: str, repeats: int, threads: int, plain: bool = True) -> dict:
     from torch.utils.data import default_collate
 
     from dpdiff.adapters import prepare_trainable
@@ -133,47 +133,51 @@ def measure(r: dict, device: str, repeats: int, threads: int) -> dict:
             walls, cpus = walls[1:], cpus[1:]
         return walls, cpus, peak
 
-    plain_opt = torch.optim.AdamW(params, lr=1e-5)
-    plain_times, plain_cpu, plain_peak = timed(plain_step)
-    plain_opt.state.clear()
-    del plain_opt
+    result = dict(r, device=device, threads=threads, repeats=repeats, start_bytes=start_rss, build_s=build_s)
+    if plain:
+        plain_opt = torch.optim.AdamW(params, lr=1e-5)
+        plain_times, plain_cpu, plain_peak = timed(plain_step)
+        plain_opt.state.clear()
+        del plain_opt
+        result |= dict(plain_s=plain_times, plain_cpu_s=plain_cpu, plain_peak_bytes=plain_peak)
+        print(json.dumps(result), flush=True)  # a row stopped in its DP step keeps its non-DP half
     engine = DPDiffusionEngine(model, om._ddpm(), torch.optim.AdamW(params, lr=1e-5), data, batch_size=n,
                                physical_batch_size=n, noise_multiplier=1.0, max_grad_norm=1.0, privacy_seed=0,
                                family=family, precision="bf16")
     dp_times, dp_cpu, dp_peak = timed(lambda: engine._logical_step(indices))
-    return dict(r, device=device, threads=threads, repeats=repeats, start_bytes=start_rss, build_s=build_s,
-                grad_sample_mode=engine.grad_sample_mode, plain_s=plain_times, dp_s=dp_times, plain_cpu_s=plain_cpu, dp_cpu_s=dp_cpu,
-                plain_peak_bytes=plain_peak, dp_peak_bytes=dp_peak)
+    return result | dict(grad_sample_mode=engine.grad_sample_mode, dp_s=dp_times, dp_cpu_s=dp_cpu, dp_peak_bytes=dp_peak)
 
 
 # ---- the parent: rows in subprocesses, table ----------------------------------------------------
 
 def run_row(row: str, args) -> dict:
     cmd = [sys.executable, __file__, "--child", row, "--device", args.device, "--repeats", str(args.repeats_for(row)),
-           "--threads", str(args.threads)]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.row_timeout)
-    lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
-    if out.returncode != 0 or not lines:
-        return dict(parse_row(row), error=f"exit {out.returncode}: {(out.stderr or out.stdout).strip().splitlines()[-1:]}")
-    return json.loads(lines[-1])
+           "--threads", str(args.threads)] + (["--child_dp_only"] if row in args.dp_only else [])
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.row_timeout)
+        stdout, error = out.stdout, None if out.returncode == 0 else f"exit {out.returncode}: {out.stderr.strip().splitlines()[-1:]}"
+    except subprocess.TimeoutExpired as e:
+        stdout, error = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or ""), f"timed out after {args.row_timeout} s"
+    lines = [line for line in stdout.splitlines() if line.startswith("{")]
+    if not lines:
+        return dict(parse_row(row), error=error or "no result")
+    return json.loads(lines[-1]) | ({"error": error} if error else {})
 
 
 def table(results: list[dict]) -> str:
     head = ("| model | method | batch | ckpt | DP peak (GiB) | plan (GiB) | plan / DP peak | non-DP peak | "
-            "DP / non-DP memory | DP step (s) | non-DP step (s) | DP / non-DP time | DP / non-DP CPU time |\n|" + "---|" * 13)
+            "DP / non-DP memory | DP step (s) | non-DP step (s) | DP / non-DP time | DP / non-DP CPU time | note |\n|" + "---|" * 14)
     lines = [head]
     for r in results:
-        cells = [f"{r['shape']} {r['latent']}x{r['latent']}", r["method"], str(r["batch"]), "yes" if r["checkpointing"] else "no"]
-        plan = r.get("plan_bytes")
-        if "error" in r or "skipped" in r:
-            why = r.get("skipped") or r["error"]
-            lines.append("| " + " | ".join(cells + ["-", f"{plan / GIB:.2f}" if plan else "-", "-", "-", "-", "-", "-", "-", why]) + " |")
-            continue
-        dp, plain = min(r["dp_s"]), min(r["plain_s"])
-        cells += [f"{r['dp_peak_bytes'] / GIB:.2f}", f"{plan / GIB:.2f}", f"{plan / r['dp_peak_bytes']:.2f}",
-                  f"{r['plain_peak_bytes'] / GIB:.2f}", f"{r['dp_peak_bytes'] / r['plain_peak_bytes']:.2f}x",
-                  f"{dp:.1f}", f"{plain:.1f}", f"{dp / plain:.2f}x",
-                  f"{min(r['dp_cpu_s']) / min(r['plain_cpu_s']):.2f}x" if "dp_cpu_s" in r else "-"]
+        dp, plain, plan = r.get("dp_peak_bytes"), r.get("plain_peak_bytes"), r.get("plan_bytes")
+        ratio = lambda a, b, fmt="{:.2f}x": fmt.format(a / b) if a and b else "-"  # noqa: E731
+        fastest = lambda key: min(r[key]) if r.get(key) else None  # noqa: E731
+        cells = [f"{r['shape']} {r['latent']}x{r['latent']}", r["method"], str(r["batch"]), "yes" if r["checkpointing"] else "no",
+                 f"{dp / GIB:.2f}" if dp else "-", f"{plan / GIB:.2f}" if plan else "-", ratio(plan, dp, "{:.2f}"),
+                 f"{plain / GIB:.2f}" if plain else "-", ratio(dp, plain),
+                 f"{fastest('dp_s'):.1f}" if fastest("dp_s") else "-", f"{fastest('plain_s'):.1f}" if fastest("plain_s") else "-",
+                 ratio(fastest("dp_s"), fastest("plain_s")), ratio(fastest("dp_cpu_s"), fastest("plain_cpu_s")),
+                 r.get("skipped") or r.get("error") or ""]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -192,10 +196,13 @@ def main(argv=None) -> None:
     p.add_argument("--no_docs", action="store_true")
     p.add_argument("--from_json", nargs="+", default=None, help="build the table from rows measured earlier (--json files; "
                    "the plan is recomputed with today's code); later files win for the same row")
+    p.add_argument("--dp_only", nargs="*", default=[], help="rows measured without the non-DP step (SDXL on a CPU: ~10 min a step)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--child_dp_only", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
-        print(json.dumps(measure(parse_row(args.child), args.device, args.repeats, args.threads)), flush=True)
+        print(json.dumps(measure(parse_row(args.child), args.device, args.repeats, args.threads, plain=not args.child_dp_only)),
+              flush=True)
         return
     # a CPU step of batch 4 or SDXL takes minutes: one of each there
     args.repeats_for = lambda row: (1 if args.device == "cpu" and (parse_row(row)["batch"] > 1 or row.startswith("sdxl"))
@@ -205,7 +212,7 @@ def main(argv=None) -> None:
         measured = {}
         for file in args.from_json:
             for r in json.loads(Path(file).read_text()):
-                if "plain_s" in r:
+                if "dp_s" in r or "plain_s" in r:
                     measured[row_key(r)] = r
         results = [dict(r, plan_bytes=planned_bytes(r, r["device"])) for r in measured.values()]
         args.rows = []
