@@ -36,13 +36,21 @@ def open_image(path: Path) -> PILImage.Image:
 
 
 def _problem(path: Path) -> str | None:
-    """None when the file decodes; else why not (the decoded pixels are dropped at once)."""
+    """None when the file decodes; else why not (the decoded pixels are dropped at once).
+
+    A JPEG is decoded at 1/8 scale (libjpeg's DCT scaling, `draft`): every byte of its compressed data is
+    still read and entropy-decoded, so a truncated or garbled file fails as in a full decode, ~3x faster."""
     try:
-        open_image(path).close()
-    except DataError as e:
-        return str(e)
+        if path.stat().st_size == 0:
+            return f"image file {path} is empty (0 bytes)"
+        with PILImage.open(path) as img:
+            if img.format == "JPEG":
+                img.draft(None, (1, 1))
+            img.load()
     except FileNotFoundError as e:
         return f"image file {path} does not exist ({e})"
+    except _DECODE_ERRORS as e:
+        return f"cannot read image file {path}: {e}"
     return None
 
 
