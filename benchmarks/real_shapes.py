@@ -36,11 +36,14 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import _overhead_models as om  # noqa: E402
 
 GIB = 2**30
+NOTES_MARKER = "<!-- notes below: kept by benchmarks/real_shapes.py -->"
 LATENT = {"sd15": 64, "sdxl": 128, "pixart": 64}
-# shape:method:physical batch:checkpointing, cheapest first; ~30 min on this 2-core CPU with --repeats 2 for b1
-DEFAULT_ROWS = ("pixart:lora:1:0", "pixart:lora:1:1", "pixart:attention:1:0", "pixart:lora:4:0",
-                "sd15:lora:1:0", "sd15:lora:1:1", "sd15:attention:1:0", "sd15:attention:1:1",
-                "sd15:lora:4:1", "sd15:attention:4:1", "sdxl:lora:1:1")
+# shape:method:physical batch:checkpointing, cheapest first: the subset that fits ~30 min on 2 quiet CPU cores
+# (PixArt `attention` trains nearly the whole transformer: 12.8 GiB planned, left out on a shared 24 GB machine;
+# SDXL's non-DP step is left out on a CPU, ~10 min a step)
+DEFAULT_ROWS = ("pixart:lora:1:0", "pixart:lora:1:1", "pixart:lora:4:0", "sd15:lora:1:0", "sd15:lora:1:1",
+                "sd15:attention:1:0", "sd15:attention:1:1", "sd15:lora:4:1", "sdxl:lora:1:1")
+CPU_DP_ONLY = ("sdxl:lora:1:1",)
 
 
 def parse_row(row: str) -> dict:
@@ -196,7 +199,7 @@ def main(argv=None) -> None:
     p.add_argument("--no_docs", action="store_true")
     p.add_argument("--from_json", nargs="+", default=None, help="build the table from rows measured earlier (--json files; "
                    "the plan is recomputed with today's code); later files win for the same row")
-    p.add_argument("--dp_only", nargs="*", default=[], help="rows measured without the non-DP step (SDXL on a CPU: ~10 min a step)")
+    p.add_argument("--dp_only", nargs="*", default=None, help="rows measured without the non-DP step (default on a CPU: SDXL, ~10 min a step)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--child_dp_only", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -204,6 +207,8 @@ def main(argv=None) -> None:
         print(json.dumps(measure(parse_row(args.child), args.device, args.repeats, args.threads, plain=not args.child_dp_only)),
               flush=True)
         return
+    if args.dp_only is None:
+        args.dp_only = list(CPU_DP_ONLY) if args.device == "cpu" else []
     # a CPU step of batch 4 or SDXL takes minutes: one of each there
     args.repeats_for = lambda row: (1 if args.device == "cpu" and (parse_row(row)["batch"] > 1 or row.startswith("sdxl"))
                                     else args.repeats)
@@ -236,16 +241,22 @@ def main(argv=None) -> None:
     if args.out_md:
         Path(args.out_md).write_text(text + "\n")
     elif not args.no_docs and not args.plan_only:
-        from _docs import update_section
+        import re
 
-        update_section("Real shapes", _section(text, args))
+        from _docs import BENCHMARKS_MD, update_section
+
+        old = BENCHMARKS_MD.read_text(encoding="utf-8") if BENCHMARKS_MD.exists() else ""
+        match = re.search(r"^## Real shapes\n(.*?)(?=^## |\Z)", old, re.S | re.M)
+        notes = match.group(1).split(NOTES_MARKER, 1)[1] if match and NOTES_MARKER in match.group(1) else ""
+        update_section("Real shapes", _section(text, args) + "\n\n" + NOTES_MARKER + "\n" + notes.strip("\n") + "\n")
 
 
 def _section(text: str, args) -> str:
     return (f"`python benchmarks/real_shapes.py` ({args.device}, {args.threads} threads; random init from the real configs; "
             "bf16 frozen weights, fp32 trained parameters, bf16 autocast; LoRA rank 8; AdamW; peak = the process's "
             "highest RSS during a step, weights included; plan = dpdiff/training/memory_plan.py from the config on the "
-            "meta device). Step times are the fastest of the repeats on a shared machine.\n\n" + text)
+            "meta device; on CUDA without the context). Step times: wall and process CPU seconds, the fastest "
+            "of the timed repeats; the CPU-time ratio is what a busy shared machine distorts least.\n\n" + text)
 
 
 if __name__ == "__main__":
