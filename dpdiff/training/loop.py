@@ -126,12 +126,15 @@ def _finetune(args: argparse.Namespace) -> FinetuneResult:
             print(memory.describe())
         return FinetuneResult({"dry_run": True, "memory_plan_gib": round(memory.peak_bytes / 2**30, 3)}, None, output_dir)
 
-    source = load_training_source(args.dataset, "train", limit=args.max_train_samples, seed=args.seed,
+    # `dpdiff tune` hands each trial its training split (validation examples held out) and its sigma, calibrated for the
+    # whole search (dpdiff/tuning/): attributes, not flags, so neither is replayed nor logged
+    source = getattr(args, "_training_source", None) or load_training_source(args.dataset, "train", limit=args.max_train_samples, seed=args.seed,
                          skip_bad_files=args.skip_bad_files, prompt_template=args.prompt_template,
                          image_column=getattr(args, "image_column", None), caption_column=getattr(args, "caption_column", None),
                          resolution=getattr(args, "resolution", None))
-    plan = accounting.plan(args.target_epsilon, args.delta, len(source), args.batch_size, epochs=args.epochs,
-                           max_steps=args.max_steps, accountant=args.accountant, force_delta=args.force_delta)
+    plan = (accounting.plan if getattr(args, "_noise_multiplier", None) is None else _fixed_sigma_plan(args._noise_multiplier))(
+        args.target_epsilon, args.delta, len(source), args.batch_size, epochs=args.epochs, max_steps=args.max_steps,
+        accountant=args.accountant, force_delta=args.force_delta)
     pipeline = load_pipeline(args.pretrained_model_name_or_path,
                              torch_dtype=load_dtype(precision, args.method, args.train_condition_embedder), **pipeline_kwargs(args))
     family = family_for_pipeline(pipeline)
@@ -207,6 +210,12 @@ def _finetune(args: argparse.Namespace) -> FinetuneResult:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return FinetuneResult(record, pipeline, output_dir)
+
+
+def _fixed_sigma_plan(sigma: float):
+    from dpdiff.tuning.accounting import fixed_sigma_plan
+
+    return lambda *a, **k: fixed_sigma_plan(sigma, *a, **k)
 
 
 def _epsilon_bound(ledger, plan, done: int, every: int) -> float:
