@@ -99,8 +99,16 @@ def test_a_run_too_big_for_the_device_stops_before_the_data_and_weights(tiny_pip
 def test_every_family_gets_a_plan(build, tmp_path):
     from dpdiff.pipelines.tiny_families import build_tiny_family_pipeline
 
-    build_tiny_family_pipeline(build).save_pretrained(tmp_path, safe_serialization=True)
+    from dpdiff.families import family_for_pipeline
+    from dpdiff.families.base import vae_scale_factor
+
+    pipe = build_tiny_family_pipeline(build)
+    pipe.save_pretrained(tmp_path, safe_serialization=True)
     plain = plan_memory(tmp_path, method="lora", precision="bf16", physical_batch_size=2, free_bytes=100 * GIB)
+    native = family_for_pipeline(pipe).resolution(pipe)  # the plan's default size and VAE factor are the pipeline's
+    assert plain.latent == (native // vae_scale_factor(pipe),) * 2
+    assert plan_memory(tmp_path, method="lora", precision="bf16", physical_batch_size=2, resolution=native,
+                       free_bytes=100 * GIB).activation_bytes == plain.activation_bytes
     checkpointed = plan_memory(tmp_path, method="lora", precision="bf16", physical_batch_size=2, gradient_checkpointing=True,
                                free_bytes=100 * GIB)
     assert plain.trained_params > 0 and plain.activation_bytes > 0 and plain.encoder_bytes > 0
