@@ -115,6 +115,9 @@ def test_a_killed_build_leaves_no_cache(sd_pipe, tmp_path, monkeypatch):
     monkeypatch.setattr(latent_cache, "encode_pixels", real)
     cache = build_latent_cache(sd_pipe, source, 64, batch_size=2, show_progress=False, cache_dir=tmp_path / "cache")
     assert len(cache) == 5 and (tmp_path / "cache" / "manifest.json").is_file()
+    (tmp_path / "cache" / "latents-00000.safetensors").unlink()  # a cache damaged by hand is named, not half-read
+    with pytest.raises(DataError, match="lacks 1 file.*latents-00000"):
+        build_latent_cache(sd_pipe, source, 64, batch_size=2, show_progress=False, cache_dir=tmp_path / "cache")
 
 
 def test_a_folder_that_is_not_a_cache_is_refused(sd_pipe, tmp_path):

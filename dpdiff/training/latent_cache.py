@@ -245,6 +245,12 @@ def open_cache(folder: Path, manifest: dict, cond_dropout: float = 0.0, seed: in
     """The cache published in `folder`: rows read from its shards on demand, or (`in_memory`) all loaded now."""
     folder = Path(folder)
     layout = manifest["conditions"]
+    expected = [f"latents-{i:05d}.safetensors" for i in range(len(manifest["latent_counts"]))]
+    expected += [f"conditions-{i:05d}.safetensors" for i in range(len(layout["counts"]))] + ["index.safetensors"]
+    missing = [name for name in expected if not (folder / name).is_file()]
+    if missing:
+        raise DataError(f"the latent cache in {folder} lacks {len(missing)} file(s), e.g. {missing[0]}: delete that folder "
+                        "to encode again")
     ragged, length = set(layout["ragged"]), layout["length"]
     conditions = {}
     for name in layout["names"]:
