@@ -17,6 +17,7 @@ SUBCOMMANDS = {
     "sample": ("dpdiff.sampling", "sample a fine-tuned pipeline or a MEPF generator into a dataset"),
     "mepf": ("dpdiff.mepf.cli", "train the DP-MEPF baseline generator"),
     "evaluate": ("dpdiff.evaluation.cli", "score a synthetic dataset against real data"),
+    "tune": ("dpdiff.tuning.cli", "private hyperparameter search: one (epsilon, delta) for every trial and the selection"),
     "budget": ("dpdiff.privacy.budget_cli", "noise multiplier <-> epsilon for DP-SGD"),
     "audit": ("dpdiff.audit", "empirical lower bound on epsilon with canaries"),
 }

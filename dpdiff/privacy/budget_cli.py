@@ -2,6 +2,7 @@
 
     dpdiff budget --epsilon 8 --batch-size 256 --num-examples 60000 --epochs 10
     dpdiff budget --noise-multiplier 1.0 --sample-rate 0.004267 --steps 1000 --json
+    dpdiff budget --epsilon 10 --num-examples 60000 --tune recipes/configs/tune_lora.yaml   # what a search costs
 
 A user mistake prints one clear line on stderr and exits with code 2 (no traceback).
 """
@@ -36,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sample-rate", type=float, help="Poisson sampling rate q (or give --batch-size and --num-examples)")
     parser.add_argument("--batch-size", type=int, help="expected (logical) batch size B; q = B / n")
     parser.add_argument("--num-examples", type=int, help="number of private training examples n")
-    length = parser.add_mutually_exclusive_group(required=True)
+    length = parser.add_mutually_exclusive_group()  # one of them is needed, unless --tune gives the lengths
     length.add_argument("--steps", type=int, help="number of DP-SGD steps T")
     length.add_argument("--epochs", type=float, help="epochs; T = ceil(epochs / q)")
     parser.add_argument("--accountant", choices=ACCOUNTANTS, default=DEFAULT_ACCOUNTANT, help="default: prv (tight)")
@@ -44,9 +45,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--force-delta", action="store_true", help="allow delta >= 1/n (weakens the guarantee; not recommended)"
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    parser.add_argument("--tune", metavar="SEARCH_YAML", default=None,
+                        help="a `dpdiff tune` search config: print each trial's sigma for a whole search within --epsilon "
+                             "(with --num-examples), beside one trial's and the naive composed epsilon")
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "tune", None):
+        from dpdiff.tuning.cli import budget_main
+
+        return budget_main(args)
     try:
         result = compute_budget(args)
     except DPDiffError as err:
@@ -65,6 +73,8 @@ def compute_budget(args: argparse.Namespace) -> dict:
     delta = check_delta(args.delta, num_examples, force=args.force_delta)
     if args.steps is not None and args.steps < 1:
         raise ConfigError(f"--steps must be >= 1, got {args.steps}")
+    if args.steps is None and args.epochs is None:
+        raise ConfigError("give --steps or --epochs (or --tune with a search config)")
     steps = steps_for(sample_rate, epochs=args.epochs, max_steps=args.steps)
     result = {
         "delta": delta,

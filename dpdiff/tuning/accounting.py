@@ -18,6 +18,8 @@ with the curve): the total computed from the reference holds for the whole searc
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 from dataclasses import asdict, dataclass, field
 
@@ -49,16 +51,31 @@ def search_event(trial: dp_event.DpEvent, mean: float, shape: float, score: dp_e
     return selected if score is None else dp_event.ComposedDpEvent([score, selected])
 
 
+@contextlib.contextmanager
+def _quiet():
+    """dp-accounting logs (absl) each order whose series does not converge; it then counts that order as infinite
+    RDP, which is safe (never used for the bound). One search calibration would print hundreds of such lines."""
+    log = logging.getLogger("absl")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
 def epsilon_of(event: dp_event.DpEvent, delta: float) -> float:
     acc = RdpAccountant()
-    acc.compose(event)
-    return float(acc.get_epsilon(delta))
+    with _quiet():
+        acc.compose(event)
+        return float(acc.get_epsilon(delta))
 
 
 def rdp_curve(event: dp_event.DpEvent):
     """RDP of `event` at the accountant's default orders (dp-accounting keeps it in `_rdp`; no public getter)."""
     acc = RdpAccountant()
-    acc.compose(event)
+    with _quiet():
+        acc.compose(event)
     return acc._orders.copy(), acc._rdp.copy()
 
 

@@ -97,7 +97,8 @@ def parse_space(raw, where: str = "search config") -> SearchSpace:
             raise ConfigError(f"{where}: section {name!r} must be a mapping")
     if not search:
         raise ConfigError(f"{where}: 'search' is empty: give at least one finetune flag to search over")
-    actions = {a.dest: a for a in add_finetune_arguments(argparse.ArgumentParser())._actions if a.dest != "help"}
+    parser = add_finetune_arguments(argparse.ArgumentParser())
+    actions = {a.dest: a for a in parser._actions if a.dest != "help"}
     for name in list(fixed) + list(search):
         if name in REFUSED:
             raise ConfigError(f"{where}: {name!r} is set by `dpdiff tune` itself (one total guarantee, one output); "
@@ -108,11 +109,11 @@ def parse_space(raw, where: str = "search config") -> SearchSpace:
     if both:
         raise ConfigError(f"{where}: {sorted(both)} both fixed and searched")
     for name, value in fixed.items():
-        fixed[name] = _check_value(actions[name], value, f"{where}: fixed.{name}")
+        fixed[name] = _check_value(parser, name, value, f"{where}: fixed.{name}")
     for name, spec in search.items():
         if name in NOT_SEARCHED:
             raise ConfigError(f"{where}: {name!r} cannot be searched (every trial must train on the same data); put it under 'fixed'")
-        search[name] = _check_spec(actions[name], spec, f"{where}: search.{name}", profile=name in PROFILE_FLAGS)
+        search[name] = _check_spec(parser, actions[name], spec, f"{where}: search.{name}", profile=name in PROFILE_FLAGS)
     if "distribution" not in trials or "mean" not in trials:
         raise ConfigError(f"{where}: 'trials' needs distribution (poisson | geometric | logarithmic) and mean")
     extra = set(trials) - {"distribution", "mean"}
@@ -125,30 +126,18 @@ def parse_space(raw, where: str = "search config") -> SearchSpace:
     return SearchSpace(fixed, search, distribution, mean, dict(score))
 
 
-def _check_value(action, value, what: str):
-    if action.nargs in ("+", "*"):
-        if not isinstance(value, list):
-            raise ConfigError(f"{what} must be a list")
-        return [_check_value(argparse.Action([], action.dest, type=action.type, choices=action.choices), v, what) for v in value]
-    if action.type is None and action.const is not None and isinstance(action.const, bool):  # store_true
-        if not isinstance(value, bool):
-            raise ConfigError(f"{what} must be true or false, got {value!r}")
-        return value
-    if action.type in (int, float):
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (action.type is float or value == int(value))
-        if not ok or (isinstance(value, float) and not math.isfinite(value)):
-            raise ConfigError(f"{what} must be {'an integer' if action.type is int else 'a number'}, got {value!r}")
-        value = action.type(value)
-    if action.choices is not None and value not in action.choices:
-        raise ConfigError(f"{what} must be one of {list(action.choices)}, got {value!r}")
-    return value
+def _check_value(parser, name: str, value, what: str):
+    """Converted and checked as a finetune YAML config's value is (dpdiff.config.validate_config)."""
+    from dpdiff.config import validate_config
+
+    return validate_config(parser, {name: value}, what.rsplit(".", 1)[0])[name]
 
 
-def _check_spec(action, spec, what: str, profile: bool):
+def _check_spec(parser, action, spec, what: str, profile: bool):
     if isinstance(spec, list):
         if not spec:
             raise ConfigError(f"{what}: an empty list has nothing to draw")
-        return [_check_value(action, v, what) for v in spec]
+        return [_check_value(parser, action.dest, v, what) for v in spec]
     if isinstance(spec, dict):
         if profile:
             raise ConfigError(f"{what}: {action.dest} sets a trial's sample rate or length, so it must be a list "
@@ -158,7 +147,9 @@ def _check_spec(action, spec, what: str, profile: bool):
         extra = set(spec) - {"low", "high", "log"}
         if extra or not {"low", "high"} <= set(spec):
             raise ConfigError(f"{what}: a range is {{low, high, log}}; got keys {sorted(spec)}")
-        lo, hi = (_check_value(argparse.Action([], action.dest, type=float), spec[k], f"{what}.{k}") for k in ("low", "high"))
+        lo, hi = (spec[k] for k in ("low", "high"))
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (lo, hi)):
+            raise ConfigError(f"{what}: low and high must be numbers, got {lo!r}, {hi!r}")
         log = bool(spec.get("log", False))
         if not lo < hi or (log and lo <= 0):
             raise ConfigError(f"{what}: need low < high{' and low > 0 for a log range' if log else ''}, got {lo}..{hi}")

@@ -1,0 +1,97 @@
+"""What a search publishes: the best trial's adapter, ONE privacy.json stating the whole search, one model card.
+
+The record keeps the selected trial's own numbers (sigma, q, steps, C: the selected configuration is part of the
+output) but its epsilon is the search's total; the trial count, the losing trials and their scores are not in it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+from pathlib import Path
+
+from dpdiff.io import write_json, write_text
+
+COMPOSITION = ("sequential: the score's validation release composed with repeat-and-select over the trials (RDP adds), "
+               "although the two parts use disjoint examples (conservative; docs/privacy.md)")
+NOT_COVERED_TUNING = re.compile(r"- \*\*Not covered: hyperparameter tuning on the private data\.\*\*.*?(?=\n- \*\*)", re.S)
+
+
+def search_record(trial_privacy: dict, plan, score_config, space, selected: dict) -> dict:
+    """privacy.json of a search: the trial's record with the search's guarantee in place of the trial's."""
+    record = {k: v for k, v in trial_privacy.items() if k not in ("ledger", "planned_steps", "target_epsilon")}
+    shape = "inf" if math.isinf(plan.shape) else plan.shape
+    record.update({
+        "epsilon": plan.epsilon,
+        "target_epsilon": plan.target_epsilon,
+        "delta": plan.delta,
+        "accountant": plan.accountant,
+        "search_summary": (f"private hyperparameter search (Papernot & Steinke 2022): a secret, {plan.distribution}-"
+                           f"distributed number of trials (mean {plan.mean_trials:g}), best kept by a DP validation score; "
+                           "epsilon covers the whole search"),
+        "search": {
+            "method": "repeat_and_select",
+            "distribution": plan.distribution,
+            "shape": shape,
+            "mean_trials": plan.mean_trials,
+            "trial_count": "secret: drawn from OS entropy, never published",
+            "composition": COMPOSITION,
+            "events": {  # enough to recompute epsilon with dp-accounting (tests/test_tuning_accounting.py does)
+                "score_release": {"gaussian_noise_multiplier": plan.score_noise_multiplier, "count": 2},
+                "trial_reference": plan.to_dict()["profiles"][plan.reference],
+                "repeat_and_select": {"mean": plan.mean_trials, "shape": shape},
+            },
+            "profiles": plan.to_dict()["profiles"],
+            "profile_rule": "each profile's RDP <= the reference's at every order of dp-accounting's default grid",
+            "single_trial_epsilon": plan.single_trial_epsilon,
+            "naive_composition_epsilon": plan.naive_epsilon,
+            "naive_composition_trials": math.ceil(plan.mean_trials),
+            "score": {**score_config.to_dict(), "noise_multiplier": plan.score_noise_multiplier,
+                      "releases": ["sum of clipped embeddings (sensitivity C)", "count (sensitivity 1)"],
+                      "split": "per example, salted hash of its pixels and label (public salt)"},
+            "search_space": {"fixed": space.fixed, "search": space.search},
+            "selected": selected,
+        },
+        "not_covered": "the search space, the trial distribution and the score settings are public (chosen without the "
+                       "private data); the search's running time grows with the secret trial count",
+    })
+    return record
+
+
+def export_best(best_dir: Path, out: Path, plan, score_config, space, selected: dict) -> dict:
+    """Copy the best trial's files into `out`, then write privacy.json and the model card for the search."""
+    from dpdiff.hub import write_model_card
+    from dpdiff.tuning.search import NOT_EXPORTED
+
+    for item in best_dir.iterdir():
+        if item.name in NOT_EXPORTED:
+            continue
+        target = out / item.name
+        if item.is_dir():
+            shutil.copytree(item, target, dirs_exist_ok=True)
+        else:
+            shutil.copy2(item, target)
+    trial = json.loads((best_dir / "privacy.json").read_text())
+    record = search_record(trial, plan, score_config, space, selected)
+    write_json(out / "privacy.json", record)
+    license_ = "apache-2.0" if record.get("base_model") == "dpdiff-tiny" else "other"
+    card = write_model_card(out, license=license_)
+    write_text(card, search_card(card.read_text(encoding="utf-8"), record))
+    return record
+
+
+def search_card(text: str, record: dict) -> str:
+    """The card's 'tuning is not covered' bullet becomes what the search covers."""
+    s = record["search"]
+    covered = (
+        "- **Covered: the hyperparameter search.** These weights are the best of a secret, random number of DP "
+        f"fine-tuning trials ({s['distribution']}, mean {s['mean_trials']:g}), each with hyperparameters drawn from a "
+        "public search space and compared by a score that read the private data only through one Gaussian release "
+        "(a held-out validation split's mean embedding). The ε above covers the release, every trial and the "
+        "selection (repeat-and-select, Papernot & Steinke 2022). Public: the search space, the trial distribution and "
+        "the score settings (privacy.json, `search`). Never published: the trial count, the other trials and their scores."
+    )
+    new, found = NOT_COVERED_TUNING.subn(covered, text)
+    return new if found else text.rstrip("\n") + "\n\n" + covered + "\n"
