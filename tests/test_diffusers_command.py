@@ -86,8 +86,8 @@ def test_dreambooth_flat_folder_is_one_class_captioned_by_the_instance_prompt(tm
     for i in range(3):
         Image.new("RGB", (16, 16), (50 * i, 0, 0)).save(folder / f"{i}.jpg")
     args = _args(["--instance_data_dir", str(folder), "--instance_prompt", "a photo of sks dog"])
-    source = diffusers_run.load_training_source(args.dataset, prompt_template=args.prompt_template)
+    source = diffusers_run.training_source(args)
     assert list(source.dataset["prompt"]) == ["a photo of sks dog"] * 3 and source.class_prompts == ["a photo of sks dog"]
     assert outputs.generation_config(args, source, 16, 3)["class_prompts"] == ["a photo of sks dog"]
     with pytest.raises(Exception, match="images lie directly"):  # without a caption the flat folder stays an error
-        diffusers_run.load_training_source(args.dataset)
+        diffusers_run.training_source(_args(["--train_data_dir", str(folder)]))

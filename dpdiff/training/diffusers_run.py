@@ -193,6 +193,13 @@ def sample_rows(source, args, per_class: int):
     return [source.class_prompts[c] for c in classes for _ in range(per_class)], [c for c in classes for _ in range(per_class)], per_class
 
 
+def training_source(args) -> ImageSource:
+    """The run's private training set: `load_training_source` with the run's data flags."""
+    return load_training_source(args.dataset, "train", limit=args.max_train_samples, seed=args.seed, skip_bad_files=args.skip_bad_files,
+                 prompt_template=args.prompt_template, image_column=getattr(args, "image_column", None),
+                 caption_column=getattr(args, "caption_column", None), resolution=getattr(args, "resolution", None))
+
+
 def load_training_source(name: str, split: str = "train", limit=None, seed: int = 0, skip_bad_files: bool = False,
                          prompt_template=None, **kwargs) -> ImageSource:
     """`dpdiff.data.load_source`, plus DreamBooth's folder: images lying directly in an `imagefolder:` path

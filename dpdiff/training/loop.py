@@ -31,11 +31,8 @@ from dpdiff.privacy import accounting
 from dpdiff.privacy.diffusion_loss import timestep_weights
 from dpdiff.privacy.engine import DPDiffusionEngine
 from dpdiff.privacy.ledger import PrivacyLedger, plot_epsilon_curve
-from dpdiff.training import checkpoint, outputs
+from dpdiff.training import checkpoint, diffusers_flags, diffusers_run as hooks, outputs
 from dpdiff.training.arguments import DEFAULT_LEARNING_RATES, replayable_flags
-from dpdiff.training.diffusers_flags import resolve as resolve_diffusers_flags
-from dpdiff.training.diffusers_run import (accelerator_kwargs, before_training, latent_cache_dir, load_training_source,
-                                           lr_schedule, pipeline_kwargs, sample_rows, training_draws)
 from dpdiff.training.latent_cache import build_latent_cache
 from dpdiff.training.memory_plan import plan_memory
 
@@ -45,7 +42,7 @@ SAMPLES_PER_CLASS = 8
 
 def check_arguments(args: argparse.Namespace) -> argparse.Namespace:
     """Pure checks and defaults: no file, model or data touched yet."""
-    resolve_diffusers_flags(args)  # diffusers' flag names -> dpdiff's (dpdiff/training/diffusers_flags.py)
+    diffusers_flags.resolve(args)  # diffusers' flag names -> dpdiff's (dpdiff/training/diffusers_flags.py)
     if args.learning_rate is None:
         args.learning_rate = DEFAULT_LEARNING_RATES[args.method]
     if args.epochs is None and args.max_steps is None:
@@ -116,7 +113,7 @@ def _finetune(args: argparse.Namespace) -> FinetuneResult:
     output_dir = outputs.prepare_output_dir(args.output_dir, args.overwrite_output_dir, bool(args.resume_from_checkpoint))
     resume_path = checkpoint.resolve_checkpoint(output_dir, args.resume_from_checkpoint) if args.resume_from_checkpoint else None
 
-    accelerator = Accelerator(**accelerator_kwargs(args, output_dir))
+    accelerator = Accelerator(**hooks.accelerator_kwargs(args, output_dir))
     main = accelerator.is_main_process
     set_seed(args.seed)
     precision = accelerator.mixed_precision  # Accelerate's --mixed_precision: the frozen weights' dtype
@@ -128,21 +125,18 @@ def _finetune(args: argparse.Namespace) -> FinetuneResult:
 
     # `dpdiff tune` hands each trial its training split (validation examples held out) and its sigma, calibrated for the
     # whole search (dpdiff/tuning/): attributes, not flags, so neither is replayed nor logged
-    source = getattr(args, "_training_source", None) or load_training_source(args.dataset, "train", limit=args.max_train_samples, seed=args.seed,
-                         skip_bad_files=args.skip_bad_files, prompt_template=args.prompt_template,
-                         image_column=getattr(args, "image_column", None), caption_column=getattr(args, "caption_column", None),
-                         resolution=getattr(args, "resolution", None))
+    source = getattr(args, "_training_source", None) or hooks.training_source(args)
     plan = (accounting.plan if getattr(args, "_noise_multiplier", None) is None else _fixed_sigma_plan(args._noise_multiplier))(
         args.target_epsilon, args.delta, len(source), args.batch_size, epochs=args.epochs, max_steps=args.max_steps,
         accountant=args.accountant, force_delta=args.force_delta)
     pipeline = load_pipeline(args.pretrained_model_name_or_path,
-                             torch_dtype=load_dtype(precision, args.method, args.train_condition_embedder), **pipeline_kwargs(args))
+                             torch_dtype=load_dtype(precision, args.method, args.train_condition_embedder), **hooks.pipeline_kwargs(args))
     family = family_for_pipeline(pipeline)
     denoiser = family.denoiser(pipeline)
     noise_scheduler = family.training_scheduler(pipeline)
     objective = family.objective(noise_scheduler, weighting_scheme=getattr(args, "weighting_scheme", "none"))
     weights = _timestep_weights(args, objective.num_train_timesteps)
-    objective, weights = training_draws(args, noise_scheduler, objective, weights)  # --snr_gamma, --noise_offset
+    objective, weights = hooks.training_draws(args, noise_scheduler, objective, weights)  # --snr_gamma, --noise_offset
     pipeline.set_progress_bar_config(disable=True)
     resolution = getattr(args, "resolution", None) or family.resolution(pipeline)
     channels = 1 if source.dataset[0]["image"].mode in ("1", "L", "I", "I;16", "F") else 3
@@ -159,9 +153,9 @@ def _finetune(args: argparse.Namespace) -> FinetuneResult:
     if main:
         logger.info("%s %s: %d trainable / %d parameters; plan %s", family.name, args.method, summary.trainable_params,
                     summary.total_params, plan)
-    before_training(args, plan, family, main)  # sigma and the noise-to-signal ratio, printed; --validation_epochs
+    hooks.before_training(args, plan, family, main)  # sigma and the noise-to-signal ratio, printed; --validation_epochs
 
-    cache_dir = latent_cache_dir(args, output_dir)
+    cache_dir = hooks.latent_cache_dir(args, output_dir)
     with accelerator.main_process_first():  # one process encodes; the others find the finished cache
         cache = build_latent_cache(pipeline, source, resolution, args.cond_dropout, args.seed, show_progress=main, family=family,
                                    random_flip=getattr(args, "random_flip", False), cache_dir=cache_dir,
@@ -232,7 +226,7 @@ def _train(args, accelerator, pipeline, engine, cache, ema, ledger, plan, output
     epsilon, bound = ledger.epsilon(), _epsilon_bound(ledger, plan, start, every)
     bar = tqdm(range(start, plan.steps), initial=start, total=plan.steps, desc=f"DP {args.method}", disable=not main)
     clip_watch = _ClipWatch(args.max_grad_norm, warn=main)
-    set_lr = lr_schedule(args, engine.optimizer, plan.steps)  # --lr_scheduler: stateless, so a resume continues it
+    set_lr = hooks.lr_schedule(args, engine.optimizer, plan.steps)  # --lr_scheduler: stateless, so a resume continues it
     for step in bar:
         set_lr(step)
         cache.step = engine.steps_taken  # keys the classifier-free-guidance coin like the noise draws
@@ -387,9 +381,8 @@ def _plan_memory(args, device, precision: str, budget):
 @torch.no_grad()
 def _sample_grid(pipeline, family, source, args, resolution: int, path: Path) -> None:
     """Synthetic samples only, generated from the current weights: a row per --validation_prompt, else per class."""
-    rows = sample_rows(source, args, SAMPLES_PER_CLASS)
-    if rows is None:
-        return
+    if (rows := hooks.sample_rows(source, args, SAMPLES_PER_CLASS)) is None:
+        return  # a captions-only set with no public prompt that training saw
     prompts, labels, per_row = rows
     generator = torch.Generator().manual_seed(args.seed)
     images = []
