@@ -29,14 +29,13 @@ from dpdiff.families import family_for_denoiser, family_for_pipeline
 from dpdiff.families.base import LORA_WEIGHTS_NAME, unwrap_model  # noqa: F401  (re-exported)
 from dpdiff.families.stable_diffusion import StableDiffusionFamily
 from dpdiff.io import atomic_dir, atomic_path, write_json
+from dpdiff.run_files import EXTRA_WEIGHTS_NAME, MANIFEST_NAME  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
 METHODS = ("lora", "attention", "full")
 DEFAULT_LORA_TARGETS = StableDiffusionFamily.default_lora_targets
 # UNet children that embed the timestep / class / extra conditions (present ones are trained)
 CONDITION_EMBEDDERS = StableDiffusionFamily.condition_embedders
-EXTRA_WEIGHTS_NAME = "condition_embedder.safetensors"
-MANIFEST_NAME = "dpdiff_trainable.json"
 
 
 @dataclass

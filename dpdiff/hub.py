@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Sequence
 
 from dpdiff.errors import ConfigError, PrivacyError
-from dpdiff.model_card import CARD_FILE, PLOT_IMAGES, REAL_DATA_NAME, SAMPLE_IMAGES, build_model_card, predictable_noise, write_model_card
-from dpdiff.sampling.records import GENERATION_FILE, HUB_ID, LORA_FILE, PRIVACY_FILE, TRANSFORMER_DIR, UNET_DIR, read_run
-from dpdiff.training.outputs import TRAINING_CONFIG
+from dpdiff.model_card import REAL_DATA_NAME, build_model_card, predictable_noise, write_model_card
+from dpdiff.run_files import (CARD_FILE, GENERATION_FILE, LORA_FILE, PLOT_IMAGES, PRIVACY_FILE, SAMPLE_IMAGES, TRAINING_CONFIG,
+                              TRANSFORMER_DIR, UNET_DIR)
+from dpdiff.sampling.records import HUB_ID, read_run
 
 logger = logging.getLogger(__name__)
 

@@ -20,11 +20,9 @@ from huggingface_hub import ModelCard, ModelCardData
 from dpdiff.errors import PrivacyError
 from dpdiff.families import family_named
 from dpdiff.io import write_text
+from dpdiff.run_files import CARD_FILE, PLOT_IMAGES, SAMPLE_IMAGES  # noqa: F401  (re-exported)
 from dpdiff.sampling.records import HUB_ID, RunRecord, read_run
 
-CARD_FILE = "README.md"
-SAMPLE_IMAGES = ("samples.png",)
-PLOT_IMAGES = ("epsilon_curve.png",)
 # an embedded image whose name says it may show (or reconstruct) private data is refused
 REAL_DATA_NAME = re.compile(r"real|train|private|data|orig|input|recon|target|cache|latent", re.IGNORECASE)
 UNIT_OF_PRIVACY = "one training image together with its label/caption"

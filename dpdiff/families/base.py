@@ -18,10 +18,10 @@ import torch
 from torch import nn
 
 from dpdiff.families.objectives import DenoisingObjective
+from dpdiff.run_files import LORA_FILE as LORA_WEIGHTS_NAME
 
 UNCONDITIONAL_PROMPT = ""
 NULL_LABEL = -1  # the "no class" key of label-conditioned families (classifier-free guidance)
-LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 
 
 class ModelFamily:

@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from dpdiff.privacy.diffusion_loss import PREDICTION_TYPES, denoising_loss, draw_diffusion_inputs
+from dpdiff.families.diffusion_loss import PREDICTION_TYPES, denoising_loss, draw_diffusion_inputs
 
 Predict = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (noisy rows, timesteps) -> prediction
 WEIGHTING_SCHEMES = ("none", "logit_normal", "mode")

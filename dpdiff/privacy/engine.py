@@ -33,7 +33,8 @@ from torch.utils.data import Dataset, default_collate
 
 from dpdiff.adapters import unwrap_model
 from dpdiff.errors import DataError, PrivacyError
-from dpdiff.privacy.diffusion_loss import example_generator, fold_multiplicity
+from dpdiff.families.diffusion_loss import example_generator
+from dpdiff.privacy.multiplicity import fold_multiplicity
 from dpdiff.privacy.dp_optimizer import flat_clip_optimizer_class
 from dpdiff.privacy.factored import nonfinite_rows, sq_norms, unscaled, zero_rows
 from dpdiff.privacy.grad_samplers import wrap_for_per_sample_grads

@@ -18,12 +18,15 @@ from typing import Any
 
 from dpdiff.errors import ConfigError, IntegrityError, PrivacyError
 
-PRIVACY_FILE = "privacy.json"
-GENERATION_FILE = "generation_config.json"
-LORA_FILE = "pytorch_lora_weights.safetensors"
-UNET_DIR = "unet"
-TRANSFORMER_DIR = "transformer"
-DENOISER_DIRS = (UNET_DIR, TRANSFORMER_DIR)  # where attention/full runs keep the trained denoiser
+from dpdiff.run_files import (  # noqa: F401  (re-exported: the run folder's names)
+    DENOISER_DIRS,
+    GENERATION_FILE,
+    LORA_FILE,
+    PRIVACY_FILE,
+    TRANSFORMER_DIR,
+    UNET_DIR,
+)
+
 METHODS = ("lora", "attention", "full", "mepf")
 DP_SGD_METHODS = ("lora", "attention", "full")
 

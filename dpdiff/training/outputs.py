@@ -16,13 +16,13 @@ import yaml
 
 from dpdiff.errors import ConfigError
 from dpdiff.io import write_json, write_text
+from dpdiff.run_files import TRAINING_CONFIG
 
 NEIGHBOURING_RELATION = (
     "add/remove one example (one training image with its label/caption); "
     "Poisson subsampling with rate sample_rate at every step"
 )
 MIN_FREE_BYTES = 200 * 2**20  # weights + checkpoints of a small adapter, with room to spare
-TRAINING_CONFIG = "training_config.yaml"
 
 
 def prepare_output_dir(output_dir: str | os.PathLike, overwrite: bool, resuming: bool) -> Path:
