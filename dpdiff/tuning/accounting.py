@@ -46,8 +46,12 @@ def score_event(noise_multiplier: float) -> dp_event.DpEvent:
     return dp_event.SelfComposedDpEvent(dp_event.GaussianDpEvent(noise_multiplier), SCORE_RELEASES)
 
 
-def search_event(trial: dp_event.DpEvent, mean: float, shape: float, score: dp_event.DpEvent | None) -> dp_event.DpEvent:
-    selected = RepeatAndSelectDpEvent(trial, float(mean), float(shape))
+def search_event(trial: dp_event.DpEvent, mean: float, shape: float | None, score: dp_event.DpEvent | None) -> dp_event.DpEvent:
+    """shape None: a fixed, public number of trials, all composed (selecting the best is post-processing)."""
+    if shape is None:
+        selected = dp_event.SelfComposedDpEvent(trial, int(mean))
+    else:
+        selected = RepeatAndSelectDpEvent(trial, float(mean), float(shape))
     return selected if score is None else dp_event.ComposedDpEvent([score, selected])
 
 
@@ -98,7 +102,7 @@ class SearchPlan:
     target_epsilon: float
     delta: float
     distribution: str
-    shape: float
+    shape: float | None  # None: a fixed, public count (plain composition)
     mean_trials: float
     score_noise_multiplier: float
     score_epsilon_share: float
@@ -123,7 +127,7 @@ class SearchPlan:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["shape"] = "inf" if math.isinf(self.shape) else self.shape
+        d["shape"] = "inf" if self.shape is not None and math.isinf(self.shape) else self.shape
         d["profiles"] = [asdict(p) for p in self.profiles]
         return d
 

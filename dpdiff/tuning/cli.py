@@ -70,7 +70,8 @@ def search_budget(space, target_epsilon: float, delta: float, num_examples: int)
 def format_search_budget(r: dict) -> str:
     lines = [
         f"{'total epsilon':<24}{r['epsilon']:.4f}  (target {r['target_epsilon']:g}, delta {r['delta']:g})",
-        f"{'trials':<24}{r['distribution']} with mean {r['mean_trials']:g} (the count is drawn secretly)",
+        f"{'trials':<24}" + (f"{r['mean_trials']:g}, a fixed public count, all composed" if r["shape"] is None else
+                             f"{r['distribution']} with mean {r['mean_trials']:g} (the count is drawn secretly)"),
         f"{'score release sigma':<24}{r['score_noise_multiplier']:.4f}  ({r['score_epsilon_share']:g} of the target alone)",
     ]
     for i, p in enumerate(r["profiles"]):

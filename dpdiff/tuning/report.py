@@ -22,26 +22,29 @@ NOT_COVERED_TUNING = re.compile(r"- \*\*Not covered: hyperparameter tuning on th
 def search_record(trial_privacy: dict, plan, score_config, space, selected: dict) -> dict:
     """privacy.json of a search: the trial's record with the search's guarantee in place of the trial's."""
     record = {k: v for k, v in trial_privacy.items() if k not in ("ledger", "planned_steps", "target_epsilon")}
-    shape = "inf" if math.isinf(plan.shape) else plan.shape
+    shape = plan.to_dict()["shape"]
+    fixed = plan.shape is None
     record.update({
         "epsilon": plan.epsilon,
         "target_epsilon": plan.target_epsilon,
         "delta": plan.delta,
         "accountant": plan.accountant,
-        "search_summary": (f"private hyperparameter search (Papernot & Steinke 2022): a secret, {plan.distribution}-"
+        "search_summary": (f"private hyperparameter search: {int(plan.mean_trials)} trials (a public count), all composed, "
+                           "best kept by a DP validation score; epsilon covers the whole search" if fixed else
+                           f"private hyperparameter search (Papernot & Steinke 2022): a secret, {plan.distribution}-"
                            f"distributed number of trials (mean {plan.mean_trials:g}), best kept by a DP validation score; "
                            "epsilon covers the whole search"),
         "search": {
-            "method": "repeat_and_select",
+            "method": "composition" if fixed else "repeat_and_select",
             "distribution": plan.distribution,
             "shape": shape,
             "mean_trials": plan.mean_trials,
-            "trial_count": "secret: drawn from OS entropy, never published",
+            "trial_count": int(plan.mean_trials) if fixed else "secret: drawn from OS entropy, never published",
             "composition": COMPOSITION,
             "events": {  # enough to recompute epsilon with dp-accounting (tests/test_tuning_accounting.py does)
                 "score_release": {"gaussian_noise_multiplier": plan.score_noise_multiplier, "count": 2},
                 "trial_reference": plan.to_dict()["profiles"][plan.reference],
-                "repeat_and_select": {"mean": plan.mean_trials, "shape": shape},
+                "repeat_and_select": {"mean": plan.mean_trials, "shape": shape},  # shape None: mean trials composed
             },
             "profiles": plan.to_dict()["profiles"],
             "profile_rule": "each profile's RDP <= the reference's at every order of dp-accounting's default grid",
@@ -85,13 +88,16 @@ def export_best(best_dir: Path, out: Path, plan, score_config, space, selected: 
 def search_card(text: str, record: dict) -> str:
     """The card's 'tuning is not covered' bullet becomes what the search covers."""
     s = record["search"]
+    count = (f"{s['trial_count']} DP fine-tuning trials (a public count)" if s["method"] == "composition" else
+             f"a secret, random number of DP fine-tuning trials ({s['distribution']}, mean {s['mean_trials']:g})")
+    selection = "composition of every trial" if s["method"] == "composition" else "repeat-and-select, Papernot & Steinke 2022"
     covered = (
-        "- **Covered: the hyperparameter search.** These weights are the best of a secret, random number of DP "
-        f"fine-tuning trials ({s['distribution']}, mean {s['mean_trials']:g}), each with hyperparameters drawn from a "
+        f"- **Covered: the hyperparameter search.** These weights are the best of {count}, each with hyperparameters drawn from a "
         "public search space and compared by a score that read the private data only through one Gaussian release "
         "(a held-out validation split's mean embedding). The ε above covers the release, every trial and the "
-        "selection (repeat-and-select, Papernot & Steinke 2022). Public: the search space, the trial distribution and "
-        "the score settings (privacy.json, `search`). Never published: the trial count, the other trials and their scores."
+        f"selection ({selection}). Public: the search space, the trial distribution and the score settings (privacy.json, "
+        "`search`). Never published: the other trials and their scores"
+        + ("." if s["method"] == "composition" else ", nor the trial count.")
     )
     new, found = NOT_COVERED_TUNING.subn(covered, text)
     return new if found else text.rstrip("\n") + "\n\n" + covered + "\n"

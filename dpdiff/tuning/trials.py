@@ -11,6 +11,8 @@ Distributions, with dp-accounting's `shape`:
     geometric    P(K = k) = g (1 - g)^(k - 1), k >= 1                            shape 1
     logarithmic  P(K = k) ~ (1 - g)^k / k, k >= 1 (truncated neg. binomial, 0)    shape 0
 g is chosen from the mean with dp-accounting's own map, so the accountant and the sampler agree.
+    fixed        K = mean exactly, PUBLIC; every trial composed (no repeat-and-select): with few trials
+                 and a small epsilon this costs less (docs/privacy.md has the numbers), and nothing is secret
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import math
 from dpdiff.errors import ConfigError
 from dpdiff.privacy.secure_random import secure_uniform
 
-DISTRIBUTIONS = {"poisson": math.inf, "geometric": 1.0, "logarithmic": 0.0}
+DISTRIBUTIONS = {"poisson": math.inf, "geometric": 1.0, "logarithmic": 0.0, "fixed": None}
 MAX_MEAN = 1000.0
 _MAX_DRAW = 10**7
 
@@ -32,6 +34,10 @@ def check_distribution(name, mean) -> tuple[str, float, float]:
         raise ConfigError(f"unknown trial distribution {name!r}: choose one of {', '.join(DISTRIBUTIONS)}")
     if isinstance(mean, bool) or not isinstance(mean, (int, float)) or not math.isfinite(mean):
         raise ConfigError(f"the mean number of trials must be a number, got {mean!r}")
+    if key == "fixed":
+        if float(mean) != int(mean) or not 1 <= mean <= MAX_MEAN:
+            raise ConfigError(f"a fixed number of trials must be a whole number in [1, {MAX_MEAN:g}], got {mean!r}")
+        return key, None, float(int(mean))
     low = 1.0 if key == "poisson" else 1.0 + 1e-9
     if not (low < float(mean) <= MAX_MEAN) and not (key == "poisson" and float(mean) == 1.0):
         raise ConfigError(f"the mean number of trials must be in ({low:g}, {MAX_MEAN:g}] for {key}, got {mean!r}"
@@ -48,6 +54,8 @@ def _gamma(shape: float, mean: float) -> float:
 def pmf(name: str, mean: float, k: int) -> float:
     """P(K = k): the tests check the sampler against it."""
     name, shape, mean = check_distribution(name, mean)
+    if shape is None:
+        return float(k == mean)
     if shape == math.inf:
         return math.exp(-mean + k * math.log(mean) - math.lgamma(k + 1))
     if k < 1:
@@ -62,6 +70,8 @@ def pmf(name: str, mean: float, k: int) -> float:
 def draw_count(name: str, mean: float, uniform: float | None = None) -> int:
     """K by inverting the CDF at a uniform from the OS CSPRNG (`uniform` given: tests only)."""
     name, shape, mean = check_distribution(name, mean)
+    if shape is None:
+        return int(mean)  # public
     u = float(secure_uniform(1)[0]) if uniform is None else float(uniform)
     u = min(u, 1.0 - 1e-16)
     if shape == math.inf:
