@@ -107,11 +107,12 @@ def _flux_pipeline(folder: Path) -> str:
     return str(folder)
 
 
-def report(rows: list[dict], flux: dict | None, args) -> None:
+def report(rows: list[dict], flux: dict | None, args, extra: list[dict] | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     from _docs import BENCHMARKS_MD, update_section
 
@@ -121,24 +122,31 @@ def report(rows: list[dict], flux: dict | None, args) -> None:
     again = [r for r in rows if r["run"] == "again"]
     if again:
         ax.plot([r["n"] for r in again], [r["peak_rss_mb"] / 1024 for r in again], "s--", label="second run (reuses the cache)")
+    ax.plot([1000, 4000], [6.9, 14.8], "x:", color="grey", label="before (issue 38, 256 px, decoded in memory)")
+    ax.set_xticks(sorted({r["n"] for r in rows}))
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v / 1000:g}k"))
     ax.set_xlabel("images (512-px JPEGs)")
     ax.set_ylabel("peak RSS (GB)")
     ax.set_ylim(bottom=0)
-    ax.legend()
+    ax.legend(fontsize=7)
     ax.set_title(f"one DP step, {args.model} at {args.resolution or 'native'} px")
     plot = BENCHMARKS_MD.parent / "scale_memory.png"
     fig.savefig(plot, dpi=110, bbox_inches="tight")
     lines = ["| images | run | peak RSS (GB) | encode (images/s) | time to first step (s) | cache on disk (MB) |",
              "|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['n']:,} | {r['run']} | {r['peak_rss_mb'] / 1024:.2f} | "
-                     f"{r['encode_images_per_s']:.0f}{' (reused)' if r['run'] == 'again' else ''} | "
+        encode = "none (cache reused)" if r["run"] == "again" else f"{r['encode_images_per_s']:.0f}"
+        lines.append(f"| {r['n']:,} | {r['run']} | {r['peak_rss_mb'] / 1024:.2f} | {encode} | "
                      f"{r['first_step_s']:.0f} | {r['cache_mb']:.1f} |")
     ratio = ""
     if len(first) > 1:
         ratio = (f"\n\nPeak RSS at {first[-1]['n']:,} images is {first[-1]['peak_rss_mb'] / first[0]['peak_rss_mb']:.2f}x the "
-                 f"peak at {first[0]['n']:,} (target: <= 1.2x at 20,000 vs 1,000). Before the on-disk cache (2026-12-07, 256 px): "
-                 "6.9 GB at 1,000 images, 14.8 GB at 4,000.")
+                 f"peak at {first[0]['n']:,} (target: <= 1.2x at 20,000 vs 1,000). Before the on-disk cache (issue 38, "
+                 "dpdiff-tiny at 256 px): 6.9 GB at 1,000 images, 14.8 GB at 4,000, growing ~2.7 GB per 1,000.")
+    for r in extra or []:  # other resolutions, e.g. the 256 px of the issue's measurement
+        ratio += (f"\n\nAt {r['resolution']} px (the resolution of the issue's measurement), {r['n']:,} images: peak RSS "
+                  f"{r['peak_rss_mb'] / 1024:.2f} GB, encode {r['encode_images_per_s']:.0f} images/s, first step after "
+                  f"{r['first_step_s']:.0f} s, cache {r['cache_mb']:.0f} MB.")
     flux_line = ""
     if flux:
         flux_line = (f"\n\nFlux-shaped tiny build (real VAE factor 8, four VAE blocks) at its native {flux['resolution']} px, "
@@ -177,7 +185,7 @@ def main():
         saved = json.loads(Path(args.report_from).read_text())
         rows, flux = (saved["rows"], saved.get("flux")) if isinstance(saved, dict) else (saved, None)
         args.sizes = sorted({r["n"] for r in rows})
-        report(rows, flux, args)
+        report(rows, flux, args, saved.get("extra") if isinstance(saved, dict) else None)
         return
     work = Path(args.workdir or tempfile.mkdtemp(prefix="dpdiff-scale-"))
     rows = []
