@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import stat
+import time
 
 import pytest
 import yaml
@@ -46,7 +47,15 @@ def test_tiny_search_runs_resumes_and_states_the_whole_search(tmp_path, monkeypa
     release = scoring.release_validation
     monkeypatch.setattr(scoring, "release_validation", lambda *a, **k: releases.append(1) or release(*a, **k))
     finetune = loop.finetune
-    monkeypatch.setattr(loop, "finetune", lambda args: runs.append((args.output_dir, args.resume_from_checkpoint)) or finetune(args))
+    finished = []
+
+    def recording_finetune(args):
+        runs.append((args.output_dir, args.resume_from_checkpoint))
+        result = finetune(args)
+        finished.append(time.time())
+        return result
+
+    monkeypatch.setattr(loop, "finetune", recording_finetune)
     checkpoint = loop._checkpoint
 
     def killing_checkpoint(args, *rest):
@@ -82,6 +91,15 @@ def test_tiny_search_runs_resumes_and_states_the_whole_search(tmp_path, monkeypa
     assert privacy["noise_multiplier"] == profile["noise_multiplier"] and privacy["steps"] == selected["max_steps"]
     assert privacy["sample_rate"] == pytest.approx(16 / privacy["num_examples"]) and privacy["num_examples"] < 200
     assert (out / "pytorch_lora_weights.safetensors").is_file() and not (out / "checkpoints").exists()
+    # nothing tells which trial won or when: no trial folder name, no file older than the last trial's end
+    for path in out.rglob("*"):
+        if path.is_file():
+            assert path.stat().st_mtime >= finished[-1] - 1e-3, path
+            if path.suffix in (".json", ".yaml", ".md"):
+                assert ".tune" not in path.read_text() and "trial-" not in path.read_text(), path
+    replay = yaml.safe_load((out / "training_config.yaml").read_text())
+    assert replay["output_dir"] == str(out) and replay["learning_rate"] == selected["learning_rate"]
+    assert replay["target_epsilon"] < privacy["epsilon"]  # the selected trial's own epsilon, not the search's
     card = (out / "README.md").read_text()
     assert "Covered: the hyperparameter search" in card and "Not covered: hyperparameter tuning" not in card
 

@@ -12,7 +12,10 @@ import re
 import shutil
 from pathlib import Path
 
+import yaml
+
 from dpdiff.io import write_json, write_text
+from dpdiff.training.outputs import TRAINING_CONFIG
 
 COMPOSITION = ("sequential: the score's validation release composed with repeat-and-select over the trials (RDP adds), "
                "although the two parts use disjoint examples (conservative; docs/privacy.md)")
@@ -72,17 +75,32 @@ def export_best(best_dir: Path, out: Path, plan, score_config, space, selected: 
         if item.name in NOT_EXPORTED:
             continue
         target = out / item.name
+        # shutil.copy, not copy2: the files get the export's time; the trial's own times would tell how long the
+        # search ran after the best trial, i.e. something about the secret count
         if item.is_dir():
-            shutil.copytree(item, target, dirs_exist_ok=True)
+            shutil.copytree(item, target, dirs_exist_ok=True, copy_function=shutil.copy)
         else:
-            shutil.copy2(item, target)
+            shutil.copy(item, target)
     trial = json.loads((best_dir / "privacy.json").read_text())
+    _replay_config(out / TRAINING_CONFIG, out, trial["epsilon"])
     record = search_record(trial, plan, score_config, space, selected)
     write_json(out / "privacy.json", record)
     license_ = "apache-2.0" if record.get("base_model") == "dpdiff-tiny" else "other"
     card = write_model_card(out, license=license_)
     write_text(card, search_card(card.read_text(encoding="utf-8"), record))
     return record
+
+
+def _replay_config(path: Path, out: Path, trial_epsilon: float) -> None:
+    """The selected trial's flags, without its private folder name (the trial's index would bound the count) and with
+    its own epsilon as the target, so that `dpdiff finetune --config` trains it again with (about) its sigma."""
+    if not path.is_file():
+        return
+    flags = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    flags.update(output_dir=str(out), target_epsilon=float(trial_epsilon))
+    header = ("# the selected trial of a `dpdiff tune` search: `--config` this file trains it again alone (its target_epsilon is "
+              "that trial's own; the search's total guarantee is in privacy.json)\n")
+    write_text(path, header + yaml.safe_dump(flags, sort_keys=True))
 
 
 def search_card(text: str, record: dict) -> str:

@@ -153,11 +153,11 @@ def score_images(images, release: dict, config: ScoreConfig, resolution: int, ch
 
 
 @torch.no_grad()
-def sample_trial(pipeline, family, class_prompts: list[str], config: ScoreConfig, resolution: int, seed: int,
+def sample_trial(pipeline, family, prompts: list[str], labels: list[int], config: ScoreConfig, resolution: int, seed: int,
                  num_inference_steps: int, guidance_scale: float) -> list:
-    """`num_samples` images, classes in turn (public prompts only), from a public seed."""
-    prompts = [class_prompts[i % len(class_prompts)] for i in range(config.num_samples)]
-    labels = [i % len(class_prompts) for i in range(config.num_samples)]
+    """`num_samples` images, the public prompts (one per class) in turn, from a public seed."""
+    turn = [i % len(prompts) for i in range(config.num_samples)]
+    prompts, labels = [prompts[k] for k in turn], [labels[k] for k in turn]
     generator = torch.Generator().manual_seed(seed)
     steps = config.num_inference_steps or num_inference_steps
     scale = guidance_scale if config.guidance_scale is None else config.guidance_scale

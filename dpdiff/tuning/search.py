@@ -1,5 +1,5 @@
-"""Run a private hyperparameter search: check -> split -> calibrate -> secret count -> release the score -> trials ->
-keep the best -> one privacy.json and model card for the whole search.
+"""Run a private hyperparameter search: check -> split -> calibrate -> secret count -> trials, each scored against the
+validation release (made once, at the first score) -> keep the best -> one privacy.json and model card for the search.
 
 Everything secret lives in OUTPUT_DIR/.tune (mode 0700): the trial count, each trial's drawn configuration and
 score, the noisy validation release, the trials' folders. A killed search resumes (`--resume`) at the trial it was
@@ -65,17 +65,10 @@ def tune(space, target_epsilon, delta, output_dir, resume=False, overwrite=False
     elif state["plan"] != _jsonable(plan.to_dict()):
         raise PrivacyError("the search config, data or budget changed since the search started: the calibration differs. "
                            "Resume with the same --config, data, --target_epsilon and --delta")
-    resolution, channels, class_prompts = _data_shape(base, train)
-    release_path = state_dir / RELEASE_FILE
-    from dpdiff.tuning import score as scoring
-
-    if not release_path.is_file():
-        scoring.save_release(scoring.release_validation(validation, score_config, plan.score_noise_multiplier, resolution,
-                                                        channels, device), release_path)
-    release = scoring.load_release(release_path)
+    prompts = _public_prompts(base, train)
+    data = {"train": train, "validation": validation, "prompts": prompts, "device": device}
     for i in range(len(state["done"]), state["count"]):
-        _run_trial(i, space, state, plan, train, release, score_config, out, target, delta, resolution, channels,
-                   class_prompts, device, state_path)
+        _run_trial(i, space, state, plan, data, score_config, out, target, delta, state_path)
     return _finish(state, plan, out, score_config, space)
 
 
@@ -147,22 +140,31 @@ def _jsonable(obj):
     return json.loads(json.dumps(obj, default=float))
 
 
-def _data_shape(args, train):
-    from dpdiff.pipelines import load_pipeline
-    from dpdiff.families import family_for_pipeline
+def _public_prompts(args, train) -> tuple[list[str], list[int]]:
+    """What the score samples from: one public prompt per class, or --validation_prompt, or the empty prompt for a
+    captions-only set (its captions are private): the sample grid's rule (training/diffusers_run.py)."""
+    from dpdiff.training.diffusers_run import sample_rows
 
-    first = train.dataset[0]["image"]
-    channels = 1 if first.mode in ("1", "L", "I", "I;16", "F") else 3
-    resolution = args.resolution
-    if resolution is None:
-        pipe = load_pipeline(args.pretrained_model_name_or_path)
-        resolution = family_for_pipeline(pipe).resolution(pipe)
-        del pipe
-    return resolution, channels, list(train.class_prompts)
+    rows = sample_rows(train, args, 1)
+    if rows is None:
+        raise ConfigError("the score has no public prompt to sample from: this set's captions are private and cond_dropout "
+                          "is 0; set validation_prompt (a public prompt) in 'fixed'")
+    return rows[0], rows[1]
 
 
-def _run_trial(i, space, state, plan, train, release, score_config, out, target, delta, resolution, channels,
-               class_prompts, device, state_path):
+def _score_release(data, score_config, plan, resolution: int, channels: int, state_dir: Path) -> dict:
+    """The validation release, made once (at the first score) and kept in the private state; a resume reads it."""
+    from dpdiff.tuning import score as scoring
+
+    path = state_dir / RELEASE_FILE
+    if not path.is_file():
+        tensors = scoring.release_validation(data["validation"], score_config, plan.score_noise_multiplier, resolution,
+                                             channels, data["device"])
+        scoring.save_release(tensors, path)
+    return scoring.load_release(path)
+
+
+def _run_trial(i, space, state, plan, data, score_config, out, target, delta, state_path):
     from dpdiff.families import family_for_pipeline
     from dpdiff.training.loop import finetune
     from dpdiff.tuning import score as scoring
@@ -171,6 +173,7 @@ def _run_trial(i, space, state, plan, train, release, score_config, out, target,
     trial_dir = out / STATE_DIR / f"trial-{i}"
     args = _trial_args(space, config, out, target, delta)
     args.output_dir = str(trial_dir)
+    train = data["train"]
     q, steps = profile_of(vars(args), len(train))
     args._noise_multiplier = plan.sigma_for(q, steps)
     args._training_source = train
@@ -184,9 +187,13 @@ def _run_trial(i, space, state, plan, train, release, score_config, out, target,
     if [tuple(h) for h in history] != [(args._noise_multiplier, q, steps)]:
         raise PrivacyError(f"trial ran {history}, not the calibrated (sigma, q, steps) = {(args._noise_multiplier, q, steps)}")
     family = family_for_pipeline(result.pipeline)
-    images = scoring.sample_trial(result.pipeline, family, class_prompts, score_config, resolution, args.seed,
+    resolution = args.resolution or family.resolution(result.pipeline)
+    first = train.dataset[0]["image"]
+    channels = 1 if first.mode in ("1", "L", "I", "I;16", "F") else 3
+    release = _score_release(data, score_config, plan, resolution, channels, state_path.parent)
+    images = scoring.sample_trial(result.pipeline, family, *data["prompts"], score_config, resolution, args.seed,
                                   args.num_inference_steps, args.guidance_scale)
-    value = scoring.score_images(images, release, score_config, resolution, channels, device)
+    value = scoring.score_images(images, release, score_config, resolution, channels, data["device"])
     state["done"].append({"score": value, "config": config})
     state["ledger"].append(history[0])
     best = state["best"]
