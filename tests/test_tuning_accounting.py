@@ -169,6 +169,8 @@ def test_budget_prints_what_a_search_costs(tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)
     assert result["epsilon"] <= 10 < result["naive_epsilon"]
     assert result["expected_training_examples"] == 48000 and len(result["profiles"]) == 2
+    # at mean 4 and epsilon 10 hiding the count is cheaper than composing 4 public trials (docs/privacy.md's table)
+    assert result["fixed_count_reference_sigma"] > result["profiles"][result["reference"]]["noise_multiplier"]
     assert main(["budget", "--noise-multiplier", "1", "--num-examples", "60000", "--tune", str(path)]) == 2
     assert "give --epsilon" in capsys.readouterr().err
     assert main(["budget", "--epsilon", "1", "--sample-rate", "0.01"]) == 2  # without --tune a length is still needed

@@ -63,8 +63,12 @@ def search_budget(space, target_epsilon: float, delta: float, num_examples: int)
     num_train = max(1, round(num_examples * (1 - score.validation_fraction)))
     profiles = [profile_of(f, num_train) for f in space.profile_flags()]
     plan = calibrate(target_epsilon, delta, profiles, space.distribution, space.mean_trials, score.epsilon_share)
-    return {**plan.to_dict(), "num_examples": num_examples, "expected_training_examples": num_train,
-            "naive_composition_trials": math.ceil(plan.mean_trials)}
+    result = {**plan.to_dict(), "num_examples": num_examples, "expected_training_examples": num_train,
+              "naive_composition_trials": math.ceil(plan.mean_trials)}
+    if plan.shape is not None:  # the alternative to weigh: the same number of trials, public, composed
+        fixed = calibrate(target_epsilon, delta, profiles, "fixed", math.ceil(plan.mean_trials), score.epsilon_share)
+        result["fixed_count_reference_sigma"] = fixed.profiles[fixed.reference].noise_multiplier
+    return result
 
 
 def format_search_budget(r: dict) -> str:
@@ -80,6 +84,8 @@ def format_search_budget(r: dict) -> str:
     lines += [
         f"{'one trial alone':<24}{r['single_trial_epsilon']:.4f}",
         f"{'naive composition':<24}{r['naive_epsilon']:.4f}  (score + {r['naive_composition_trials']} trials composed, same sigma)",
+        *([f"{'fixed count instead':<24}reference sigma {r['fixed_count_reference_sigma']:.4f} for exactly "
+           f"{r['naive_composition_trials']} public trials composed (distribution: fixed)"] if "fixed_count_reference_sigma" in r else []),
         f"{'accountant':<24}{r['accountant']}",
         f"note: training split about {r['expected_training_examples']} of {r['num_examples']} examples (the rest scores)",
     ]
