@@ -13,6 +13,7 @@ import yaml
 
 from dpdiff.cli import main
 from dpdiff.tuning import score as scoring
+from dpdiff.tuning import search as search_mod
 from test_tuning_accounting import independent_total
 
 SEARCH = {
@@ -122,3 +123,27 @@ def test_split_is_per_example_and_disjoint():
     tb, vb = {key(r) for r in train_b.dataset}, {key(r) for r in val_b}
     assert not ts & vs and len(ts) + len(vs) == 59
     assert ts <= tb and vs <= vb and len(tb - ts) + len(vb - vs) == 1
+
+
+def test_zero_trials_release_nothing_and_a_changed_budget_is_refused_on_resume(tmp_path, monkeypatch, capsys):
+    """Poisson may draw K = 0: nothing comes out (no release either). A search resumed with another epsilon would
+    not be the search that was accounted: refused, the state kept."""
+    import dpdiff.tuning.trials as trials
+
+    config = tmp_path / "search.yaml"
+    config.write_text(yaml.safe_dump({**SEARCH, "trials": {"distribution": "poisson", "mean": 2}}))
+    out = tmp_path / "tuned"
+    argv = ["tune", "--config", str(config), "--target_epsilon", "8", "--delta", "1e-3", "--output_dir", str(out)]
+    monkeypatch.setattr(trials, "draw_count", lambda name, mean: 0)
+    monkeypatch.setattr(scoring, "release_validation", lambda *a, **k: pytest.fail("released with no trial to score"))
+    assert main(argv) == 0 and "zero" in capsys.readouterr().out
+    assert not (out / "privacy.json").exists() and not (out / ".tune").exists()
+
+    monkeypatch.setattr(trials, "draw_count", lambda name, mean: 1)
+    monkeypatch.setattr(search_mod, "_run_trial", lambda *a, **k: (_ for _ in ()).throw(Killed("killed before training")))
+    with pytest.raises(Killed):
+        main(argv[:-1] + [str(tmp_path / "second")])
+    resumed = argv[:-1] + [str(tmp_path / "second"), "--resume"]
+    resumed[resumed.index("8")] = "9"
+    assert main(resumed) == 2 and "calibration differs" in capsys.readouterr().err
+    assert (tmp_path / "second" / ".tune" / "state.json").is_file()
