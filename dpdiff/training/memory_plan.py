@@ -3,10 +3,11 @@
 The pipeline's models are built on the meta device from their configs (no weights read, seconds even
 for Flux), the trainable set is chosen as the run will choose it, and the peak of the training phase is
 
-    weights (frozen in the run's precision, trained fp32) + trained state (fp32 gradient, Adam's two
-    moments and its step's temporaries, EMA) + per-example gradients (one fp32 copy of the trained parameters per row of the physical
-    batch, factored layers as their two factors) + activations (activation_trace.py, times a per-family
-    factor measured in benchmarks/real_shapes.py) + the runtime (CUDA context / the CPU process itself).
+    weights (frozen in the run's precision, trained fp32) + trained state (Adam's two moments, EMA; fp32)
+    + the runtime (CUDA context / the CPU process itself) + per-example gradients (one fp32 copy of the trained
+    parameters per row of the physical batch; factored layers as their two factors), alive from backward to the step
+    + the larger of: the activations kept for backward (activation_trace.py, times a per-family factor measured in
+    benchmarks/real_shapes.py), and the optimizer step's fp32 buffers (clipped sum, noised gradient, Adam's work).
 
 A run that cannot fit is refused with one error naming the flags that shrink it; `--dry_run` prints the
 plan and stops. The VAE and text encoders are on the device only while the latent cache is built (and for
@@ -35,10 +36,10 @@ GIB = 2**30
 # within 3% of the measured peaks with the trace taken as it is, so no family needs a correction yet
 ACTIVATION_FACTOR = {"default": 1.0}
 RUNTIME_BYTES = {"cpu": int(0.6 * GIB), "cuda": int(0.6 * GIB)}  # torch + libraries in RSS / the CUDA context
-# fp32 copies of the trained parameters besides themselves: the clipped-and-noised gradient, Adam's two moments,
-# and the temporaries of torch's foreach Adam step (sqrt of the second moment; measured: SD-1.5 attention, 267M
-# trained, peaked ~1 GiB above the plan without it)
-STATE_COPIES = 4
+# fp32 copies of the trained parameters the optimizer step holds at once besides Adam's moments (the clipped sum and
+# the noised gradient; the foreach Adam step's temporaries overlap them). Measured: SD-1.5 `attention` (267M trained)
+# peaks at 7.25 GiB with or without checkpointing, i.e. in the step, not in backward; 2 copies plan 7.1 GiB, 3 plan 8.1
+STEP_COPIES = 2
 HEADROOM = 0.9  # plan to use at most this share of the free memory (fragmentation, allocator caches)
 
 
@@ -53,7 +54,8 @@ class MemoryPlan:
     total_params: int
     trained_params: int
     weight_bytes: int  # the denoiser: frozen in the precision's dtype, trained fp32
-    state_bytes: int  # trained: gradient + Adam moments (+ EMA)
+    state_bytes: int  # trained: Adam's moments (+ EMA), kept between steps
+    step_bytes: int  # trained: the optimizer step's buffers (clipped sum, noised gradient)
     per_example_bytes: int  # per-example gradients of one physical batch
     activation_bytes: int
     runtime_bytes: int
@@ -64,8 +66,8 @@ class MemoryPlan:
 
     @property
     def peak_bytes(self) -> int:
-        training = (self.weight_bytes + self.state_bytes + self.per_example_bytes + self.activation_bytes
-                    + self.runtime_bytes)
+        training = (self.weight_bytes + self.state_bytes + self.runtime_bytes + self.per_example_bytes
+                    + max(self.activation_bytes, self.step_bytes))  # backward's activations are freed before the step
         return training + (self.encoder_bytes if self.encoders_resident else 0)
 
     def fits(self) -> bool:
@@ -78,9 +80,10 @@ class MemoryPlan:
             f"latent {self.latent[0]}x{self.latent[1]}, gradient checkpointing {'on' if self.gradient_checkpointing else 'off'}",
             f"  denoiser weights     {g(self.weight_bytes)}  ({self.total_params / 1e6:.1f}M parameters, "
             f"{self.trained_params / 1e6:.2f}M trained in fp32)",
-            f"  trained state        {g(self.state_bytes)}  (gradient, Adam moments and step, EMA)",
+            f"  trained state        {g(self.state_bytes)}  (Adam moments, EMA)",
             f"  per-example grads    {g(self.per_example_bytes)}",
-            f"  activations          {g(self.activation_bytes)}",
+            f"  activations          {g(self.activation_bytes)}  (backward)",
+            f"  optimizer step       {g(self.step_bytes)}  (clipped sum, noised gradient; after backward)",
             f"  runtime              {g(self.runtime_bytes)}",
             f"  VAE + text encoders  {g(self.encoder_bytes)}  ({'counted: same memory' if self.encoders_resident else 'off the device while training'})",
             f"  peak                 {g(self.peak_bytes)}  on {self.device}"
@@ -232,7 +235,7 @@ def plan_denoiser(family, denoiser: torch.nn.Module, *, method: str, precision: 
         family=family.name, method=method, precision=precision, rows=rows, latent=tuple(latent),
         gradient_checkpointing=gradient_checkpointing, total_params=n_total, trained_params=n_trained,
         weight_bytes=(n_total - n_trained) * element + 4 * n_trained,
-        state_bytes=4 * n_trained * (STATE_COPIES + int(ema)), per_example_bytes=per_example,
+        state_bytes=4 * n_trained * (2 + int(ema)), step_bytes=4 * n_trained * STEP_COPIES, per_example_bytes=per_example,
         activation_bytes=int(ACTIVATION_FACTOR.get(family.name, ACTIVATION_FACTOR["default"]) * activations),
         runtime_bytes=RUNTIME_BYTES.get(device.type, RUNTIME_BYTES["cuda"]), encoder_bytes=0, encoders_resident=False,
         device=str(device), available_bytes=None)
