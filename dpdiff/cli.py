@@ -18,7 +18,7 @@ SUBCOMMANDS = {
     "mepf": ("dpdiff.mepf.cli", "train the DP-MEPF baseline generator"),
     "evaluate": ("dpdiff.evaluation.cli", "score a synthetic dataset against real data"),
     "tune": ("dpdiff.tuning.cli", "private hyperparameter search: one (epsilon, delta) for every trial and the selection"),
-    "budget": ("dpdiff.privacy.budget_cli", "noise multiplier <-> epsilon for DP-SGD"),
+    "budget": ("dpdiff.tuning.budget", "noise multiplier <-> epsilon for DP-SGD (--tune: for a whole search)"),
     "audit": ("dpdiff.audit", "empirical lower bound on epsilon with canaries"),
 }
 

@@ -150,6 +150,7 @@ def test_space_draws_and_profiles():
     ({"score": {"validation_fraction": 1.5}}, "validation_fraction"),
     ({"score": {"epsilon_shares": 0.1}}, "unknown key"),
     ({"extra": {}}, "unknown section"),
+    ({"fixed": {"train_batch_size": 8}}, "write 'batch_size'"),
 ])
 def test_bad_search_config_is_refused_before_any_work(change, match):
     raw = json.loads(json.dumps(GOOD))

@@ -2,7 +2,7 @@
 
     dpdiff budget --epsilon 8 --batch-size 256 --num-examples 60000 --epochs 10
     dpdiff budget --noise-multiplier 1.0 --sample-rate 0.004267 --steps 1000 --json
-    dpdiff budget --epsilon 10 --num-examples 60000 --tune recipes/configs/tune_lora.yaml   # what a search costs
+    dpdiff budget --epsilon 10 --num-examples 60000 --tune recipes/configs/tune_lora.yaml   # a search: dpdiff/tuning/budget.py
 
 A user mistake prints one clear line on stderr and exits with code 2 (no traceback).
 """
@@ -45,16 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--force-delta", action="store_true", help="allow delta >= 1/n (weakens the guarantee; not recommended)"
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    parser.add_argument("--tune", metavar="SEARCH_YAML", default=None,
-                        help="a `dpdiff tune` search config: print each trial's sigma for a whole search within --epsilon "
-                             "(with --num-examples), beside one trial's and the naive composed epsilon")
 
 
 def run(args: argparse.Namespace) -> int:
-    if getattr(args, "tune", None):
-        from dpdiff.tuning.cli import budget_main
-
-        return budget_main(args)
     try:
         result = compute_budget(args)
     except DPDiffError as err:

@@ -123,10 +123,10 @@ def _finetune(args: argparse.Namespace) -> FinetuneResult:
             print(memory.describe())
         return FinetuneResult({"dry_run": True, "memory_plan_gib": round(memory.peak_bytes / 2**30, 3)}, None, output_dir)
 
-    # `dpdiff tune` hands each trial its training split (validation examples held out) and its sigma, calibrated for the
-    # whole search (dpdiff/tuning/): attributes, not flags, so neither is replayed nor logged
+    # `dpdiff tune` hands each trial its training split (validation examples held out) and its plan, sigma calibrated for
+    # the whole search (dpdiff/tuning/): attributes, not flags, so neither is replayed nor logged
     source = getattr(args, "_training_source", None) or hooks.training_source(args)
-    plan = (accounting.plan if getattr(args, "_noise_multiplier", None) is None else _fixed_sigma_plan(args._noise_multiplier))(
+    plan = getattr(args, "_privacy_plan", None) or accounting.plan(
         args.target_epsilon, args.delta, len(source), args.batch_size, epochs=args.epochs, max_steps=args.max_steps,
         accountant=args.accountant, force_delta=args.force_delta)
     pipeline = load_pipeline(args.pretrained_model_name_or_path,
@@ -204,12 +204,6 @@ def _finetune(args: argparse.Namespace) -> FinetuneResult:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return FinetuneResult(record, pipeline, output_dir)
-
-
-def _fixed_sigma_plan(sigma: float):
-    from dpdiff.tuning.accounting import fixed_sigma_plan
-
-    return lambda *a, **k: fixed_sigma_plan(sigma, *a, **k)
 
 
 def _epsilon_bound(ledger, plan, done: int, every: int) -> float:

@@ -29,7 +29,7 @@ from dp_accounting.rdp import RdpAccountant
 
 from dpdiff.errors import ConfigError, PrivacyError
 from dpdiff.privacy import accounting
-from dpdiff.privacy.accounting import MAX_NOISE_MULTIPLIER, PrivacyPlan, check_delta, epsilon_for, steps_for
+from dpdiff.privacy.accounting import MAX_NOISE_MULTIPLIER, PrivacyPlan, check_delta
 
 ACCOUNTANT = "rdp (dp-accounting RdpAccountant, RepeatAndSelectDpEvent)"
 SCORE_RELEASES = 2  # noisy embedding sum + noisy count, one multiplier (dpdiff/mepf/release.py's planned_releases)
@@ -213,16 +213,13 @@ def _solve(eps, target: float, what: str) -> float:
         ) from None
 
 
-def fixed_sigma_plan(noise_multiplier, target_epsilon, delta, num_examples, batch_size, epochs=None, max_steps=None,
-                     accountant=accounting.DEFAULT_ACCOUNTANT, force_delta=False) -> PrivacyPlan:
-    """The loop's plan for one trial: sigma given (calibrated for the whole search), not solved from a target."""
-    n, b = int(num_examples), int(batch_size)
-    if b > n:
-        raise ConfigError(f"batch_size={b} > num_examples={n}: the sample rate would exceed 1")
-    delta = check_delta(delta, n, force=force_delta)
-    q = b / n
-    steps = steps_for(q, epochs=epochs, max_steps=max_steps)
-    sigma = accounting.validate_step(noise_multiplier, q, steps)[0]
-    eps = epsilon_for(sigma, q, steps, delta, accountant)
+def trial_plan(noise_multiplier: float, sample_rate: float, steps: int, delta: float, num_examples: int, batch_size: int,
+               epochs=None, accountant: str = "rdp") -> PrivacyPlan:
+    """The plan one trial runs (the loop reads it from `args._privacy_plan`): sigma given, calibrated for the whole
+    search, instead of solved from a per-run target; its epsilon is the trial's own (never published)."""
+    delta = check_delta(delta, num_examples)
+    sigma, q, steps = accounting.validate_step(noise_multiplier, sample_rate, steps)
+    eps = accounting.epsilon_for(sigma, q, steps, delta, accountant)
     return PrivacyPlan(noise_multiplier=sigma, epsilon=eps, target_epsilon=eps, delta=delta, sample_rate=q, steps=steps,
-                       accountant=accountant, num_examples=n, batch_size=b, epochs=None if epochs is None else float(epochs))
+                       accountant=accountant, num_examples=int(num_examples), batch_size=int(batch_size),
+                       epochs=None if epochs is None else float(epochs))

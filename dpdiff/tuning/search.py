@@ -168,6 +168,7 @@ def _run_trial(i, space, state, plan, data, score_config, out, target, delta, st
     from dpdiff.families import family_for_pipeline
     from dpdiff.training.loop import finetune
     from dpdiff.tuning import score as scoring
+    from dpdiff.tuning.accounting import trial_plan
 
     config = state["configs"][i]
     trial_dir = out / STATE_DIR / f"trial-{i}"
@@ -175,17 +176,19 @@ def _run_trial(i, space, state, plan, data, score_config, out, target, delta, st
     args.output_dir = str(trial_dir)
     train = data["train"]
     q, steps = profile_of(vars(args), len(train))
-    args._noise_multiplier = plan.sigma_for(q, steps)
+    sigma = plan.sigma_for(q, steps)
+    epochs = None if args.max_steps is not None else (args.epochs or 1.0)
+    args._privacy_plan = trial_plan(sigma, q, steps, delta, len(train), args.batch_size, epochs, args.accountant)
     args._training_source = train
     if trial_dir.is_dir() and any((trial_dir / "checkpoints").glob("checkpoint-*")):
         args.resume_from_checkpoint = "latest"  # the same trial, continued: its ledger and noise state are in the checkpoint
     else:
         args.overwrite_output_dir = True  # killed before its first checkpoint: nothing of it was released; run it whole
-    logger.info("tune: trial (%s) with sigma %.4f", ", ".join(f"{k}={v}" for k, v in sorted(config.items())), args._noise_multiplier)
+    logger.info("tune: trial (%s) with sigma %.4f", ", ".join(f"{k}={v}" for k, v in sorted(config.items())), sigma)
     result = finetune(args)
     history = result.record["ledger"]["history"]
-    if [tuple(h) for h in history] != [(args._noise_multiplier, q, steps)]:
-        raise PrivacyError(f"trial ran {history}, not the calibrated (sigma, q, steps) = {(args._noise_multiplier, q, steps)}")
+    if [tuple(h) for h in history] != [(sigma, q, steps)]:
+        raise PrivacyError(f"trial ran {history}, not the calibrated (sigma, q, steps) = {(sigma, q, steps)}")
     family = family_for_pipeline(result.pipeline)
     resolution = args.resolution or family.resolution(result.pipeline)
     first = train.dataset[0]["image"]

@@ -99,7 +99,11 @@ def parse_space(raw, where: str = "search config") -> SearchSpace:
         raise ConfigError(f"{where}: 'search' is empty: give at least one finetune flag to search over")
     parser = add_finetune_arguments(argparse.ArgumentParser())
     actions = {a.dest: a for a in parser._actions if a.dest != "help"}
+    from dpdiff.training.diffusers_flags import ALIASES
+
     for name in list(fixed) + list(search):
+        if name in ALIASES:  # the search computes each trial's (q, steps) from dpdiff's names, before the loop resolves
+            raise ConfigError(f"{where}: write {ALIASES[name][0]!r} (dpdiff's name) instead of diffusers' {name!r} in a search config")
         if name in REFUSED:
             raise ConfigError(f"{where}: {name!r} is set by `dpdiff tune` itself (one total guarantee, one output); "
                               "remove it from the search config")
