@@ -219,7 +219,9 @@ def main(argv=None) -> None:
             for r in json.loads(Path(file).read_text()):
                 if "dp_s" in r or "plain_s" in r:
                     measured[row_key(r)] = r
-        results = [dict(r, plan_bytes=planned_bytes(r, r["device"])) for r in measured.values()]
+        order = {"sd15": 0, "sdxl": 1, "pixart": 2}
+        rows = sorted(measured.values(), key=lambda r: (order[r["shape"]], r["method"] != "lora", r["batch"], r["checkpointing"]))
+        results = [dict(r, plan_bytes=planned_bytes(r, r["device"])) for r in rows]
         args.rows = []
     for row in args.rows:
         r = parse_row(row)
