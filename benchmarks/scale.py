@@ -107,7 +107,7 @@ def _flux_pipeline(folder: Path) -> str:
     return str(folder)
 
 
-def report(rows: list[dict], flux: dict | None, args, extra: list[dict] | None = None) -> None:
+def report(rows: list[dict], flux: dict | None, args, extra: list[dict] | None = None, notes: str = "") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -156,7 +156,8 @@ def report(rows: list[dict], flux: dict | None, args, extra: list[dict] | None =
             f"on {platform.machine()} ({os.cpu_count()} cores, shared), {args.model}, LoRA, one DP step "
             f"(batch {args.batch_size}), captioned 512-px JPEGs (one caption per image). Each run is a fresh process; "
             "'again' is a second run on the same data, which finds the cache and re-encodes nothing.\n\n"
-            + "\n".join(lines) + ratio + flux_line + "\n\n![peak RSS against the number of images](scale_memory.png)")
+            + "\n".join(lines) + ratio + flux_line + (f"\n\n{notes}" if notes else "")
+            + "\n\n![peak RSS against the number of images](scale_memory.png)")
     update_section("Scale", body)
 
 
@@ -170,7 +171,8 @@ def main():
     p.add_argument("--again", action="store_true", help="also a second run on each set (the cache reused)")
     p.add_argument("--flux", type=int, default=0, help="also train the Flux-shaped tiny build at 1024 px on this many images")
     p.add_argument("--no_docs", action="store_true")
-    p.add_argument("--report_from", default=None, help="write the docs from a results.json of an earlier run")
+    p.add_argument("--report_from", default=None, help="write the docs from a results.json of an earlier run "
+                   '({"rows": [...], "flux": {...}, "extra": [...], "notes": "..."} or the list of rows)')
     # the child
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
@@ -185,7 +187,8 @@ def main():
         saved = json.loads(Path(args.report_from).read_text())
         rows, flux = (saved["rows"], saved.get("flux")) if isinstance(saved, dict) else (saved, None)
         args.sizes = sorted({r["n"] for r in rows})
-        report(rows, flux, args, saved.get("extra") if isinstance(saved, dict) else None)
+        saved = saved if isinstance(saved, dict) else {}
+        report(rows, flux, args, saved.get("extra"), saved.get("notes", ""))
         return
     work = Path(args.workdir or tempfile.mkdtemp(prefix="dpdiff-scale-"))
     rows = []
