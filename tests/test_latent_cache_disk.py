@@ -63,7 +63,7 @@ def test_disk_cache_matches_memory_and_is_reused_without_encoding(sd_pipe, tmp_p
     def never(*args, **kwargs):
         raise AssertionError("a matching cache must not be encoded again")
 
-    monkeypatch.setattr(latent_cache, "encode_pixels", never)
+    monkeypatch.setattr(encode_module, "encode_pixels", never)
     monkeypatch.setattr(type(sd_pipe.text_encoder), "forward", never)
     again = build_latent_cache(sd_pipe, load_source(f"imagefolder:{tmp_path / 'data'}"), 64, random_flip=True,
                                show_progress=False, cache_dir=tmp_path / "cache")
@@ -100,7 +100,7 @@ def test_a_cache_built_for_other_data_or_settings_is_refused(sd_pipe, tmp_path, 
 
 def test_a_killed_build_leaves_no_cache(sd_pipe, tmp_path, monkeypatch):
     source = load_source(f"imagefolder:{write_folder(tmp_path / 'data', n=5)}")
-    real, calls = latent_cache.encode_pixels, []
+    real, calls = encode_module.encode_pixels, []
 
     def dies_on_the_second_batch(vae, x):
         calls.append(len(x))
@@ -108,11 +108,11 @@ def test_a_killed_build_leaves_no_cache(sd_pipe, tmp_path, monkeypatch):
             raise KeyboardInterrupt  # a kill while encoding
         return real(vae, x)
 
-    monkeypatch.setattr(latent_cache, "encode_pixels", dies_on_the_second_batch)
+    monkeypatch.setattr(encode_module, "encode_pixels", dies_on_the_second_batch)
     with pytest.raises(KeyboardInterrupt):
         build_latent_cache(sd_pipe, source, 64, batch_size=2, show_progress=False, cache_dir=tmp_path / "cache")
     assert not (tmp_path / "cache").exists() and not list(tmp_path.glob(".cache.building-*"))
-    monkeypatch.setattr(latent_cache, "encode_pixels", real)
+    monkeypatch.setattr(encode_module, "encode_pixels", real)
     cache = build_latent_cache(sd_pipe, source, 64, batch_size=2, show_progress=False, cache_dir=tmp_path / "cache")
     assert len(cache) == 5 and (tmp_path / "cache" / "manifest.json").is_file()
     (tmp_path / "cache" / "latents-00000.safetensors").unlink()  # a cache damaged by hand is named, not half-read
@@ -134,16 +134,16 @@ def test_a_folder_that_is_not_a_cache_is_refused(sd_pipe, tmp_path):
 def test_encode_batches_are_bounded_by_pixels(sd_pipe, tmp_path, monkeypatch):
     assert [default_encode_batch_size(r) for r in (1024, 512, 256, 64, 32)] == [2, 8, 32, 256, 256]
     source = load_source(f"imagefolder:{write_folder(tmp_path / 'data', n=5)}")
-    real, sizes = latent_cache.encode_pixels, []
-    monkeypatch.setattr(latent_cache, "encode_pixels", lambda vae, x: sizes.append(tuple(x.shape)) or real(vae, x))
+    real, sizes = encode_module.encode_pixels, []
+    monkeypatch.setattr(encode_module, "encode_pixels", lambda vae, x: sizes.append(tuple(x.shape)) or real(vae, x))
     decoded = []
     real_decode = encode_module._decode
     monkeypatch.setattr(encode_module, "_decode", lambda value: decoded.append(1) or real_decode(value))
     build_latent_cache(sd_pipe, source, 512, show_progress=False, cache_dir=tmp_path / "c512")
-    assert sizes == [(5, 3, 512, 512)]  # 8 a batch at 512 px
+    assert sizes == [(8, 3, 512, 512)]  # 8 a batch at 512 px (the 5 images padded to the one batch shape)
     sizes.clear()
     build_latent_cache(sd_pipe, source, 1024, show_progress=False, cache_dir=tmp_path / "c1024")
-    assert sizes == [(2, 3, 1024, 1024), (2, 3, 1024, 1024), (1, 3, 1024, 1024)]
+    assert sizes == [(2, 3, 1024, 1024)] * 3
     assert len(decoded) == 10  # each image decoded once per cache, a batch at a time
 
 
@@ -162,6 +162,13 @@ def test_every_entry_is_a_function_of_its_own_example(sd_pipe, tmp_path):
                            batch_size=1)
     for key in a[0]:
         torch.testing.assert_close(a[0][key], b[0][key], rtol=0, atol=2e-6)
+    # with the same (public) encode batch size, bit for bit: every batch and caption chunk has one shape, so
+    # the kernels round an example the same whether it shares its batch with five others or with none (a
+    # batch of one rounded the VAE's fp32 latents differently from a batch of two before they were padded)
+    c = build_latent_cache(sd_pipe, load_source(f"imagefolder:{small}"), 64, show_progress=False, cache_dir=tmp_path / "c",
+                           batch_size=4)
+    for key in a[0]:
+        assert torch.equal(a[0][key], c[0][key]), key
 
 
 @pytest.mark.parametrize("build", ["pixart_sigma", "sana"])
@@ -210,7 +217,7 @@ def test_a_resumed_run_and_a_second_run_encode_nothing(tiny_pipeline_dir, tmp_pa
     def never(*args, **kwargs):
         raise AssertionError("the cache must be reused, not encoded again")
 
-    monkeypatch.setattr(latent_cache, "encode_pixels", never)
+    monkeypatch.setattr(encode_module, "encode_pixels", never)
     resumed = finetune(finetune_args(**{**flags, "resume_from_checkpoint": "latest"}))  # from step 1's checkpoint
     assert resumed.record["steps"] == 2
     # another resolution on resume: the same data must not be silently re-encoded under a running guarantee

@@ -78,10 +78,26 @@ def encode_pixels(vae, x: torch.Tensor) -> torch.Tensor:
     autoencoder (Sana's AutoencoderDC) returns its latent directly."""
     scale = vae.config.scaling_factor
     shift = getattr(vae.config, "shift_factor", None) or 0.0
-    encoded = vae.encode(x.to(vae.device, vae.dtype))
+    # one memory layout for every batch: a channels-last input (the permuted decoded arrays) takes other conv
+    # kernels than a contiguous one (a padded batch), and they round differently
+    encoded = vae.encode(x.to(vae.device, vae.dtype).contiguous())
     dist = getattr(encoded, "latent_dist", None)
     z = dist.mode() if dist is not None else encoded.latent
     return ((z.float() - shift) * scale).cpu()
+
+
+@torch.no_grad()
+def encode_fixed_batch(vae, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """`encode_pixels` on a batch padded with blank images to exactly `batch_size` rows, then trimmed.
+
+    Kernels choose their blocking by the number of rows (a batch of one gave other fp32 bits than a batch
+    of two here), so a short last batch would round its images differently: an image's cached latent
+    would depend on how many others share its batch, i.e. on the rest of the private set. One shape
+    for every batch makes each latent a function of its own image alone."""
+    n = len(x)
+    if n < batch_size:
+        x = torch.cat([x, x.new_zeros((batch_size - n, *x.shape[1:]))])
+    return encode_pixels(vae, x)[:n]
 
 
 @torch.no_grad()

@@ -24,6 +24,7 @@ from dpdiff.data.cache_store import ShardedRows, ShardWriter, building_folder, p
 from dpdiff.data.encode import (  # noqa: F401 (encode_images: the in-memory helper, re-exported)
     arrays_to_tensor,
     default_encode_batch_size,
+    encode_fixed_batch,
     encode_images,
     encode_pixels,
     image_batches,
@@ -185,9 +186,9 @@ def _encode(pipeline, family, source, folder: Path, resolution: int, condition_k
         started = time.perf_counter()
         bar = tqdm(total=len(prompt_ids), desc="encoding latents", disable=not show_progress, unit="img")
         for arrays in image_batches(source.dataset, batch_size, resolution, vae.config.in_channels):
-            rows = {"latents": encode_pixels(vae, arrays_to_tensor(arrays)).to(dtype)}
+            rows = {"latents": encode_fixed_batch(vae, arrays_to_tensor(arrays), batch_size).to(dtype)}
             if random_flip:
-                rows["flipped_latents"] = encode_pixels(vae, arrays_to_tensor(arrays, mirrored=True)).to(dtype)
+                rows["flipped_latents"] = encode_fixed_batch(vae, arrays_to_tensor(arrays, mirrored=True), batch_size).to(dtype)
             writer.add(rows)
             bar.update(len(arrays))
         bar.close()
@@ -227,7 +228,10 @@ def _encode_conditions(pipeline, family, building: Path, resolution: int, keys: 
     chunks = [keys] if by_label else [keys[i : i + PROMPTS_PER_CHUNK] for i in range(0, len(keys), PROMPTS_PER_CHUNK)]
     writer, layout = None, None
     for chunk in chunks:
-        encoded = family.encode_conditions(pipeline, chunk, resolution)
+        # every chunk of captions padded to the same count with the public empty prompt (see
+        # `encode_fixed_batch`): a caption's embedding must not depend on how many others share its chunk
+        padded = chunk if by_label else chunk + [""] * (PROMPTS_PER_CHUNK - len(chunk))
+        encoded = {name: value[: len(chunk)] for name, value in family.encode_conditions(pipeline, padded, resolution).items()}
         rows, ragged, length = _trimmed(encoded)
         if layout is None:
             layout = {"names": list(encoded), "ragged": list(ragged), "length": length}
