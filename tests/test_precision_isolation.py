@@ -52,8 +52,8 @@ def unet_engine(precision, mode, clipping, k):
     return engine
 
 
-def dit_engine(precision, k):
-    pipe = build_tiny_family_pipeline("sd3")
+def dit_engine(precision, k, build="sd3"):
+    pipe = build_tiny_family_pipeline(build)
     family = family_for_pipeline(pipe)
     denoiser = family.denoiser(pipe)
     family.train_mode(denoiser)
@@ -120,10 +120,11 @@ def test_unet_contribution_depends_on_the_example_alone(precision, mode, clippin
     check_isolation(unet_engine(precision, mode, clipping, k), precision)
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp16"])
-@pytest.mark.parametrize("k", [1, 2])
-def test_transformer_contribution_depends_on_the_example_alone(precision, k):
-    check_isolation(dit_engine(precision, k), precision)
+@pytest.mark.parametrize("build, precision, k", [("sd3", "bf16", 1), ("sd3", "bf16", 2), ("sd3", "fp16", 1),
+                                                 ("sd3", "fp16", 2), ("pixart_sigma", "bf16", 1)])
+def test_transformer_contribution_depends_on_the_example_alone(build, precision, k):
+    """SD3's joint attention, and PixArt's masked cross-attention (the padding rows carry an all-ones mask)."""
+    check_isolation(dit_engine(precision, k, build), precision)
 
 
 def test_fp32_with_a_nan_example_releases_a_finite_sum_with_noise():

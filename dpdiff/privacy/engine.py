@@ -242,7 +242,7 @@ class DPDiffusionEngine:
         latents = torch.cat([latents, null_latents])
         conditions = {key: torch.cat([value, null_conditions[key]]) for key, value in conditions.items()}
         nulls = list(range(len(self.dataset), len(self.dataset) + padding))
-        losses = self.per_example_backward(latents, conditions, indices=[*indices, *nulls])
+        losses = self.per_example_backward(latents, conditions, indices=[*indices, *nulls], num_real=len(indices))
         is_null = torch.arange(len(latents), device=self.device) >= len(indices)
         for p in self.params:
             if p.grad_sample is not None:
@@ -250,11 +250,15 @@ class DPDiffusionEngine:
         return losses[: len(indices)]
 
     def _null_examples(self, count: int) -> tuple[torch.Tensor, dict]:
-        """`count` all-zero examples shaped like the dataset's (public: they carry no private data)."""
+        """`count` all-zero examples shaped like the dataset's (public: they carry no private data); an attention
+        mask is all ones, so no row attends over nothing (an all-masked softmax is NaN)."""
         first = self.dataset[0]
         latents = torch.zeros((count, *first["latents"].shape), device=self.device)
-        conditions = {key: torch.zeros((count, *torch.as_tensor(first[key]).shape), device=self.device,
-                                       dtype=torch.as_tensor(first[key]).dtype) for key in self.condition_keys}
+        conditions = {}
+        for key in self.condition_keys:
+            like = torch.as_tensor(first[key])
+            fill = torch.ones if "mask" in key else torch.zeros
+            conditions[key] = fill((count, *like.shape), device=self.device, dtype=like.dtype)
         return latents, conditions
 
     def per_example_backward(
@@ -264,6 +268,7 @@ class DPDiffusionEngine:
         noise: torch.Tensor | None = None,
         timesteps: torch.Tensor | None = None,
         indices: list[int] | None = None,
+        num_real: int | None = None,
     ) -> torch.Tensor:
         """Per-example losses [b] after backward; `p.grad_sample` then holds [b, ...] per parameter.
 
@@ -296,7 +301,7 @@ class DPDiffusionEngine:
             (losses.sum() * scale).backward()
         self._grad_samples_to_fp32(scale)
         fold_multiplicity(self.params, b, k)
-        self._zero_nonfinite(b)
+        self._zero_nonfinite(b, b if num_real is None else num_real)
         return losses.detach().view(b, k).mean(dim=1)
 
     def _autocast(self):
@@ -314,7 +319,7 @@ class DPDiffusionEngine:
                 if p.grad_sample is not None:
                     p.grad_sample = unscaled(p.grad_sample, scale)
 
-    def _zero_nonfinite(self, num_examples: int) -> None:
+    def _zero_nonfinite(self, num_examples: int, num_real: int) -> None:
         """An example whose gradient is NaN/inf (a low-precision overflow, or a non-finite input in any
         precision) contributes zeros instead: clipping cannot bound NaN, and one NaN would make the whole
         release NaN. The decision looks at that example's own gradient only (its backward carried no
@@ -326,14 +331,14 @@ class DPDiffusionEngine:
         if bool(bad.any()):
             for p in grads:
                 p.grad_sample = zero_rows(p.grad_sample, bad)
-            self._nonfinite += int(bad.sum())
+            self._nonfinite += int(bad[:num_real].sum())  # the padding rows are not examples
 
     def _accumulate_nothing(self) -> None:
         """An empty batch: Opacus cannot run on zero rows, so run one all-zero dummy example and zero
         its per-sample gradient exactly. The step then releases noise only (and, distributed, this
         rank still joins the all-reduce so the others do not hang)."""
         latents, conditions = self._null_examples(1)
-        self.per_example_backward(latents, conditions, indices=[len(self.dataset)])
+        self.per_example_backward(latents, conditions, indices=[len(self.dataset)], num_real=0)
         for p in self.params:
             p.grad_sample = torch.zeros_like(p.grad_sample)
 
