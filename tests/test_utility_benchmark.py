@@ -280,50 +280,6 @@ def test_interrupted_training_resumes_from_its_checkpoint_with_the_budget_spent(
                 "mepf_feature_input_size"} & set(whole["settings"])
 
 
-def test_ema_lever_scores_raw_and_ema_weights_of_one_checkpoint(tiny_pipeline_dir, tmp_path):
-    """benchmarks/ema_lever.py: its two copies of a release carry exactly the latest checkpoint's raw
-    iterate and its EMA (read back through the stock loader), and keep the run's privacy record."""
-    import torch
-    from safetensors.torch import load_file
-
-    from dpdiff.errors import ConfigError
-    from dpdiff.sampling.pipeline import load_finetuned_pipeline
-
-    spec = importlib.util.spec_from_file_location("ema_lever", ROOT / "benchmarks" / "ema_lever.py")
-    lever = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(lever)
-    out = tmp_path / "out"
-    load_benchmark().main(smoke_argv(tiny_pipeline_dir, tmp_path, "--references", "--max_steps", "4", "--checkpointing_steps", "2"))
-    lever.main(["--benchmark_dir", str(out), "--key", "lora_eps10"])
-
-    report = json.loads((out / "ema_lever-lora_eps10.json").read_text())
-    assert (report["step"], report["final_step"]) == (2, 4)
-    assert set(report["raw"]["accuracy"]) == set(report["ema"]["accuracy"]) == {"cnn", "logreg", "mlp"}
-    run = out / "runs" / "lora_eps10"
-    checkpoint = run / "checkpoints" / "checkpoint-2"
-    raw = load_file(str(checkpoint / "trainable.safetensors"))
-    ema = torch.load(checkpoint / "state.pt", weights_only=False)["ema"]["shadow_params"]
-
-    def lora_values(folder):  # the adapter as the stock loader reads it, in parameter order, adapter name dropped
-        unet = load_finetuned_pipeline(folder, base_model=str(tiny_pipeline_dir)).unet
-        adapter = next(iter(unet.peft_config))
-        return [(n.replace(f".{adapter}.", ".default."), p) for n, p in unet.named_parameters() if "lora_" in n]
-
-    loaded_raw, loaded_ema = lora_values(out / "runs" / "lora_eps10-raw"), lora_values(out / "runs" / "lora_eps10-ema")
-    assert [n for n, _ in loaded_raw] == [n for n, _ in loaded_ema] and set(raw) == {n for n, _ in loaded_raw}
-    assert all(torch.equal(p, raw[n]) for n, p in loaded_raw)
-    assert all(torch.equal(p, e) for (_, p), e in zip(loaded_ema, ema))
-    assert not all(torch.equal(p, raw[n]) for n, p in loaded_ema)  # the EMA is not the last iterate
-    for weights in ("raw", "ema"):
-        assert (out / "runs" / f"lora_eps10-{weights}" / "privacy.json").read_text() == (run / "privacy.json").read_text()
-        assert len(list((out / "synthetic" / f"lora_eps10-{weights}" / "train").glob("*.png"))) == 30
-
-    for folder in (run / "checkpoints").iterdir():
-        shutil.rmtree(folder)
-    with pytest.raises(ConfigError, match="no checkpoint"):
-        lever.main(["--benchmark_dir", str(out), "--key", "lora_eps10"])
-
-
 def test_vae_reconstruction_reference_is_each_private_image_through_the_preset_vae():
     bench = load_benchmark()
     args = bench.build_parser().parse_args(["--max_train_samples", "32", "--device", "cpu"])
