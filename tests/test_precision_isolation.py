@@ -121,9 +121,11 @@ def test_unet_contribution_depends_on_the_example_alone(precision, mode, clippin
 
 
 @pytest.mark.parametrize("build, precision, k", [("sd3", "bf16", 1), ("sd3", "bf16", 2), ("sd3", "fp16", 1),
-                                                 ("sd3", "fp16", 2), ("pixart_sigma", "bf16", 1)])
+                                                 ("sd3", "fp16", 2), ("pixart_sigma", "bf16", 1), ("flux", "bf16", 1),
+                                                 ("sana", "bf16", 1), ("sdxl", "bf16", 1)])
 def test_transformer_contribution_depends_on_the_example_alone(build, precision, k):
-    """SD3's joint attention, and PixArt's masked cross-attention (the padding rows carry an all-ones mask)."""
+    """SD3's joint attention, PixArt's and Sana's masked cross-attention (the padding rows carry an all-ones
+    mask), Flux's packed latents and ids, SDXL's added conditions."""
     check_isolation(dit_engine(precision, k, build), precision)
 
 
