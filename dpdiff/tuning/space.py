@@ -23,10 +23,8 @@ import argparse
 import itertools
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 
-import yaml
-
+from dpdiff.config import load_config
 from dpdiff.errors import ConfigError
 from dpdiff.privacy.secure_random import secure_uniform
 
@@ -70,14 +68,8 @@ class SearchSpace:
 
 
 def load_space(path) -> SearchSpace:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"search config {path} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        raise ConfigError(f"search config {path} is not valid YAML: {err}") from None
-    return parse_space(raw, str(path))
+    """The search YAML, read and refused like every dpdiff config (`dpdiff.config.load_config`)."""
+    return parse_space(load_config(path), str(path))
 
 
 def parse_space(raw, where: str = "search config") -> SearchSpace:
