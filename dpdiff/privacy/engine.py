@@ -125,6 +125,7 @@ class DPDiffusionEngine:
         self.secure_mode = secure_mode
         self.precision = precision
         self._nonfinite = 0
+        self._null_shapes = None  # shapes and dtypes of the padding rows, read once
         self.distributed = distributed
         self.sample_rate = self.batch_size / len(dataset)
         self.steps_taken = 0
@@ -252,13 +253,17 @@ class DPDiffusionEngine:
     def _null_examples(self, count: int) -> tuple[torch.Tensor, dict]:
         """`count` all-zero examples shaped like the dataset's (public: they carry no private data); an attention
         mask is all ones, so no row attends over nothing (an all-masked softmax is NaN)."""
-        first = self.dataset[0]
-        latents = torch.zeros((count, *first["latents"].shape), device=self.device)
+        if self._null_shapes is None:  # read one example once: a cache row may come from disk
+            first = self.dataset[0]
+            self._null_shapes = {key: (tuple(torch.as_tensor(first[key]).shape), torch.as_tensor(first[key]).dtype)
+                                 for key in ("latents", *self.condition_keys)}
+        shape, _ = self._null_shapes["latents"]
+        latents = torch.zeros((count, *shape), device=self.device)
         conditions = {}
         for key in self.condition_keys:
-            like = torch.as_tensor(first[key])
+            shape, dtype = self._null_shapes[key]
             fill = torch.ones if "mask" in key else torch.zeros
-            conditions[key] = fill((count, *like.shape), device=self.device, dtype=like.dtype)
+            conditions[key] = fill((count, *shape), device=self.device, dtype=dtype)
         return latents, conditions
 
     def per_example_backward(
