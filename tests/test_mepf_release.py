@@ -11,7 +11,7 @@ from dpdiff.data import load_source
 from dpdiff.data.transforms import images_to_tensor
 from dpdiff.errors import DataError, IntegrityError, PrivacyError
 from dpdiff.mepf.calibration import epsilon_for_releases, noise_multiplier_for_releases
-from dpdiff.mepf.embedding import EmbeddingConfig, EmbeddingSums, build_extractor, embed, embedding_sums
+from dpdiff.mepf.embedding import EmbeddingConfig, EmbeddingSums, build_extractor, embed, embedding_rows, embedding_sums
 from dpdiff.mepf.release import add_noise, load_release, planned_releases, release_embedding, save_release, validation_mask
 
 C = 2.5  # a non-unit bound so a forgotten factor of C shows
@@ -207,3 +207,18 @@ def test_the_pixel_block_is_the_image_rescaled_like_every_block_and_sums_line_up
     sums = embedding_sums(extractor, images, labels, len(names), with_pixels, batch_size=16, progress=False)
     expected = torch.zeros(len(names), phi.shape[1], dtype=torch.float64).index_add_(0, labels, phi.double())
     torch.testing.assert_close(sums.sum1, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_an_example_embeds_to_the_same_bits_alone_and_beside_any_batch_mates(extractor, config, data):
+    """phi(x) must be a function of x alone: a short last batch (or another memory layout) takes other CPU
+    kernels and rounds x's features differently with the number of its batch-mates. Every batch has one shape."""
+    images, _, _ = data
+    x = images[:1]
+    alone = torch.cat(list(embedding_rows(extractor, x, config, batch_size=8, progress=False)))
+    for mates in (1, 4, 12):  # full batch of 8 with it, a short batch, x in the second (short) batch
+        beside = torch.cat([images[10:10 + mates], x]) if mates == 12 else torch.cat([x, images[10:10 + mates]])
+        if mates == 4:
+            beside = beside.to(memory_format=torch.channels_last)
+        rows = torch.cat(list(embedding_rows(extractor, beside, config, batch_size=8, progress=False)))
+        row = rows[-1:] if mates == 12 else rows[:1]
+        assert torch.equal(row, alone), f"x's features moved with {mates} batch-mates"
