@@ -56,6 +56,10 @@ def test_tiny_search_runs_resumes_and_states_the_whole_search(tmp_path, monkeypa
         return result
 
     monkeypatch.setattr(loop, "finetune", recording_finetune)
+    import dpdiff.training.latent_cache as cache_module
+
+    encode, encodes = cache_module.encode_fixed_batch, []
+    monkeypatch.setattr(cache_module, "encode_fixed_batch", lambda *a, **k: encodes.append(1) or encode(*a, **k))
     checkpoint = loop._checkpoint
 
     def killing_checkpoint(args, *rest):
@@ -77,6 +81,7 @@ def test_tiny_search_runs_resumes_and_states_the_whole_search(tmp_path, monkeypa
     assert main(argv + ["--resume"]) == 0
     assert draws == [("geometric", 2.0)] and releases == [1]  # one draw, one release, across the kill
     assert [(r.rsplit("/", 1)[1], resume) for r, resume in runs] == [("trial-0", None), ("trial-1", None), ("trial-1", "latest")]
+    assert len(encodes) == 1  # one latent cache (one VAE batch: 160 images at 32 px), shared by every trial and the resume
 
     assert not state_dir.exists()  # no losing trial, count, score or release survives
     privacy = json.loads((out / "privacy.json").read_text())

@@ -58,7 +58,11 @@ def latent_cache_dir(args, output_dir: Path) -> Path:
     """`--cache_dir` is diffusers' cache ROOT: hub downloads go there (`pipeline_kwargs`) and the latent
     cache (per-example encodings of the PRIVATE images: keep it as private as they are) in its
     `dpdiff_latent_cache/`. A folder that already is a latent cache (built under the earlier meaning) is
-    used as it is. Without --cache_dir: OUTPUT_DIR/latent_cache."""
+    used as it is. Without --cache_dir: OUTPUT_DIR/latent_cache. A caller that runs several trainings on one
+    private set (dpdiff tune) shares one cache through `args._latent_cache_dir` (an attribute, not a flag)."""
+    shared = getattr(args, "_latent_cache_dir", None)
+    if shared:
+        return Path(shared)
     root = getattr(args, "cache_dir", None)
     if not root:
         return Path(output_dir) / "latent_cache"

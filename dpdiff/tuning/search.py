@@ -180,6 +180,8 @@ def _run_trial(i, space, state, plan, data, score_config, out, target, delta, st
     epochs = None if args.max_steps is not None else (args.epochs or 1.0)
     args._privacy_plan = trial_plan(sigma, q, steps, delta, len(train), args.batch_size, epochs, args.accountant)
     args._training_source = train
+    if not args.cache_dir:  # one latent cache for every trial (same data and encoders), private, deleted with .tune
+        args._latent_cache_dir = str(out / STATE_DIR / "latent_cache")
     if trial_dir.is_dir() and any((trial_dir / "checkpoints").glob("checkpoint-*")):
         args.resume_from_checkpoint = "latest"  # the same trial, continued: its ledger and noise state are in the checkpoint
     else:
