@@ -184,7 +184,7 @@ def test_shipped_search_config_parses():
     from dpdiff.tuning.space import load_space
 
     space = load_space(Path(__file__).resolve().parent.parent / "recipes" / "configs" / "tune_lora.yaml")
-    assert space.distribution == "logarithmic" and len(space.profile_flags()) == 2
+    assert space.distribution == "logarithmic" and len(space.profile_flags()) == 1
 
 
 def test_fixed_count_is_public_and_plainly_composed():
