@@ -3,6 +3,8 @@ statistics (cached beside the runs) and the extractor, loaded once; a call score
 
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
 
 import torch
@@ -58,3 +60,36 @@ class Evaluator:
 
 def resolve_device(args) -> str:
     return ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+
+
+def score_runs(args, evaluate: Evaluator) -> dict:
+    """Score finished dpdiff runs (a `finetune` or `tune` output folder each, e.g. the demo's) with this protocol,
+    without training: --num_per_class images per class from the run's own class prompts, then the classifiers and
+    FD. The runs keep their own guarantee (read from their privacy.json); the rows go to OUTPUT_DIR/scored_runs.json,
+    not to the `## Utility` table (those runs were not trained by this benchmark's settings)."""
+    from _utility_report import load_images
+
+    from dpdiff.io import write_json
+    from dpdiff.sampling import sample_dataset
+
+    out = Path(args.output_dir)
+    scored = {}
+    for run_dir in map(Path, args.score_runs):
+        privacy = json.loads((run_dir / "privacy.json").read_text())
+        synthetic = out / "scored" / run_dir.resolve().name
+        start = time.process_time()
+        sample_dataset(run_dir, synthetic, num_per_class=args.num_per_class, seed=args.seed, resolution=RESOLUTION,
+                       guidance_scale=args.guidance_scale, num_inference_steps=args.inference_steps, batch_size=50,
+                       device=resolve_device(args), overwrite=True)
+        sample_cpu_s = time.process_time() - start
+        scores = evaluate(*load_images(synthetic, evaluate.class_names))
+        guarantee = {k: privacy.get(k) for k in ("epsilon", "delta", "accountant", "noise_multiplier", "steps", "sample_rate",
+                                                 "num_examples")}
+        scored[str(run_dir)] = {**scores, "guarantee": guarantee, "search": "search" in privacy,
+                                "num_per_class": args.num_per_class, "inference_steps": args.inference_steps,
+                                "guidance_scale": args.guidance_scale, "sample_cpu_s": round(sample_cpu_s, 1)}
+        acc = scores["accuracy"]
+        print(f"[utility] {run_dir}: eps {guarantee['epsilon']:.3g}  CNN {100 * acc['cnn']:.1f} / LogReg "
+              f"{100 * acc['logreg']:.1f} / MLP {100 * acc['mlp']:.1f}%  FD {scores['fd']['value']:.1f}", flush=True)
+        write_json(out / "scored_runs.json", scored)
+    return scored

@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))  # a dependency ships a top-level `
 from _docs import BENCHMARKS_MD  # noqa: E402
 from _utility_report import CHANNELS, DATASET, DP_SGD_METHODS, IMAGE_REFERENCES, METHODS, PUBLISHED, REFERENCES, RESOLUTION, load_images, render_docs  # noqa: E402
 from _utility_references import reference_images, sample_nonprivate, train_nonprivate_lora, vae_reconstructions  # noqa: E402
-from _utility_scoring import Evaluator, resolve_device  # noqa: E402
+from _utility_scoring import Evaluator, resolve_device, score_runs  # noqa: E402
 
 from dpdiff.config import load_config  # noqa: E402
 from dpdiff.data.transforms import images_to_tensor  # noqa: E402
@@ -106,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--benchmarks_md", default=str(BENCHMARKS_MD), help="markdown file whose `## Utility` section is replaced")
     a("--report_from", nargs="+", default=None, help="only write the docs section from these results.json files (no runs); "
       "docs/utility_results.json holds what the section shows now: pass it with new results to add rows")
+    a("--score_runs", nargs="+", default=None, help="score these finished dpdiff runs (finetune or tune output folders) "
+      "with this protocol instead of training: --num_per_class, --inference_steps, --guidance_scale; rows -> "
+      "OUTPUT_DIR/scored_runs.json")
     a("--skip_existing", action="store_true", help="keep finished runs of results.json that used the same settings, "
       "resume interrupted DP-SGD trainings from their latest checkpoint")
     a("--checkpointing_steps", type=int, default=0, help="DP-SGD checkpoint every N steps (0: never): a schedule longer "
@@ -352,6 +355,11 @@ def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     if args.report_from:
         return merge_reports([Path(p) for p in args.report_from], Path(args.docs_dir), Path(args.benchmarks_md))
+    if args.score_runs:
+        missing = [d for d in args.score_runs if not (Path(d) / "privacy.json").is_file()]
+        if missing:
+            raise ConfigError(f"--score_runs: {missing} hold no privacy.json (not a finished dpdiff run)")
+        return score_runs(args, Evaluator(args))
     check(args)
     out = Path(args.output_dir)
     results_path = out / "results.json"

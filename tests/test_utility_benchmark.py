@@ -92,6 +92,15 @@ def test_smoke_run_writes_results_plots_and_section(tiny_pipeline_dir, tmp_path,
     bench.main(["--report_from", str(docs / "utility_results.json"), "--docs_dir", str(docs), "--benchmarks_md", str(docs / "benchmarks.md")])
     assert (docs / "benchmarks.md").read_text() == docs_md and (docs / "utility_samples_lora.png").read_bytes() == grid
 
+    # a finished run (here the benchmark's own; the demo's or a tune output alike) scored by --score_runs with the same
+    # sampling settings gets the same images and so the same scores, and keeps its own guarantee
+    run_dir = tmp_path / "out" / "runs" / "lora_eps10"
+    scored = bench.main(["--score_runs", str(run_dir), *smoke_argv(tiny_pipeline_dir, tmp_path)[4:]])[str(run_dir)]
+    assert scored["accuracy"] == again["runs"]["lora_eps10"]["accuracy"] and scored["guarantee"]["epsilon"] == dp["guarantee"]["epsilon"]
+    assert json.loads((tmp_path / "out" / "scored_runs.json").read_text())[str(run_dir)]["fd"] == scored["fd"]
+    with pytest.raises(bench.ConfigError, match="no privacy.json"):
+        bench.main(["--score_runs", str(tmp_path), "--output_dir", str(tmp_path / "out")])
+
 
 def test_bad_options_refused_before_work(tmp_path):
     bench = load_benchmark()
