@@ -77,25 +77,29 @@ def test_noise_std_is_sigma_c_drawn_once(sizes):
     assert float((corr - torch.eye(4)).abs().max()) < 0.25
 
 
-@pytest.mark.parametrize("secure_mode", [False])
-def test_noise_is_opacus_draw_over_the_flat_parameters(secure_mode):
-    """Zero per-example gradients, a seeded generator: each parameter's noise is its slice of
-    `_generate_noise` over all parameters flattened (the fast path skips only Opacus' unused zero buffer)."""
-    from opacus.optimizers.optimizer import _generate_noise
+@pytest.mark.parametrize("sizes", [[4], [3, 5]])
+def test_noisy_update_is_opacus_own_draw(sizes):
+    """With noise and a seeded generator, the update is stock Opacus' (its per-parameter draw, in its
+    order): drawing in place into the clipped sums changes where the noise lives, not its values."""
+    batches = [_grad_samples(n, seed=n + 20) for n in sizes]
+    ours, _ = _run(FlatClipDPOptimizer, batches, noise_multiplier=0.7, seed=3)
+    theirs, _ = _run(DPOptimizer, batches, noise_multiplier=0.7, seed=3)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    moved = torch.cat([(a - b).detach().flatten() for a, b in zip(ours, _params())])
+    assert float(moved.abs().max()) > 0.05  # the noise is there (std 0.7 * 1.5 / 7 a coordinate)
 
-    sigma, clip = 0.7, 1.5
+
+def test_no_second_parameter_sized_tensor_while_noising():
+    """The noised gradient IS the clipped sum (in place): peak memory of the step is one copy, not two."""
     params = _params()
-    start = torch.cat([p.detach().flatten() for p in params])
-    optimizer = FlatClipDPOptimizer(torch.optim.SGD(params, lr=1.0), noise_multiplier=sigma, max_grad_norm=clip,
-                                    expected_batch_size=1, loss_reduction="sum", generator=torch.Generator().manual_seed(3),
-                                    secure_mode=secure_mode)
-    for p, s in zip(params, _grad_samples(2, seed=0)):
-        p.grad_sample = torch.zeros_like(s)
-    optimizer.step()
-    released = start - torch.cat([p.detach().flatten() for p in params])
-    expected = _generate_noise(std=sigma * clip, reference=torch.empty_like(start),
-                               generator=torch.Generator().manual_seed(3), secure_mode=secure_mode)
-    torch.testing.assert_close(released, expected, rtol=1e-6, atol=1e-6)
+    optimizer = FlatClipDPOptimizer(torch.optim.SGD(params, lr=1.0), noise_multiplier=1.0, max_grad_norm=1.0,
+                                    expected_batch_size=1, loss_reduction="sum", generator=torch.Generator().manual_seed(0))
+    for p, s in zip(params, _grad_samples(3, seed=0)):
+        p.grad_sample = s
+    assert optimizer.pre_step()
+    for p in params:
+        assert p.grad.data_ptr() == p.summed_grad.data_ptr()
 
 
 def test_secure_noise_ignores_the_seeded_generator_and_has_std_sigma_c():

@@ -69,3 +69,22 @@ def test_the_rooms_import_each_other_one_way_only():
 def test_privacy_imports_nothing_above_the_model_layer():
     above = import_graph()["privacy"] - BELOW_PRIVACY
     assert not above, f"dpdiff/privacy/ imports {sorted(above)}: move that code out of the mechanism's room"
+
+
+def test_every_benchmark_is_the_projects_not_its_diary():
+    """A script in benchmarks/ writes a table that docs/ shows or is run by a test; a `_helper` is imported by one.
+    A one-off study leaves: its numbers stay in the docs, its code in git history."""
+    root = PACKAGE.parent
+    docs = "\n".join(p.read_text() for p in (root / "docs").glob("*.md"))
+    tests = "\n".join(p.read_text() for p in (root / "tests").glob("*.py"))
+    scripts = sorted((root / "benchmarks").glob("*.py"))
+    sources = "\n".join(p.read_text() for p in scripts if not p.name.startswith("_"))
+    orphans = []
+    for path in scripts:
+        if path.name.startswith("_"):
+            used = f"from {path.stem} import" in sources or f"import {path.stem}" in sources
+        else:
+            used = f"benchmarks/{path.name}" in docs or path.name in tests
+        if not used:
+            orphans.append(path.name)
+    assert not orphans, f"benchmarks no docs table or test depends on: {orphans}"

@@ -9,8 +9,8 @@ per logical step, exactly what Opacus computes:
     summed = sum_i min(1, C / (||g_i|| + 1e-6)) g_i        (||g_i||: the flat norm over all parameters)
     grad   = (summed + N(0, sigma^2 C^2 I)) / expected_batch_size
 
-with one norm pass, one product per tensor and ONE noise draw over the concatenation of all
-parameters (the same i.i.d. Gaussian; `secure_mode` draws it from the OS CSPRNG instead: secure_random.py). It also
+with one norm pass, one product per tensor and the noise drawn in place into the clipped sums, tensor by tensor
+in Opacus' order (the same values; `secure_mode` draws it from the OS CSPRNG instead: secure_random.py). It also
 keeps the per-example norms it clipped with (`last_per_sample_norms`), so the engine's clipped-fraction
 diagnostic needs no second norm pass. Skip-step accumulation, zero_grad, state_dict and the
 distributed all-reduce are Opacus' unchanged."""
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 from opacus.optimizers import DistributedDPOptimizer, DPOptimizer
-from opacus.optimizers.optimizer import _check_processed_flag, _generate_noise, _mark_as_processed
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 
 from dpdiff.privacy.factored import clipped_sum, sq_norms
 from dpdiff.privacy.secure_random import secure_normal_
@@ -46,22 +46,23 @@ class FlatClipDPOptimizer(DPOptimizer):
             _mark_as_processed(p.grad_sample)
 
     def add_noise(self) -> None:
-        params = self.params
-        for p in params:
-            _check_processed_flag(p.summed_grad)
-        reference = params[0].summed_grad
-        flat = torch.empty(sum(p.numel() for p in params), device=reference.device, dtype=reference.dtype)
+        """Noise drawn tensor by tensor INTO the clipped sums, which then become the gradients: Opacus' draw (same
+        generator, same order, same values) without its second parameter-sized tensor. At real size that copy was
+        the optimizer step's peak (one fp32 copy of every trained weight: ~1 GiB for SD-1.5's attention blocks)."""
         std = self.noise_multiplier * self.max_grad_norm
-        if self.secure_mode:  # the OS CSPRNG, not the (seeded) torch generator: dpdiff/privacy/secure_random.py
-            noise = secure_normal_(flat, std) if std > 0 else flat.zero_()
-        elif std == 0:
-            noise = _generate_noise(std=std, reference=flat, generator=self.generator)
-        else:  # the draw torch.normal makes inside _generate_noise, without its unused zero-filled buffer
-            noise = flat.normal_(0.0, std, generator=self.generator)
-        with torch.no_grad():  # in-place into split views: allowed (and correct) only outside autograd
-            for p, part in zip(params, noise.split([p.numel() for p in params])):
-                p.grad = part.view_as(p).add_(p.summed_grad.view_as(p))  # in the noise buffer: no third P-sized tensor
-                _mark_as_processed(p.summed_grad)
+        for p in self.params:  # the sums hold no graph: in-place is safe without no_grad (whose views scale_grad could not modify)
+            _check_processed_flag(p.summed_grad)
+            grad = p.summed_grad
+            if std > 0:  # at most one tensor's worth of scratch at a time
+                noise = torch.empty_like(grad)
+                if self.secure_mode:  # the OS CSPRNG, not the seeded generator: dpdiff/privacy/secure_random.py
+                    secure_normal_(noise, std)
+                else:
+                    noise.normal_(0.0, std, generator=self.generator)
+                grad.add_(noise)
+                del noise
+            p.grad = grad if grad.shape == p.shape else grad.view_as(p)
+            _mark_as_processed(p.summed_grad)
 
     def scale_grad(self) -> None:
         if self.loss_reduction == "mean":

@@ -7,7 +7,7 @@ for Flux), the trainable set is chosen as the run will choose it, and the peak o
     + the runtime (CUDA context / the CPU process itself) + per-example gradients (one fp32 copy of the trained
     parameters per row of the physical batch; factored layers as their two factors), alive from backward to the step
     + the larger of: the activations kept for backward (activation_trace.py, times a per-family factor measured in
-    benchmarks/real_shapes.py), and the optimizer step's fp32 buffers (clipped sum, noised gradient, Adam's work).
+    benchmarks/real_shapes.py), and the optimizer step's fp32 buffers (the clipped sum, noised in place; Adam's work).
 
 A run that cannot fit is refused with one error naming the flags that shrink it; `--dry_run` prints the
 plan and stops. The VAE and text encoders are on the device only while the latent cache is built (and for
@@ -36,10 +36,11 @@ GIB = 2**30
 # within 3% of the measured peaks with the trace taken as it is, so no family needs a correction yet
 ACTIVATION_FACTOR = {"default": 1.0}
 RUNTIME_BYTES = {"cpu": int(0.6 * GIB), "cuda": int(0.6 * GIB)}  # torch + libraries in RSS / the CUDA context
-# fp32 copies of the trained parameters the optimizer step holds at once besides Adam's moments (the clipped sum and
-# the noised gradient; the foreach Adam step's temporaries overlap them). Measured: SD-1.5 `attention` (267M trained)
-# peaks at 7.25 GiB with or without checkpointing, i.e. in the step, not in backward; 2 copies plan 7.1 GiB, 3 plan 8.1
-STEP_COPIES = 2
+# fp32 copies of the trained parameters the optimizer step holds at once besides Adam's moments: the clipped sum, into
+# which the noise is drawn tensor by tensor (it becomes the gradient; the foreach Adam step's temporaries overlap it).
+# Measured: SD-1.5 `attention` (267M trained, checkpointing) peaked at 7.07 GiB while the noise was a second flat copy
+# (2 copies planned 7.08), and at 6.30 GiB with the noise drawn in place (1 copy plans 6.1)
+STEP_COPIES = 1
 HEADROOM = 0.9  # plan to use at most this share of the free memory (fragmentation, allocator caches)
 
 
@@ -55,7 +56,7 @@ class MemoryPlan:
     trained_params: int
     weight_bytes: int  # the denoiser: frozen in the precision's dtype, trained fp32
     state_bytes: int  # trained: Adam's moments (+ EMA), kept between steps
-    step_bytes: int  # trained: the optimizer step's buffers (clipped sum, noised gradient)
+    step_bytes: int  # trained: the optimizer step's buffer (the clipped sum, noised in place)
     per_example_bytes: int  # per-example gradients of one physical batch
     activation_bytes: int
     runtime_bytes: int
@@ -83,7 +84,7 @@ class MemoryPlan:
             f"  trained state        {g(self.state_bytes)}  (Adam moments, EMA)",
             f"  per-example grads    {g(self.per_example_bytes)}",
             f"  activations          {g(self.activation_bytes)}  (backward)",
-            f"  optimizer step       {g(self.step_bytes)}  (clipped sum, noised gradient; after backward)",
+            f"  optimizer step       {g(self.step_bytes)}  (the clipped sum, noised in place; after backward)",
             f"  runtime              {g(self.runtime_bytes)}",
             f"  VAE + text encoders  {g(self.encoder_bytes)}  ({'counted: same memory' if self.encoders_resident else 'off the device while training'})",
             f"  peak                 {g(self.peak_bytes)}  on {self.device}"
