@@ -171,7 +171,7 @@ def markdown(results: dict, plots: dict) -> str:
         schedule = f"{s.get('epochs')} epochs (or the max_steps a row names)"
     # None = each method's own default, which the reader should not have to look up in the code
     lr = s.get("learning_rate") or "each method's default (" + ", ".join(f"{m} {v:g}" for m, v in DEFAULT_LEARNING_RATES.items()) + ")"
-    # which layers LoRA adapts moves its score by ~10 points (`## Utility levers`): always said, never left to a command
+    # which layers LoRA adapts moves its score by ~10 points (`### Utility levers` (under `## History`)): always said, never left to a command
     lora = (f"LoRA rank {shared(('rank',), s.get('rank'))} on {shared(('lora_target_modules',), ' '.join(s.get('lora_target_modules') or []))}; "
             if any(r["method"] in ("lora", "nonprivate_lora") for r in runs.values()) else "")
     n = s.get("eval_repeats") or 1

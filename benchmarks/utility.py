@@ -44,7 +44,7 @@ from dpdiff.privacy.diffusion_loss import timestep_weights  # noqa: E402
 from dpdiff.training.arguments import DEFAULT_MAX_GRAD_NORM  # noqa: E402
 
 # the benchmark's LoRA is the shipped recipe's (every layer kind); the library's attention-only default scores ~10
-# points lower here (`## Utility levers`), and a command that forgot the flag once produced a misleading row
+# points lower here (`### Utility levers` (under `## History`)), and a command that forgot the flag once produced a misleading row
 RECIPE_LORA_TARGETS = load_config(ROOT / "recipes" / "configs" / "finetune_lora.yaml")["lora_target_modules"]
 TRAINED_FILE = "benchmark_trained.json"
 STARTED_FILE = "benchmark_started.json"  # an unfinished DP-SGD or DP-MEPF training with these settings: resumable
