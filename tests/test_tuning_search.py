@@ -152,3 +152,16 @@ def test_zero_trials_release_nothing_and_a_changed_budget_is_refused_on_resume(t
     resumed[resumed.index("8")] = "9"
     assert main(resumed) == 2 and "calibration differs" in capsys.readouterr().err
     assert (tmp_path / "second" / ".tune" / "state.json").is_file()
+
+
+def test_a_multi_process_launch_is_refused_before_any_draw(tmp_path, monkeypatch, capsys):
+    """Under `accelerate launch --num_processes 2` each process would draw its own secret count: refused, nothing drawn."""
+    import dpdiff.tuning.trials as trials
+
+    config = tmp_path / "search.yaml"
+    config.write_text(yaml.safe_dump(SEARCH))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(trials, "draw_count", lambda *a: pytest.fail("drew a count in a multi-process launch"))
+    argv = ["tune", "--config", str(config), "--target_epsilon", "8", "--delta", "1e-3", "--output_dir", str(tmp_path / "t")]
+    assert main(argv) == 2 and "ONE process" in capsys.readouterr().err
+    assert not (tmp_path / "t").exists()

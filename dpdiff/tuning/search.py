@@ -40,6 +40,11 @@ def tune(space, target_epsilon, delta, output_dir, resume=False, overwrite=False
     """Run (or resume) the search of `space` (a dpdiff.tuning.space.SearchSpace) within (target_epsilon, delta)."""
     from dpdiff.tuning.score import ScoreConfig
 
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if processes > 1:  # every process would draw its own secret count and configurations: one search, N draws
+        raise ConfigError(f"dpdiff tune runs as ONE process (launched with {processes}): the trial count and each trial's "
+                          "flags are drawn once from OS entropy, and a second process would draw its own. Run "
+                          "`dpdiff tune ...` without accelerate launch; each trial then uses one device")
     target = check_epsilon(target_epsilon)
     check_delta(delta)
     score_config = ScoreConfig.from_dict(space.score)
