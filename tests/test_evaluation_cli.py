@@ -157,3 +157,51 @@ def test_class_subfolders_are_read(tmp_path, stand_in):
     (tmp_path / "Hat" / "x.png").write_bytes(pngs[0])
     with pytest.raises(DataError, match="not classes of the real set"):
         load_synthetic(str(tmp_path), names)
+
+
+def test_fd_decodes_only_its_subset_and_scores_what_the_whole_tensor_scores(tmp_path, stand_in, monkeypatch):
+    """Memory flat in the set's size: the lazy sets decode a slice at a time, FD reads only its N images, and the
+    statistics are those of the same images decoded up front (same preprocessing, same batches)."""
+    import torch
+
+    from dpdiff.evaluation.frechet import feature_statistics
+    from dpdiff.evaluation.image_sets import ImageTensors
+    from dpdiff.features import load_feature_extractor
+
+    pngs, labels, names = stand_in
+    folder = write_folder(tmp_path / "samples", pngs[:200], labels[:200], names)
+    synthetic = load_synthetic(str(folder), names)
+    assert not isinstance(synthetic.images, list)  # paths, decoded when read
+
+    reads = []
+
+    class Counting:
+        def __len__(self):
+            return len(synthetic.images)
+
+        def __getitem__(self, i):
+            reads.append(int(i))
+            return synthetic.images[i]
+
+    lazy = ImageTensors(Counting(), 28, 1)
+    picked = torch.randperm(len(lazy), generator=torch.Generator().manual_seed(0))[:40]
+    extractor = load_feature_extractor("efficientnet_lite0", input_size=32, batch_size=16)
+    mu, sigma = feature_statistics(lazy[picked], extractor, batch_size=16)
+    assert sorted(reads) == sorted(picked.tolist())  # 40 of 200 decoded, each once
+    whole = lazy.tensor()
+    mu_full, sigma_full = feature_statistics(whole[picked], extractor, batch_size=16)
+    assert (mu == mu_full).all() and (sigma == sigma_full).all()
+
+
+def test_classifiers_that_would_not_fit_in_memory_are_refused_before_any_work(tmp_path, stand_in, monkeypatch, capsys):
+    import dpdiff.evaluation.classifiers as classifiers
+    import dpdiff.training.memory_plan as memory_plan
+
+    pngs, labels, names = stand_in
+    folder = write_folder(tmp_path / "samples", pngs[:100], labels[:100], names)
+    monkeypatch.setattr(memory_plan, "available_bytes", lambda device: 1_000_000)  # 1 MB free: 500 images need 1.6
+    monkeypatch.setattr(classifiers, "evaluate_downstream", lambda *a, **k: pytest.fail("trained before the check"))
+    rc = main(["evaluate", *QUICK, "--synthetic", str(folder), "--metrics", "cnn", "--output", str(tmp_path / "r.json")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--metrics fd" in err and "GiB" in err
+    assert not (tmp_path / "r.json").exists()

@@ -54,7 +54,8 @@ def _problem(path: Path) -> str | None:
     return None
 
 
-def check_files(files: list[Path], skip_bad_files: bool) -> tuple[list[int], list[Path]]:
+def check_files(files: list[Path], skip_bad_files: bool,
+                advice: str = "Remove or fix it, or pass --skip_bad_files to skip unreadable images") -> tuple[list[int], list[Path]]:
     """Decode every file once, a few at a time on threads (PIL decodes without the GIL).
 
     Returns the indices of the readable files and the unreadable ones; without `skip_bad_files` the
@@ -67,7 +68,7 @@ def check_files(files: list[Path], skip_bad_files: bool) -> tuple[list[int], lis
                 if problem is None:
                     kept.append(start + offset)
                 elif not skip_bad_files:
-                    raise DataError(f"{problem}. Remove or fix it, or pass --skip_bad_files to skip unreadable images")
+                    raise DataError(f"{problem}. {advice}")
                 else:
                     bad.append(chunk[offset])
     return kept, bad

@@ -86,20 +86,23 @@ def evaluate(args: argparse.Namespace, metrics: list[str]) -> dict:
     import torch
 
     from dpdiff.data import load_source
-    from dpdiff.data.transforms import images_to_tensor
+    from dpdiff.evaluation.image_sets import ImageColumn, ImageTensors
     from dpdiff.evaluation.synthetic import load_synthetic
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     real = load_source(args.real, split=args.test_split, limit=args.real_limit, seed=args.seed)
     synthetic = load_synthetic(args.synthetic, real.class_names)
-    real_images = real.dataset["image"]
+    real_images = ImageColumn(real.dataset)  # decoded when read: FD reads its subset in batches, nothing more
     first = real_images[0]
     resolution = max(first.size)
     channels = 1 if first.mode in ("L", "1", "I", "I;16", "F") else 3
-    x_real = images_to_tensor(real_images, resolution, channels)
+    x_real = ImageTensors(real_images, resolution, channels)
     y_real = torch.tensor(real.dataset["label"], dtype=torch.long)
-    x_syn = images_to_tensor(synthetic.images, resolution, channels)
+    x_syn = ImageTensors(synthetic.images, resolution, channels)
     y_syn = torch.as_tensor(synthetic.labels, dtype=torch.long)
+    classifiers = [m for m in metrics if m in ("cnn", "logreg", "mlp")]
+    if classifiers:
+        _check_classifier_memory(len(x_real) + len(x_syn), resolution, channels)
 
     results: dict = {
         "real": args.real,
@@ -126,16 +129,30 @@ def evaluate(args: argparse.Namespace, metrics: list[str]) -> dict:
             from dpdiff.evaluation.frechet import inception_fid
 
             results["fid_inception"] = inception_fid(fd_real, fd_syn, device)
-    classifiers = [m for m in metrics if m in ("cnn", "logreg", "mlp")]
     if classifiers:
         from dpdiff.evaluation.classifiers import evaluate_downstream
 
         results["downstream"] = evaluate_downstream(
-            x_syn, y_syn, x_real, y_real, classifiers=classifiers, epochs=args.epochs, seed=args.seed,
+            x_syn.tensor(), y_syn, x_real.tensor(), y_real, classifiers=classifiers, epochs=args.epochs, seed=args.seed,
             class_names=real.class_names, device=device, repeats=args.repeats,
         )
         results["downstream"]["protocol"] = f"train on the {len(x_syn)} synthetic images, test on {len(x_real)} real {args.test_split} images"
     return results
+
+
+def _check_classifier_memory(num_images: int, resolution: int, channels: int) -> None:
+    """The classifiers train on both sets held as float tensors (FD streams): refuse, before any work, sets that
+    would not fit in the host's free memory."""
+    import torch
+
+    from dpdiff.evaluation.image_sets import classifier_memory_bytes
+    from dpdiff.training.memory_plan import available_bytes
+
+    need, free = classifier_memory_bytes(num_images, resolution, channels), available_bytes(torch.device("cpu"))
+    if free is not None and need > 0.9 * free:
+        raise ConfigError(f"the downstream classifiers hold both sets in memory: {num_images} images at "
+                          f"{resolution}x{resolution} need {need / 2**30:.1f} GiB and {free / 2**30:.1f} GiB is free. They "
+                          "are small-image metrics: score large images with --metrics fd (it streams), or pass --real_limit")
 
 
 def _fd(args: argparse.Namespace, fd_real, fd_syn, device) -> dict:

@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from dpdiff.errors import DataError
+from dpdiff.evaluation.image_sets import ImageColumn, ImageFiles
 
 logger = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
@@ -32,7 +33,7 @@ NAME_FILES = ("sampling.json", "class_names.json")
 class LabelledImages:
     """Images with labels indexed by the REAL set's `class_names`."""
 
-    images: list[Image.Image]
+    images: Sequence[Image.Image]  # decoded when read (ImageFiles / ImageColumn), or a list
     labels: np.ndarray
     class_names: list[str]
     source: str
@@ -126,7 +127,12 @@ def _read_saved_dataset(root: Path):
         raise DataError(f"saved dataset {root} lacks column(s) {missing}; it needs 'image' and 'label' (it has {ds.column_names})")
     feature = ds.features["label"]
     names = list(feature.names) if isinstance(feature, datasets.ClassLabel) else _names_from_files(root)
-    images = []
+    if isinstance(ds.features["image"], datasets.Image):  # decoded when read; each checked once now
+        from dpdiff.data.image_check import check_dataset_images
+
+        check_dataset_images(ds, "image", f"saved dataset {root}")
+        return ImageColumn(ds.select_columns(["image"])), list(ds["label"]), names
+    images = []  # arrays, not an Image column: converted as they are (no file to re-read)
     try:
         for im in ds["image"]:
             images.append(im if isinstance(im, Image.Image) else Image.fromarray(np.asarray(im)))
@@ -158,15 +164,14 @@ def _read_imagefolder(root: Path):
     if meta.is_file():
         rows = _read_metadata(meta)
         names = _names_from_files(folder) or _names_from_files(root)
-        images = [_open_image(folder / row["file_name"]) for row in rows]
-        return images, [row["label"] for row in rows], names
+        return _checked([folder / row["file_name"] for row in rows]), [row["label"] for row in rows], names
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     files = [f for f in files if not any(part.startswith(".") for part in f.relative_to(folder).parts)]
     if not files:
         raise DataError(f"{folder} holds no images and no metadata.jsonl; pass the output folder of `dpdiff sample`")
     if any(f.parent == folder for f in files):
         raise DataError(f"images lie directly in {folder} without a metadata.jsonl: add one (file_name, label) or use class sub-folders")
-    return [_open_image(f) for f in files], [f.relative_to(folder).parts[0] for f in files], None
+    return _checked(files), [f.relative_to(folder).parts[0] for f in files], None
 
 
 def _read_metadata(meta: Path) -> list[dict]:
@@ -185,13 +190,11 @@ def _read_metadata(meta: Path) -> list[dict]:
     return rows
 
 
-def _open_image(path: Path) -> Image.Image:
-    """Open and fully decode one file, so a truncated PNG fails here with its name."""
-    try:
-        with Image.open(path) as img:
-            img.load()
-            return img.copy()
-    except FileNotFoundError:
-        raise DataError(f"{path} is listed in metadata.jsonl but does not exist") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise DataError(f"cannot read image file {path}: {e}") from e
+def _checked(paths: list[Path]) -> ImageFiles:
+    """Every file decoded once now (a truncated or missing one is named here), then read again when used:
+    the set's memory does not grow with its size."""
+    from dpdiff.data.image_check import check_files
+
+    check_files(paths, skip_bad_files=False, advice="Every file the synthetic set lists must decode: regenerate it "
+                "with `dpdiff sample` or fix metadata.jsonl")
+    return ImageFiles(paths)
