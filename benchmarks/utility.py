@@ -109,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--score_runs", nargs="+", default=None, help="score these finished dpdiff runs (finetune or tune output folders) "
       "with this protocol instead of training: --num_per_class, --inference_steps, --guidance_scale; rows -> "
       "OUTPUT_DIR/scored_runs.json")
+    a("--score_section", default=None, help="with --score_runs: also write their table as this `## section` of --benchmarks_md")
     a("--skip_existing", action="store_true", help="keep finished runs of results.json that used the same settings, "
       "resume interrupted DP-SGD trainings from their latest checkpoint")
     a("--checkpointing_steps", type=int, default=0, help="DP-SGD checkpoint every N steps (0: never): a schedule longer "

@@ -95,7 +95,10 @@ def test_smoke_run_writes_results_plots_and_section(tiny_pipeline_dir, tmp_path,
     # a finished run (here the benchmark's own; the demo's or a tune output alike) scored by --score_runs with the same
     # sampling settings gets the same images and so the same scores, and keeps its own guarantee
     run_dir = tmp_path / "out" / "runs" / "lora_eps10"
-    scored = bench.main(["--score_runs", str(run_dir), *smoke_argv(tiny_pipeline_dir, tmp_path)[4:]])[str(run_dir)]
+    scored = bench.main(["--score_runs", str(run_dir), "--score_section", "Scored runs",
+                         *smoke_argv(tiny_pipeline_dir, tmp_path)[4:]])[str(run_dir)]
+    section = (docs / "benchmarks.md").read_text().split("## Scored runs")[1]
+    assert f"| lora_eps10 | finetune | {dp['guarantee']['epsilon']:.3f} (" in section and "| 8 |" in section
     assert scored["accuracy"] == again["runs"]["lora_eps10"]["accuracy"] and scored["guarantee"]["epsilon"] == dp["guarantee"]["epsilon"]
     assert json.loads((tmp_path / "out" / "scored_runs.json").read_text())[str(run_dir)]["fd"] == scored["fd"]
     with pytest.raises(bench.ConfigError, match="no privacy.json"):
