@@ -165,7 +165,7 @@ def test_fd_decodes_only_its_subset_and_scores_what_the_whole_tensor_scores(tmp_
     import torch
 
     from dpdiff.evaluation.frechet import feature_statistics
-    from dpdiff.evaluation.image_sets import ImageTensors
+    from dpdiff.data.image_sets import ImageTensors
     from dpdiff.features import load_feature_extractor
 
     pngs, labels, names = stand_in

@@ -222,3 +222,19 @@ def test_an_example_embeds_to_the_same_bits_alone_and_beside_any_batch_mates(ext
         rows = torch.cat(list(embedding_rows(extractor, beside, config, batch_size=8, progress=False)))
         row = rows[-1:] if mates == 12 else rows[:1]
         assert torch.equal(row, alone), f"x's features moved with {mates} batch-mates"
+
+
+def test_a_set_decoded_on_read_gives_the_same_split_and_sums_as_the_whole_tensor(extractor, config):
+    """`dpdiff mepf` and tune's score release read the private images a batch at a time (memory flat in N): the
+    per-example split and the exact sums are those of the images decoded up front."""
+    from dpdiff.data.image_sets import ImageColumn, ImageTensors
+
+    src = load_source("fashion_mnist", split="test", limit=40, seed=3)
+    whole = images_to_tensor(src.dataset["image"], resolution=28, channels=1)
+    lazy = ImageTensors(ImageColumn(src.dataset), 28, 1)
+    labels = torch.tensor(src.dataset["label"])
+    assert torch.equal(validation_mask(lazy, labels, 0.3, salt=5), validation_mask(whole, labels, 0.3, salt=5))
+    index = torch.arange(3, 40, 2)
+    a = embedding_sums(extractor, lazy[index], labels[index], 10, config, batch_size=8, progress=False)
+    b = embedding_sums(extractor, whole[index], labels[index], 10, config, batch_size=8, progress=False)
+    assert torch.equal(a.sum1, b.sum1) and torch.equal(a.counts, b.counts)

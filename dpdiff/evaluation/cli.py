@@ -86,7 +86,7 @@ def evaluate(args: argparse.Namespace, metrics: list[str]) -> dict:
     import torch
 
     from dpdiff.data import load_source
-    from dpdiff.evaluation.image_sets import ImageColumn, ImageTensors
+    from dpdiff.data.image_sets import ImageColumn, ImageTensors
     from dpdiff.evaluation.synthetic import load_synthetic
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
@@ -145,10 +145,9 @@ def _check_classifier_memory(num_images: int, resolution: int, channels: int) ->
     would not fit in the host's free memory."""
     import torch
 
-    from dpdiff.evaluation.image_sets import classifier_memory_bytes
     from dpdiff.training.memory_plan import available_bytes
 
-    need, free = classifier_memory_bytes(num_images, resolution, channels), available_bytes(torch.device("cpu"))
+    need, free = 4 * num_images * channels * resolution**2, available_bytes(torch.device("cpu"))  # float32 copies
     if free is not None and need > 0.9 * free:
         raise ConfigError(f"the downstream classifiers hold both sets in memory: {num_images} images at "
                           f"{resolution}x{resolution} need {need / 2**30:.1f} GiB and {free / 2**30:.1f} GiB is free. They "

@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from dpdiff.errors import DataError
-from dpdiff.evaluation.image_sets import ImageColumn, ImageFiles
+from dpdiff.data.image_sets import ImageColumn, ImageFiles
 
 logger = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}

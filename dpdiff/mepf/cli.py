@@ -220,14 +220,14 @@ def train_mepf(args: argparse.Namespace, config: EmbeddingConfig) -> int:
 
 def _release(args: argparse.Namespace, config: EmbeddingConfig):
     from dpdiff.data import load_source
-    from dpdiff.data.transforms import images_to_tensor
+    from dpdiff.data.image_sets import ImageColumn, ImageTensors
 
     source = load_source(args.dataset, split=args.split, limit=args.limit, seed=args.seed)
     first = source.dataset[0]["image"]
     resolution = args.resolution or first.size[0]
     upsampling_plan(resolution)
     channels = args.channels or (1 if first.mode in ("L", "1", "I", "I;16", "F") else 3)
-    images = images_to_tensor(source.dataset["image"], resolution=resolution, channels=channels)
+    images = ImageTensors(ImageColumn(source.dataset), resolution, channels)  # decoded a batch at a time: memory flat in N
     labels = torch.tensor(source.dataset["label"], dtype=torch.long)
     names = list(source.class_names) if config.labelled else ["image"]
     extractor = build_extractor(config, batch_size=args.embed_batch_size, device=_device(args.device))

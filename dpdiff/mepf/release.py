@@ -56,6 +56,7 @@ NEIGHBOURING_RELATION = "add_or_remove_one"
 RELEASE_FILE = "release.safetensors"
 PRIVACY_FILE = "privacy.json"
 _METADATA_KEY = "dpdiff_mepf_release"
+_HASH_CHUNK = 1024  # images hashed per slice by validation_mask
 
 
 def planned_releases(config: EmbeddingConfig, with_validation: bool) -> list[GaussianRelease]:
@@ -197,12 +198,14 @@ def validation_mask(images: Tensor, labels: Tensor, fraction: float, salt: int =
 
     Depends on nothing but the example itself, so neighbouring datasets split alike."""
     threshold = int(fraction * 2 ** 64)
-    raw = images.detach().to(torch.float32).cpu().contiguous().numpy()
     out = torch.zeros(images.shape[0], dtype=torch.bool)
     key = int(salt).to_bytes(8, "little", signed=True)
-    for i in range(images.shape[0]):
-        digest = hashlib.blake2b(raw[i].tobytes() + int(labels[i]).to_bytes(8, "little"), digest_size=8, key=key).digest()
-        out[i] = int.from_bytes(digest, "little") < threshold
+    for start in range(0, images.shape[0], _HASH_CHUNK):  # a chunk at a time: `images` may decode on read
+        raw = images[start:start + _HASH_CHUNK].detach().to(torch.float32).cpu().contiguous().numpy()
+        for offset, row in enumerate(raw):
+            i = start + offset
+            digest = hashlib.blake2b(row.tobytes() + int(labels[i]).to_bytes(8, "little"), digest_size=8, key=key).digest()
+            out[i] = int.from_bytes(digest, "little") < threshold
     return out
 
 

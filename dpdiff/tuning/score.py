@@ -107,13 +107,13 @@ def split_source(source, fraction: float, salt: int):
 def release_validation(validation, config: ScoreConfig, sigma: float, resolution: int, channels: int,
                        device="cpu", noise_seed: int | None = None) -> dict[str, torch.Tensor]:
     """The one private release of the score: noisy embedding sum and noisy count of the validation rows."""
-    from dpdiff.data.transforms import images_to_tensor
+    from dpdiff.data.image_sets import ImageColumn, ImageTensors
     from dpdiff.mepf.embedding import build_extractor, embedding_sums
     from dpdiff.mepf.release import add_noise, planned_releases
 
     emb = config.embedding()
     extractor = build_extractor(emb, batch_size=config.embed_batch_size, device=device)
-    images = images_to_tensor(validation["image"], resolution=resolution, channels=channels)
+    images = ImageTensors(ImageColumn(validation), resolution, channels)  # decoded a batch at a time
     sums = embedding_sums(extractor, images, None, 1, emb, config.embed_batch_size, False, "embedding validation split")
     rng = torch.Generator().manual_seed(noise_seed if noise_seed is not None else secrets.randbits(63))
     noisy = add_noise(sums, planned_releases(emb, with_validation=False), sigma, rng)

@@ -1,11 +1,9 @@
-"""Image sets that decode on read, so `dpdiff evaluate` holds what one batch needs, not the whole set.
+"""Image sets that decode on read, so a pass over N images holds what one batch needs, not the whole set.
 
-A real test split of 100k images at 512 px is ~300 GB as float tensors; FD reads a random subset of it in
-batches through the extractor and keeps only the features. `ImageTensors` looks enough like an
-[N, C, R, R] tensor for that path (len, shape, slices) and decodes each slice with the same preprocessing
-as `images_to_tensor`, so scores are unchanged. The downstream classifiers train on whole tensors: they
-are the small-image benchmark metrics, and `classifier_memory_bytes` lets the CLI refuse, before any work,
-a set that would not fit."""
+100k images at 512 px are ~300 GB as float tensors. `ImageTensors` looks enough like an [N, C, R, R] tensor
+for the paths that read images in batches (len, shape, slices, index subsets) — FD in `dpdiff evaluate`, the
+DP-MEPF release and `dpdiff tune`'s score release — and decodes each slice with `images_to_tensor`'s own
+preprocessing, so results are unchanged."""
 
 from __future__ import annotations
 
@@ -82,8 +80,3 @@ class ImageTensors:
         for start in range(0, len(self), DECODE_CHUNK):
             out[start:start + DECODE_CHUNK] = self[start:start + DECODE_CHUNK]
         return out
-
-
-def classifier_memory_bytes(num_images: int, resolution: int, channels: int) -> int:
-    """Bytes the downstream classifiers' float32 copy of `num_images` images takes."""
-    return 4 * int(num_images) * int(channels) * int(resolution) ** 2
