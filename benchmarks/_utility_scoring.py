@@ -108,7 +108,8 @@ def scored_table(scored: dict, args) -> str:
         flags = yaml.safe_load((Path(run_dir) / "training_config.yaml").read_text())
         g, acc = r["guarantee"], r["accuracy"]
         kind = "tune (best of a secret number of trials)" if r["search"] else "finetune"
-        rows.append(f"| {Path(run_dir).name} | {kind} | {g['epsilon']:.3f} ({g['accountant']}) | {g['noise_multiplier']:.3f} | "
+        accountant = str(g["accountant"]).split(" ")[0]
+        rows.append(f"| {Path(run_dir).name} | {kind} | {g['epsilon']:.3f} ({accountant}) | {g['noise_multiplier']:.3f} | "
                     f"{g['steps']} | {g['num_examples']} | {flags['learning_rate']:.3g} | {flags['max_grad_norm']:g} | "
                     f"{flags['rank']} | {100 * acc['cnn']:.1f} | {100 * acc['logreg']:.1f} | {100 * acc['mlp']:.1f} | "
                     f"{r['fd']['value']:.1f} |")
@@ -116,6 +117,7 @@ def scored_table(scored: dict, args) -> str:
         f"`python benchmarks/utility.py --score_runs RUN ... --score_section {args.score_section}`: finished runs scored with "
         f"the `## Utility` protocol ({args.num_per_class} images per class, {args.inference_steps} DDIM steps, guidance "
         f"{args.guidance_scale:g}; the three classifiers on the real test set; FD 2000 v 2000). ε is each run's whole "
-        "guarantee at δ = 1e-5: a search's covers its score release, every trial and the selection.", "",
+        "guarantee at δ = 1e-5: a search's covers its score release, every trial and the selection (what the "
+        "comparison shows and why: docs/privacy.md, *Hyperparameter search*).", "",
         "| run | kind | ε total (accountant) | σ | steps | training examples | lr | C | rank | CNN % | LogReg % | MLP % | FD |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|", *rows])
