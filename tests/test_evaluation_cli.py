@@ -189,6 +189,7 @@ def test_fd_decodes_only_its_subset_and_scores_what_the_whole_tensor_scores(tmp_
     mu, sigma = feature_statistics(lazy[picked], extractor, batch_size=16)
     assert sorted(reads) == sorted(picked.tolist())  # 40 of 200 decoded, each once
     whole = lazy.tensor()
+    assert torch.equal(lazy[3], whole[3]) and torch.equal(lazy[-1], whole[-1])  # a row, like a tensor's
     mu_full, sigma_full = feature_statistics(whole[picked], extractor, batch_size=16)
     assert (mu == mu_full).all() and (sigma == sigma_full).all()
 

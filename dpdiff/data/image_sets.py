@@ -67,6 +67,8 @@ class ImageTensors:
         return ImageTensors(self.images, self.resolution, self.channels, [self.indices[i] for i in picked])
 
     def __getitem__(self, key):
+        if isinstance(key, int):  # one image, [C, R, R], like a tensor's row (IndexError out of range)
+            return images_to_tensor([self.images[self.indices[key]]], self.resolution, self.channels)[0]
         if isinstance(key, slice):
             rows = self.indices[key]
             if not rows:
