@@ -114,5 +114,5 @@ def encode_images(vae, images, resolution: int, batch_size: int | None = None, s
     desc = "encoding mirrored latents" if mirrored else "encoding latents"
     for i in tqdm(range(0, len(images), batch_size), desc=desc, disable=not show_progress):
         x = images_to_tensor(images[i : i + batch_size], resolution, channels=vae.config.in_channels, mirrored=mirrored)
-        out.append(encode_fixed_batch(vae, x.contiguous(), batch_size))  # one shape: see encode_fixed_batch
+        out.append(encode_fixed_batch(vae, x, batch_size))  # one shape (and layout): see encode_fixed_batch
     return torch.cat(out)

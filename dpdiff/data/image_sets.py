@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from dpdiff.data.image_check import open_image
 from dpdiff.data.transforms import images_to_tensor
 
 DECODE_CHUNK = 256  # images decoded at once when a whole tensor is built
@@ -40,8 +41,6 @@ class ImageFiles(Sequence):
         return len(self.paths)
 
     def __getitem__(self, index: int):
-        from dpdiff.data.image_check import open_image
-
         return open_image(self.paths[int(index)])
 
 
